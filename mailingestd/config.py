@@ -1,0 +1,354 @@
+"""Configuration: one TOML file decoded into msgspec Structs, with environment overrides.
+
+Every key has a default, so an empty file is a valid configuration for the embedded store.
+Durations are written "30s", "5m", "1h", "2d" (or a bare number of seconds); sizes "64MiB",
+"10MB", "512KiB" (or a bare number of bytes). A single key is overridden from the environment
+with ``MAILINGESTD_<SECTION>_<KEY>`` (for example ``MAILINGESTD_STORE_URL``). Errors name the
+file, the key and what was expected, and the commands exit 78 (EX_CONFIG) on them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import msgspec
+
+DEFAULT_CONFIG_PATH = "/etc/mailingestd/mailingestd.toml"
+ENV_PREFIX = "MAILINGESTD_"
+EX_CONFIG = 78
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is one line for the operator."""
+
+
+class Duration(float):
+    """Seconds, written in the file as "90s", "5m", "1h", "2d" or a bare number."""
+
+
+class Size(int):
+    """Bytes, written in the file as "64MiB", "10MB", "512KiB", "1GiB" or a bare number."""
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: Any) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"30s\", \"5m\" or \"1h\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration like \"30s\", \"5m\" or \"1h\", got {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return Duration(seconds)
+
+
+def parse_size(value: Any) -> Size:
+    if isinstance(value, bool):
+        raise ValueError("expected a size like \"64MiB\"")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(str(value))
+        if not match:
+            raise ValueError(f"expected a size like \"64MiB\" or \"10MB\", got {value!r}")
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return Size(size)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonConfig(_Section):
+    workers: int | Literal["auto"] = "auto"
+    runtime_dir: str = "/run/mailingestd"
+    state_dir: str = "/var/lib/mailingestd"
+    pin_cpus: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_timeout: Duration = Duration(30)
+    heartbeat_interval: Duration = Duration(1)
+    heartbeat_timeout: Duration = Duration(15)
+    control_group: str | None = None
+    memory_budget: Size = Size(512 * 1024**2)
+    node_id: str = ""
+
+
+class StoreConfig(_Section):
+    url: str = ""
+    pool_min: int = 1
+    pool_max: int = 8
+
+
+class ImapConfig(_Section):
+    timeout: Duration = Duration(60)
+    idle_renew: Duration = Duration(600)
+    keepalive: Duration = Duration(300)
+    batch_messages: int = 10
+    batch_bytes: Size = Size(16 * 1024**2)
+    max_message_size: Size = Size(64 * 1024**2)
+    max_line: Size = Size(1024**2)
+    threads: int = 16
+
+
+class QueueConfig(_Section):
+    kind: Literal["none", "sqs"] = "none"
+    url: str = ""
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    inline_raw: bool = False
+    batch_size: int = 10
+    poll_interval: Duration = Duration(0.2)
+    retry_base: Duration = Duration(1)
+    retry_max: Duration = Duration(300)
+
+
+class SchedulerConfig(_Section):
+    high_interval: Duration = Duration(60)
+    medium_interval: Duration = Duration(300)
+    low_interval: Duration = Duration(900)
+    idle_safety_interval: Duration = Duration(900)
+    backoff_base: Duration = Duration(5)
+    backoff_max: Duration = Duration(900)
+    auth_failure_limit: int = 3
+    jitter: float = 0.1
+    promote_messages: int = 5
+    promote_window: Duration = Duration(900)
+    demote_after: Duration = Duration(3600)
+    tick: Duration = Duration(0.1)
+
+
+class ServerLimits(_Section):
+    max_connections_per_server: int | None = None
+    connects_per_minute: int | None = None
+    max_connections_per_account: int | None = None
+
+
+class LimitsConfig(_Section):
+    max_connections_per_server: int = 100
+    connects_per_minute: int = 200
+    max_connections_per_account: int = 2
+    servers: dict[str, ServerLimits] = {}
+
+    def for_server(self, host: str) -> ServerLimits:
+        """The effective limits for one server: its own table over the global keys."""
+        own = self.servers.get(host, ServerLimits())
+        return ServerLimits(
+            max_connections_per_server=own.max_connections_per_server
+            if own.max_connections_per_server is not None
+            else self.max_connections_per_server,
+            connects_per_minute=own.connects_per_minute
+            if own.connects_per_minute is not None
+            else self.connects_per_minute,
+            max_connections_per_account=own.max_connections_per_account
+            if own.max_connections_per_account is not None
+            else self.max_connections_per_account,
+        )
+
+
+class MetricsConfig(_Section):
+    textfile: str = "/var/lib/prometheus/node-exporter/mailingestd.prom"
+    interval: Duration = Duration(15)
+    http_listen: str | None = None
+
+
+class OAuth2Config(_Section):
+    provider: Literal["google", "microsoft", "custom"] = "custom"
+    token_url: str = ""
+    client_id: str = ""
+    client_secret_file: str | None = None
+    client_secret_env: str | None = None
+    refresh_token_file: str | None = None
+    refresh_token_env: str | None = None
+    scopes: list[str] = []
+
+
+class AccountConfig(_Section):
+    id: str
+    host: str
+    username: str
+    port: int | None = None
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    tls_ca_file: str | None = None
+    tls_verify: bool = True
+    auth: Literal["password", "oauth2"] = "password"
+    password_file: str | None = None
+    password_env: str | None = None
+    oauth2: OAuth2Config | None = None
+    folders: list[str] = msgspec.field(default_factory=lambda: ["INBOX"])
+    priority: Literal["auto", "high", "medium", "low"] = "auto"
+    idle: bool = True
+    enabled: bool = True
+
+    @property
+    def effective_port(self) -> int:
+        if self.port:
+            return self.port
+        return 993 if self.tls == "implicit" else 143
+
+
+class Config(_Section):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    imap: ImapConfig = msgspec.field(default_factory=ImapConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    accounts: list[AccountConfig] = []
+    path: str = ""
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{Path(self.daemon.state_dir) / 'mailingestd.sqlite3'}"
+
+    @property
+    def worker_count(self) -> int:
+        if self.daemon.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return self.daemon.workers
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Duration:
+        return parse_duration(value)
+    if kind is Size:
+        return parse_size(value)
+    raise NotImplementedError(kind)
+
+
+_SECTIONS = {f.name: f.type for f in msgspec.structs.fields(Config) if f.name not in ("accounts", "path")}
+
+
+def _env_value(raw: str) -> Any:
+    """An environment value is read as a TOML value when it is one ("4", "true", "[1]"), else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Merge ``MAILINGESTD_<SECTION>_<KEY>`` variables into ``data``; returns the keys it set."""
+    applied = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(f"environment: {name}: unknown setting (expected MAILINGESTD_<SECTION>_<KEY> "
+                              f"with SECTION one of {', '.join(sorted(_SECTIONS))})")
+        data.setdefault(section, {})[key] = _env_value(raw)
+        applied.append(f"{section}.{key}")
+    return applied
+
+
+def _describe_path(msg: str) -> str:
+    """Turn msgspec's ``... - at `$.daemon.workers` `` into ``daemon.workers: ...``."""
+    match = re.search(r" - at `\$\.?(.*)`$", msg)
+    if not match:
+        return msg
+    key = re.sub(r"\[(\d+)\]", r"[\1]", match.group(1)) or "(top level)"
+    return f"{key}: {msg[: match.start()]}"
+
+
+def _validate(config: Config, where: str) -> None:
+    problems = []
+    if config.daemon.workers != "auto" and config.daemon.workers < 1:
+        problems.append("daemon.workers: expected \"auto\" or a number of at least 1")
+    if not (config.store_url.startswith("sqlite:///") or config.store_url.startswith(("postgresql://", "postgres://"))):
+        problems.append("store.url: expected sqlite:///PATH or postgresql://...")
+    if config.queue.kind == "sqs" and not config.queue.url:
+        problems.append("queue.url: required when queue.kind = \"sqs\"")
+    if not 1 <= config.queue.batch_size <= 10:
+        problems.append("queue.batch_size: expected 1..10 (SQS SendMessageBatch takes at most 10)")
+    if config.imap.idle_renew > 29 * 60:
+        problems.append("imap.idle_renew: IDLE must be renewed before 29 minutes (RFC 2177)")
+    if config.imap.batch_messages < 1:
+        problems.append("imap.batch_messages: expected at least 1")
+    sched = config.scheduler
+    if not sched.high_interval <= sched.medium_interval <= sched.low_interval:
+        problems.append("scheduler: expected high_interval <= medium_interval <= low_interval")
+    if not 0 <= sched.jitter < 1:
+        problems.append("scheduler.jitter: expected a fraction in [0, 1)")
+    seen: set[str] = set()
+    for index, account in enumerate(config.accounts):
+        label = f"accounts[{index}] (id {account.id!r})"
+        if account.id in seen:
+            problems.append(f"{label}: duplicate account id")
+        seen.add(account.id)
+        if "/" in account.id or not account.id.strip():
+            problems.append(f"{label}: id must be non-empty and contain no '/' (it is part of message keys)")
+        if account.auth == "password" and not (account.password_file or account.password_env):
+            problems.append(f"{label}: needs password_file or password_env")
+        if account.auth == "oauth2" and account.oauth2 is None:
+            problems.append(f"{label}: auth = \"oauth2\" needs an [accounts.oauth2] table")
+        if not account.folders:
+            problems.append(f"{label}: folders must list at least one folder")
+    if problems:
+        raise ConfigError(f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, decode and validate the configuration.
+
+    ``path`` None means ``$MAILINGESTD_CONFIG`` or the default path; a missing default file is an
+    empty configuration, a missing file that was asked for is an error.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or "MAILINGESTD_CONFIG" in environ
+    path = path or environ.get("MAILINGESTD_CONFIG") or DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "path" in data:
+        raise ConfigError(f"{path}: path: unknown key")
+    apply_env(data, environ)
+    try:
+        config = msgspec.convert(data, Config, dec_hook=_dec_hook, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe_path(str(exc))}") from None
+    config = msgspec.structs.replace(config, path=str(path))
+    _validate(config, str(path))
+    return config
+
+
+def read_secret(account: AccountConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The account's password from its file or environment variable (never logged)."""
+    environ = os.environ if environ is None else environ
+    if account.password_env:
+        if account.password_env not in environ:
+            raise ConfigError(f"account {account.id}: environment variable {account.password_env} is not set")
+        return environ[account.password_env]
+    if account.password_file:
+        try:
+            return Path(account.password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"account {account.id}: cannot read password_file {account.password_file}: "
+                              f"{exc.strerror}") from None
+    raise ConfigError(f"account {account.id}: no password source")
