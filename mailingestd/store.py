@@ -1,0 +1,576 @@
+"""The durable store: accounts, mailbox checkpoints, messages and the outbox.
+
+Two backends share one SQL dialect subset and one small interface: SQLite (the embedded
+default, WAL mode, one connection per thread) and PostgreSQL (psycopg_pool). The invariant
+every caller relies on lives in :meth:`Store.commit_batch`: message rows, their outbox rows and
+the mailbox checkpoint move in ONE transaction, and a key that is already stored is a no-op
+(no second row, no second announcement).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import msgspec
+
+from .config import AccountConfig, OAuth2Config
+
+
+class StoreError(Exception):
+    """The store cannot be used (unreachable, disk full, schema newer than this code)."""
+
+
+class MailboxState(msgspec.Struct):
+    account_id: str
+    folder: str
+    uidvalidity: int
+    last_uid: int
+    highestmodseq: int | None = None
+    resync_below: int = 0
+
+
+class StoredMessage(msgspec.Struct):
+    """One fetched message ready to commit; ``raw`` is exactly what the server sent."""
+
+    uid: int
+    raw: bytes
+    size: int
+    internaldate: str | None
+    message_id: str | None
+    from_: str | None
+    to: str | None
+    cc: str | None
+    subject: str | None
+    date: str | None
+    in_reply_to: str | None
+    references: str | None
+
+
+class OutboxEntry(msgspec.Struct):
+    id: int
+    key: str
+    account_id: str
+    envelope: str
+    raw_size: int
+
+
+class RecentMessage(msgspec.Struct):
+    key: str
+    account_id: str
+    folder: str
+    uid: int
+    from_: str | None
+    subject: str | None
+    size: int
+    ingested_at: float
+
+
+def message_key(account_id: str, folder: str, uidvalidity: int, uid: int) -> str:
+    """The message key, ``account_id/folder/uidvalidity/uid`` (SPEC section 4)."""
+    return f"{account_id}/{folder}/{uidvalidity}/{uid}"
+
+
+ENVELOPE_VERSION = 1
+
+
+def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMessage, ingested_at: float,
+                  resync: bool) -> str:
+    """The queue body (SPEC section 5) without the raw message: consumers claim it by key."""
+    body = {
+        "v": ENVELOPE_VERSION,
+        "key": message_key(account_id, folder, uidvalidity, msg.uid),
+        "account_id": account_id,
+        "folder": folder,
+        "uidvalidity": uidvalidity,
+        "uid": msg.uid,
+        "message_id": msg.message_id,
+        "from": msg.from_,
+        "to": msg.to,
+        "cc": msg.cc,
+        "subject": msg.subject,
+        "date": msg.date,
+        "in_reply_to": msg.in_reply_to,
+        "references": msg.references,
+        "size": msg.size,
+        "ingested_at": ingested_at,
+    }
+    if resync:
+        # Rule 1: a UIDVALIDITY change re-ingests the folder; say so instead of posing as new mail.
+        body["resync"] = True
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+# Each migration is (version, sqlite statements, postgresql statements). Never edit one that
+# has shipped: append a new version.
+_TYPES = {
+    "sqlite": {"BLOB": "BLOB", "SERIAL": "INTEGER PRIMARY KEY AUTOINCREMENT", "FLOAT": "REAL", "BIGINT": "INTEGER"},
+    "postgresql": {"BLOB": "BYTEA", "SERIAL": "BIGSERIAL PRIMARY KEY", "FLOAT": "DOUBLE PRECISION", "BIGINT": "BIGINT"},
+}
+_MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER,
+    tls TEXT NOT NULL DEFAULT 'implicit',
+    username TEXT NOT NULL,
+    auth TEXT NOT NULL DEFAULT 'password',
+    secret_ref TEXT,
+    folders TEXT NOT NULL DEFAULT '["INBOX"]',
+    priority TEXT NOT NULL DEFAULT 'auto',
+    idle INTEGER NOT NULL DEFAULT 1,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    options TEXT NOT NULL DEFAULT '{}',
+    source TEXT NOT NULL DEFAULT 'store',
+    state TEXT NOT NULL DEFAULT 'new',
+    last_error TEXT,
+    created_at {FLOAT} NOT NULL,
+    updated_at {FLOAT} NOT NULL
+);
+CREATE TABLE mailboxes (
+    account_id TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity {BIGINT} NOT NULL,
+    last_uid {BIGINT} NOT NULL DEFAULT 0,
+    highestmodseq {BIGINT},
+    resync_below {BIGINT} NOT NULL DEFAULT 0,
+    updated_at {FLOAT} NOT NULL,
+    PRIMARY KEY (account_id, folder)
+);
+CREATE TABLE messages (
+    account_id TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity {BIGINT} NOT NULL,
+    uid {BIGINT} NOT NULL,
+    message_id TEXT,
+    "from" TEXT,
+    "to" TEXT,
+    cc TEXT,
+    subject TEXT,
+    date TEXT,
+    in_reply_to TEXT,
+    "references" TEXT,
+    size {BIGINT} NOT NULL,
+    internaldate TEXT,
+    raw {BLOB},
+    sha256 TEXT NOT NULL,
+    ingested_at {FLOAT} NOT NULL,
+    PRIMARY KEY (account_id, folder, uidvalidity, uid)
+);
+CREATE INDEX messages_ingested_at ON messages (ingested_at);
+CREATE TABLE outbox (
+    id {SERIAL},
+    key TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    raw_size {BIGINT} NOT NULL,
+    created_at {FLOAT} NOT NULL
+);
+CREATE TABLE uidvalidity_changes (
+    account_id TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    old_uidvalidity {BIGINT} NOT NULL,
+    new_uidvalidity {BIGINT} NOT NULL,
+    changed_at {FLOAT} NOT NULL
+);
+"""),
+]
+
+
+def _statements(sql: str, dialect: str) -> list[str]:
+    rendered = sql
+    for name, value in _TYPES[dialect].items():
+        rendered = rendered.replace("{" + name + "}", value)
+    return [s.strip() for s in rendered.split(";") if s.strip()]
+
+
+_ACCOUNT_COLUMNS = ("id, host, port, tls, username, auth, secret_ref, folders, priority, idle, enabled, "
+                    "options, source, state, last_error")
+
+
+def _secret_ref(account: AccountConfig) -> str | None:
+    if account.password_env:
+        return f"env:{account.password_env}"
+    if account.password_file:
+        return f"file:{account.password_file}"
+    return None
+
+
+def _account_row(account: AccountConfig, source: str) -> tuple:
+    options = {"tls_ca_file": account.tls_ca_file, "tls_verify": account.tls_verify}
+    if account.oauth2 is not None:
+        options["oauth2"] = msgspec.to_builtins(account.oauth2)
+    return (account.id, account.host, account.port, account.tls, account.username, account.auth,
+            _secret_ref(account), json.dumps(account.folders), account.priority, int(account.idle),
+            int(account.enabled), json.dumps(options), source)
+
+
+def _account_from_row(row: Sequence[Any]) -> AccountConfig:
+    (id_, host, port, tls, username, auth, secret_ref, folders, priority, idle, enabled, options,
+     _source, _state, _last_error) = row
+    opts = json.loads(options or "{}")
+    ref = secret_ref or ""
+    return AccountConfig(
+        id=id_, host=host, port=port, tls=tls, username=username, auth=auth,
+        password_env=ref[4:] if ref.startswith("env:") else None,
+        password_file=ref[5:] if ref.startswith("file:") else None,
+        folders=json.loads(folders), priority=priority, idle=bool(idle), enabled=bool(enabled),
+        tls_ca_file=opts.get("tls_ca_file"), tls_verify=opts.get("tls_verify", True),
+        oauth2=msgspec.convert(opts["oauth2"], OAuth2Config) if opts.get("oauth2") else None,
+    )
+
+
+class AccountRow(msgspec.Struct):
+    account: AccountConfig
+    source: str
+    state: str
+    last_error: str | None
+
+
+class Store:
+    """What the daemon and mailingestctl need from a store; subclasses supply connections."""
+
+    dialect = ""
+
+    # --- connection plumbing (per backend) ---------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _exec(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        cur.execute(self._sql(sql), params)
+        return cur
+
+    # --- schema --------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Apply every migration newer than the schema; returns the schema version."""
+        with self.transaction() as cur:
+            self._lock_for_migration(cur)
+            self._exec(cur, "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                            "applied_at " + _TYPES[self.dialect]["FLOAT"] + " NOT NULL)")
+            current = self._exec(cur, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+            latest = _MIGRATIONS[-1][0]
+            if current > latest:
+                raise StoreError(f"store schema version {current} is newer than this mailingestd ({latest}); "
+                                 "upgrade mailingestd")
+            for version, sql in _MIGRATIONS:
+                if version > current:
+                    for statement in _statements(sql, self.dialect):
+                        self._exec(cur, statement)
+                    self._exec(cur, "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                               (version, time.time()))
+            return latest
+
+    def _lock_for_migration(self, cur: Any) -> None:
+        """Serialise migrations between processes (SQLite: BEGIN IMMEDIATE already does)."""
+
+    # --- accounts ------------------------------------------------------------------------
+    def upsert_account(self, account: AccountConfig, source: str = "store") -> bool:
+        """Insert or update one account; returns True when anything changed."""
+        row = _account_row(account, source)
+        now = time.time()
+        with self.transaction() as cur:
+            old = self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account.id,)).fetchone()
+            if old is not None and tuple(old[:13]) == row:
+                return False
+            self._exec(cur, f"""
+                INSERT INTO accounts ({_ACCOUNT_COLUMNS}, created_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'new', NULL, ?, ?)
+                ON CONFLICT (id) DO UPDATE SET host = excluded.host, port = excluded.port, tls = excluded.tls,
+                    username = excluded.username, auth = excluded.auth, secret_ref = excluded.secret_ref,
+                    folders = excluded.folders, priority = excluded.priority, idle = excluded.idle,
+                    enabled = excluded.enabled, options = excluded.options, source = excluded.source,
+                    updated_at = excluded.updated_at""", (*row, now, now))
+            return True
+
+    def list_accounts(self) -> list[AccountRow]:
+        with self.transaction() as cur:
+            rows = self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY id").fetchall()
+        return [AccountRow(_account_from_row(r), r[12], r[13], r[14]) for r in rows]
+
+    def get_account(self, account_id: str) -> AccountRow | None:
+        with self.transaction() as cur:
+            r = self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        return AccountRow(_account_from_row(r), r[12], r[13], r[14]) if r else None
+
+    def delete_account(self, account_id: str) -> bool:
+        """Remove the account; its mailboxes' checkpoints go, its stored messages stay."""
+        with self.transaction() as cur:
+            deleted = self._exec(cur, "DELETE FROM accounts WHERE id = ?", (account_id,)).rowcount
+            self._exec(cur, "DELETE FROM mailboxes WHERE account_id = ?", (account_id,))
+        return deleted > 0
+
+    def set_enabled(self, account_id: str, enabled: bool) -> bool:
+        with self.transaction() as cur:
+            return self._exec(cur, "UPDATE accounts SET enabled = ?, state = 'new', last_error = NULL, "
+                                   "updated_at = ? WHERE id = ?",
+                              (int(enabled), time.time(), account_id)).rowcount > 0
+
+    def set_account_state(self, account_id: str, state: str, last_error: str | None = None) -> None:
+        with self.transaction() as cur:
+            self._exec(cur, "UPDATE accounts SET state = ?, last_error = ? WHERE id = ?",
+                       (state, last_error, account_id))
+
+    def accounts_version(self) -> str:
+        """A cheap fingerprint that changes whenever any account row changes (for live reloads)."""
+        with self.transaction() as cur:
+            count, latest = self._exec(cur, "SELECT COUNT(*), MAX(updated_at) FROM accounts").fetchone()
+        return f"{count}:{latest}"
+
+    # --- mailboxes and messages ------------------------------------------------------------
+    def get_mailbox(self, account_id: str, folder: str) -> MailboxState | None:
+        with self.transaction() as cur:
+            r = self._exec(cur, "SELECT uidvalidity, last_uid, highestmodseq, resync_below FROM mailboxes "
+                                "WHERE account_id = ? AND folder = ?", (account_id, folder)).fetchone()
+        return MailboxState(account_id, folder, r[0], r[1], r[2], r[3]) if r else None
+
+    def start_mailbox(self, account_id: str, folder: str, uidvalidity: int, resync_below: int = 0) -> MailboxState:
+        """Begin (or begin again, after a UIDVALIDITY change) a folder at UID 0.
+
+        The old UIDVALIDITY's rows stay; the change is recorded in ``uidvalidity_changes``.
+        """
+        now = time.time()
+        with self.transaction() as cur:
+            old = self._exec(cur, "SELECT uidvalidity FROM mailboxes WHERE account_id = ? AND folder = ?",
+                             (account_id, folder)).fetchone()
+            if old is not None and old[0] != uidvalidity:
+                self._exec(cur, "INSERT INTO uidvalidity_changes VALUES (?, ?, ?, ?, ?)",
+                           (account_id, folder, old[0], uidvalidity, now))
+            self._exec(cur, """
+                INSERT INTO mailboxes (account_id, folder, uidvalidity, last_uid, highestmodseq, resync_below,
+                                       updated_at)
+                VALUES (?, ?, ?, 0, NULL, ?, ?)
+                ON CONFLICT (account_id, folder) DO UPDATE SET uidvalidity = excluded.uidvalidity, last_uid = 0,
+                    highestmodseq = NULL, resync_below = excluded.resync_below, updated_at = excluded.updated_at
+                """, (account_id, folder, uidvalidity, resync_below, now))
+        return MailboxState(account_id, folder, uidvalidity, 0, None, resync_below)
+
+    def commit_batch(self, mailbox: MailboxState, messages: Sequence[StoredMessage], settled_uid: int,
+                     highestmodseq: int | None = None, announce: bool = True) -> int:
+        """Store messages, queue their announcements and advance the checkpoint, atomically.
+
+        ``settled_uid`` is the highest UID below which every UID is stored or known gone; the
+        checkpoint never moves backwards and never moves under a different UIDVALIDITY (a
+        concurrent reset wins). Returns how many messages were new.
+        """
+        now = time.time()
+        inserted = 0
+        with self.transaction() as cur:
+            current = self._exec(cur, "SELECT uidvalidity, last_uid FROM mailboxes WHERE account_id = ? AND "
+                                      "folder = ?" + self._for_update, (mailbox.account_id, mailbox.folder)).fetchone()
+            if current is None or current[0] != mailbox.uidvalidity:
+                raise StoreError(f"mailbox {mailbox.account_id}/{mailbox.folder} changed UIDVALIDITY under a batch")
+            for msg in messages:
+                key = message_key(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid)
+                added = self._exec(cur, """
+                    INSERT INTO messages (account_id, folder, uidvalidity, uid, message_id, "from", "to", cc, subject,
+                        date, in_reply_to, "references", size, internaldate, raw, sha256, ingested_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (account_id, folder, uidvalidity, uid) DO NOTHING""",
+                    (mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid, msg.message_id, msg.from_,
+                     msg.to, msg.cc, msg.subject, msg.date, msg.in_reply_to, msg.references, msg.size,
+                     msg.internaldate, msg.raw, hashlib.sha256(msg.raw).hexdigest(), now)).rowcount
+                if added <= 0:
+                    continue
+                inserted += 1
+                if announce:
+                    envelope = make_envelope(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg, now,
+                                             resync=msg.uid < mailbox.resync_below)
+                    self._exec(cur, "INSERT INTO outbox (key, account_id, envelope, raw_size, created_at) "
+                                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                               (key, mailbox.account_id, envelope, len(msg.raw), now))
+            self._exec(cur, """
+                UPDATE mailboxes SET last_uid = ?, highestmodseq = COALESCE(?, highestmodseq), updated_at = ?
+                WHERE account_id = ? AND folder = ? AND uidvalidity = ? AND last_uid < ?""",
+                (settled_uid, highestmodseq, now, mailbox.account_id, mailbox.folder, mailbox.uidvalidity,
+                 settled_uid))
+        mailbox.last_uid = max(mailbox.last_uid, settled_uid)
+        return inserted
+
+    _for_update = ""
+
+    def message_raw(self, key: str) -> bytes | None:
+        account_id, folder, uidvalidity, uid = _split_key(key)
+        with self.transaction() as cur:
+            r = self._exec(cur, "SELECT raw FROM messages WHERE account_id = ? AND folder = ? AND uidvalidity = ? "
+                                "AND uid = ?", (account_id, folder, uidvalidity, uid)).fetchone()
+        return bytes(r[0]) if r and r[0] is not None else None
+
+    def recent_messages(self, account_id: str | None = None, limit: int = 20) -> list[RecentMessage]:
+        where, params = ("WHERE account_id = ?", (account_id,)) if account_id else ("", ())
+        with self.transaction() as cur:
+            rows = self._exec(cur, f"""SELECT account_id, folder, uidvalidity, uid, "from", subject, size, ingested_at
+                                      FROM messages {where} ORDER BY ingested_at DESC, uid DESC LIMIT ?""",
+                              (*params, limit)).fetchall()
+        return [RecentMessage(message_key(r[0], r[1], r[2], r[3]), r[0], r[1], r[3], r[4], r[5], r[6], r[7])
+                for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self.transaction() as cur:
+            messages = self._exec(cur, "SELECT COUNT(*) FROM messages").fetchone()[0]
+            outbox = self._exec(cur, "SELECT COUNT(*) FROM outbox").fetchone()[0]
+            accounts = self._exec(cur, "SELECT COUNT(*) FROM accounts").fetchone()[0]
+        return {"messages": messages, "outbox": outbox, "accounts": accounts}
+
+    # --- outbox -----------------------------------------------------------------------------
+    def outbox_batch(self, limit: int, after_id: int = 0) -> list[OutboxEntry]:
+        with self.transaction() as cur:
+            rows = self._exec(cur, "SELECT id, key, account_id, envelope, raw_size FROM outbox WHERE id > ? "
+                                   "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        return [OutboxEntry(*r) for r in rows]
+
+    def outbox_delete(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self.transaction() as cur:
+            for outbox_id in ids:
+                self._exec(cur, "DELETE FROM outbox WHERE id = ?", (outbox_id,))
+
+    def outbox_depth(self) -> int:
+        with self.transaction() as cur:
+            return self._exec(cur, "SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+
+def _split_key(key: str) -> tuple[str, str, int, int]:
+    account_id, rest = key.split("/", 1)
+    folder, uidvalidity, uid = rest.rsplit("/", 2)
+    return account_id, folder, int(uidvalidity), int(uid)
+
+
+class SqliteStore(Store):
+    """The embedded store: one file, WAL mode, one connection per thread, writers serialised."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str, busy_timeout: float = 30.0) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._pid = os.getpid()
+        parent = Path(path).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store directory {parent}: {exc.strerror}") from None
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._pid != os.getpid():
+            # A connection must never cross a fork: the child opens its own.
+            self._pid = os.getpid()
+            self._local = threading.local()
+            try:
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                       check_same_thread=True)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from None
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path}: {exc}") from None
+        cur = conn.cursor()
+        try:
+            yield cur
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise StoreError(f"SQLite store {self.path}: commit failed: {exc}") from None
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class PostgresStore(Store):
+    """PostgreSQL through a psycopg_pool connection pool (opened lazily, after any fork)."""
+
+    dialect = "postgresql"
+    _for_update = " FOR UPDATE"
+
+    def __init__(self, url: str, pool_min: int = 1, pool_max: int = 8, timeout: float = 30.0) -> None:
+        self.url = url
+        self.pool_min = pool_min
+        self.pool_max = pool_max
+        self.timeout = timeout
+        self._pool: Any = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _get_pool(self) -> Any:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                from psycopg_pool import ConnectionPool
+
+                self._pid = os.getpid()
+                self._pool = ConnectionPool(self.url, min_size=self.pool_min, max_size=self.pool_max,
+                                            timeout=self.timeout, open=True,
+                                            kwargs={"connect_timeout": int(self.timeout)})
+            return self._pool
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        import psycopg
+        import psycopg_pool
+
+        try:
+            with self._get_pool().connection() as conn:
+                with conn.transaction():
+                    with conn.cursor() as cur:
+                        yield cur
+        except psycopg_pool.PoolTimeout as exc:
+            raise StoreError(f"PostgreSQL store unreachable: {exc}") from None
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"PostgreSQL store: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+    def _lock_for_migration(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('mailingestd-migrate'))")
+
+    def close(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.close()
+        self._pool = None
+
+
+def open_store(url: str, pool_min: int = 1, pool_max: int = 8) -> Store:
+    """A store for ``sqlite:///PATH`` or ``postgresql://...``, migrated to the current schema."""
+    if url.startswith("sqlite:///"):
+        store: Store = SqliteStore(url[len("sqlite://"):])
+    elif url.startswith(("postgresql://", "postgres://")):
+        store = PostgresStore(url, pool_min, pool_max)
+    else:
+        raise StoreError(f"unsupported store url (expected sqlite:///PATH or postgresql://...): {url.split(':')[0]}")
+    store.migrate()
+    return store
