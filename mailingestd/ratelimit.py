@@ -1,0 +1,217 @@
+"""Per-server connection limits: a token bucket for new connections and caps on open ones.
+
+Reconnect storms get accounts locked (ARCHITECTURE.md rule 7), so every new IMAP connection to a
+server must pass three checks at once: the server's token bucket (``connects_per_minute``), the
+server's cap on concurrent connections (``max_connections_per_server``) and the account's cap
+(``max_connections_per_account``). Limits come from ``LimitsConfig.for_server(host)``.
+
+Pure logic: no clock of its own, every call takes ``now`` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import msgspec
+
+from mailingestd.config import LimitsConfig, ServerLimits
+
+# A fresh or idle server may open this many seconds' worth of its rate at once; any window of W
+# seconds then sees at most rate * (W + BURST_SECONDS) / 60 connects (7/6 of the rate per minute).
+DEFAULT_BURST_SECONDS = 10.0
+
+
+class TokenBucket:
+    """Tokens refill continuously at ``rate_per_minute`` up to ``burst``; one token per connect.
+
+    Over any window of W seconds it grants at most ``burst + rate_per_minute * W / 60`` tokens.
+    """
+
+    __slots__ = ("rate_per_second", "burst", "tokens", "updated_at")
+
+    def __init__(self, rate_per_minute: float, burst: float, now: float) -> None:
+        if rate_per_minute < 0 or burst < 0:
+            raise ValueError("rate_per_minute and burst must not be negative")
+        self.rate_per_second = rate_per_minute / 60.0
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated_at = now
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self.updated_at
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate_per_second)
+            self.updated_at = now
+
+    def try_take(self, now: float) -> bool:
+        """Take one token if there is a whole one; True when taken."""
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until a token is available (0 when one is now; inf when the rate is 0)."""
+        self._refill(now)
+        if self.tokens >= 1.0:
+            return 0.0
+        if self.rate_per_second <= 0 or self.burst < 1.0:
+            return math.inf
+        return (1.0 - self.tokens) / self.rate_per_second
+
+
+class Refusal(str, Enum):
+    """Why a new connection was not admitted."""
+
+    SERVER_FULL = "server_full"      # max_connections_per_server connections are open
+    ACCOUNT_FULL = "account_full"    # the account has max_connections_per_account open
+    RATE = "rate"                    # the server's connect bucket is empty
+
+
+class ServerConnections:
+    """One IMAP server's limits in force, its connect bucket and its open connection counts."""
+
+    __slots__ = ("server", "limits", "connect_bucket", "open_connections", "open_by_account")
+
+    def __init__(self, server: str, limits: ServerLimits, now: float,
+                 burst_seconds: float = DEFAULT_BURST_SECONDS) -> None:
+        self.server = server
+        self.limits = limits
+        rate = limits.connects_per_minute or 0
+        self.connect_bucket = TokenBucket(rate, connect_burst(rate, burst_seconds), now)
+        self.open_connections = 0
+        self.open_by_account: dict[str, int] = {}
+
+
+def connect_burst(connects_per_minute: float, burst_seconds: float) -> float:
+    """The bucket depth: ``burst_seconds`` of the rate, at least one token when the rate is not 0."""
+    if connects_per_minute <= 0:
+        return 0.0
+    return float(max(1, math.ceil(connects_per_minute * burst_seconds / 60.0)))
+
+
+class ServerStatus(msgspec.Struct, frozen=True):
+    """Connections to one server against its limits, for ``mailingestctl status``."""
+
+    server: str
+    connections: int
+    max_connections: int
+    max_connections_per_account: int
+    connects_per_minute: int
+    connect_tokens: float
+
+
+class ConnectionLimits:
+    """Admission of new connections per server; counts of open ones per server and per account."""
+
+    def __init__(self, limits: LimitsConfig, burst_seconds: float = DEFAULT_BURST_SECONDS) -> None:
+        self.limits = limits
+        self.burst_seconds = burst_seconds
+        self._servers: dict[str, ServerConnections] = {}
+
+    def server(self, server: str, now: float) -> ServerConnections:
+        """The state of one server, created with its configured limits on first use."""
+        state = self._servers.get(server)
+        if state is None:
+            state = ServerConnections(server, self.limits.for_server(server), now, self.burst_seconds)
+            self._servers[server] = state
+        return state
+
+    def refusal(self, server: str, account_id: str, now: float) -> Refusal | None:
+        """Why ``admit`` would refuse now, or None when it would admit. Takes nothing."""
+        state = self.server(server, now)
+        limits = state.limits
+        if state.open_connections >= limits.max_connections_per_server:
+            return Refusal.SERVER_FULL
+        if state.open_by_account.get(account_id, 0) >= limits.max_connections_per_account:
+            return Refusal.ACCOUNT_FULL
+        if state.connect_bucket.wait_time(now) > 0:
+            return Refusal.RATE
+        return None
+
+    def admit(self, server: str, account_id: str, now: float) -> bool:
+        """Take a connect token and a connection slot for the account, only if all three allow."""
+        state = self._servers.get(server) or self.server(server, now)
+        limits = state.limits
+        if state.open_connections >= limits.max_connections_per_server:
+            return False
+        by_account = state.open_by_account
+        account_open = by_account.get(account_id, 0)
+        if account_open >= limits.max_connections_per_account:
+            return False
+        if not state.connect_bucket.try_take(now):
+            return False
+        state.open_connections += 1
+        by_account[account_id] = account_open + 1
+        return True
+
+    def occupy(self, server: str, account_id: str, now: float) -> None:
+        """Count a connection that exists without having been admitted (found open after a restart)."""
+        state = self.server(server, now)
+        state.open_connections += 1
+        state.open_by_account[account_id] = state.open_by_account.get(account_id, 0) + 1
+
+    def release(self, server: str, account_id: str) -> None:
+        """A connection of the account to the server closed; frees its slot (never below zero)."""
+        state = self._servers.get(server)
+        if state is None:
+            return
+        account_open = state.open_by_account.get(account_id, 0)
+        if account_open <= 0:
+            return
+        if account_open == 1:
+            del state.open_by_account[account_id]
+        else:
+            state.open_by_account[account_id] = account_open - 1
+        state.open_connections -= 1
+
+    def connections(self, server: str) -> int:
+        """Open connections to the server."""
+        state = self._servers.get(server)
+        return state.open_connections if state else 0
+
+    def account_connections(self, server: str, account_id: str) -> int:
+        """Open connections of one account to the server."""
+        state = self._servers.get(server)
+        return state.open_by_account.get(account_id, 0) if state else 0
+
+    def wait_time(self, server: str, now: float) -> float:
+        """Seconds until the server's bucket has a token."""
+        return self.server(server, now).connect_bucket.wait_time(now)
+
+    def limits_for(self, server: str) -> ServerLimits:
+        """The limits in force for the server."""
+        state = self._servers.get(server)
+        return state.limits if state else self.limits.for_server(server)
+
+    def servers(self) -> list[str]:
+        """Every server seen so far, sorted."""
+        return sorted(self._servers)
+
+    def status(self, server: str, now: float) -> ServerStatus:
+        """Connections against limits for one server."""
+        state = self.server(server, now)
+        state.connect_bucket.wait_time(now)
+        limits = state.limits
+        return ServerStatus(
+            server=server,
+            connections=state.open_connections,
+            max_connections=limits.max_connections_per_server or 0,
+            max_connections_per_account=limits.max_connections_per_account or 0,
+            connects_per_minute=limits.connects_per_minute or 0,
+            connect_tokens=round(state.connect_bucket.tokens, 3),
+        )
+
+    def reconfigure(self, limits: LimitsConfig, now: float) -> None:
+        """New limits after a reload: open counts are kept, buckets get the new rate and depth."""
+        self.limits = limits
+        for name, state in self._servers.items():
+            state.limits = limits.for_server(name)
+            rate = state.limits.connects_per_minute or 0
+            bucket = state.connect_bucket
+            bucket.wait_time(now)
+            bucket.rate_per_second = rate / 60.0
+            bucket.burst = connect_burst(rate, self.burst_seconds)
+            bucket.tokens = min(bucket.tokens, bucket.burst)
