@@ -366,8 +366,7 @@ class _BoundedIMAP4(imaplib.IMAP4):
         self._scanned = 0
         have = len(parts[0])
         while have < size:
-            self._set_recv_timeout(deadline)
-            chunk = self.sock.recv(min(size - have, _RECV_CHUNK))
+            chunk = self._recv(min(size - have, _RECV_CHUNK), deadline, started=have > 0)
             if not chunk:
                 raise _ServerClosed(f"server closed the connection {size - have} bytes into a literal")
             parts.append(chunk)
@@ -391,21 +390,36 @@ class _BoundedIMAP4(imaplib.IMAP4):
         self._scanned = 0
         return line
 
-    def _set_recv_timeout(self, deadline: float) -> None:
+    def _recv(self, size: int, deadline: float, started: bool) -> bytes:
+        """One recv, bounded by io_timeout of silence and by the response's deadline.
+
+        ``started``: part of the response has arrived, so a timeout at the deadline means a slow
+        drip rather than silence (only the error's wording differs).
+        """
+        too_slow = "server too slow: response still incomplete at its deadline"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("server too slow: response incomplete at the deadline")
+            raise TimeoutError(too_slow)
         self.sock.settimeout(min(remaining, self.io_timeout))
+        try:
+            return self.sock.recv(size)
+        except TimeoutError:
+            if started and remaining < self.io_timeout:
+                raise TimeoutError(too_slow) from None
+            raise TimeoutError(f"server silent for {self.io_timeout:g}s") from None
 
     def _recv_into_buffer(self, deadline: float) -> None:
-        self._set_recv_timeout(deadline)
-        chunk = self.sock.recv(65536)
+        chunk = self._recv(65536, deadline, started=bool(self._rbuf))
         if not chunk:
             raise _ServerClosed("server closed the connection")
         self._rbuf += chunk
 
-    def recv_available(self, budget: int) -> None:
-        """Move what the socket (and the TLS object) holds into the buffer without blocking."""
+    def recv_available(self, budget: int) -> bool:
+        """Move what the socket (and the TLS object) holds into the buffer without blocking.
+
+        Returns True when the server has closed the connection (what came before stays buffered,
+        so a final BYE can still be read).
+        """
         self.sock.setblocking(False)
         try:
             received = 0
@@ -413,9 +427,9 @@ class _BoundedIMAP4(imaplib.IMAP4):
                 try:
                     chunk = self.sock.recv(65536)
                 except _WOULD_BLOCK:
-                    return
+                    return False
                 if not chunk:
-                    raise _ServerClosed("server closed the connection")
+                    return True
                 self._rbuf += chunk
                 received += len(chunk)
                 if self._rbuf.find(b"\n", self._scanned) < 0 and len(self._rbuf) > IDLE_MAX_LINE:
@@ -424,6 +438,7 @@ class _BoundedIMAP4(imaplib.IMAP4):
             pending = getattr(self.sock, "pending", None)
             while pending is not None and pending() > 0:
                 self._rbuf += self.sock.recv(pending())
+            return False
         finally:
             self.sock.settimeout(self.io_timeout)
 
@@ -724,7 +739,7 @@ def idle_read(client: imapclient.IMAPClient) -> list[tuple[Any, ...]]:
     said BYE, or ended the IDLE command itself.
     """
     imap = _bounded(client)
-    imap.recv_available(IDLE_READ_BUDGET)
+    closed = imap.recv_available(IDLE_READ_BUDGET)
     responses: list[tuple[Any, ...]] = []
     while (line := imap.take_buffered_line()) is not None:
         if client.idle_tag is not None and line.startswith(client.idle_tag + b" "):
@@ -734,6 +749,8 @@ def idle_read(client: imapclient.IMAPClient) -> list[tuple[Any, ...]]:
         if response[0] == b"BYE":
             raise imaplib.IMAP4.abort(f"server said BYE: {response[1].decode('utf-8', 'replace')}")
         responses.append(response)
+    if closed:
+        raise _ServerClosed("server closed the connection during IDLE")
     return responses
 
 
