@@ -88,7 +88,8 @@ _FETCH_ITEMS = [b"UID", b"RFC822.SIZE", b"INTERNALDATE", b"BODY.PEEK[]"]
 
 
 class Account(Protocol):
-    """What :func:`connect` reads from an account (any object with these attributes)."""
+    """What :func:`connect` reads from an account (any object with these attributes; ``tls``,
+    ``tls_ca_file`` and ``tls_verify`` may be missing and then default to implicit, None, True)."""
 
     id: str
     host: str
@@ -182,7 +183,8 @@ _TEXT_RULES: tuple[tuple[re.Pattern[str], FailureKind], ...] = (
     ),
     (
         re.compile(
-            r"\[PRIVACYREQUIRED\]|LOGINDISABLED|plaintext authentication (is )?(not allowed|disallowed)",
+            r"\[PRIVACYREQUIRED\]|LOGINDISABLED|STARTTLS"
+            r"|plaintext authentication (is )?(not allowed|disallowed)",
             re.I,
         ),
         FailureKind.TLS,
@@ -485,7 +487,7 @@ def _bounded(client: imapclient.IMAPClient) -> _BoundedIMAP4:
 # connecting
 
 
-def _ssl_context(account: Any) -> ssl.SSLContext:
+def _ssl_context(account: Account) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=getattr(account, "tls_ca_file", None) or None)
     if not getattr(account, "tls_verify", True):
         context.check_hostname = False
@@ -494,7 +496,7 @@ def _ssl_context(account: Any) -> ssl.SSLContext:
 
 
 def connect(
-    account: Any,
+    account: Account,
     secret: str,
     *,
     timeout: float = 30.0,
@@ -542,11 +544,11 @@ def connect(
             raise
         error = classify(exc)
         if secret and secret in error.detail:
-            error.detail = error.detail.replace(secret, "***")
+            error = ImapError(error.kind, error.detail.replace(secret, "***"), error.retry_after)
         raise error from None  # the original may quote what the server echoed of the secret
 
 
-def authenticate(client: imapclient.IMAPClient, account: Any, secret: str) -> None:
+def authenticate(client: imapclient.IMAPClient, account: Account, secret: str) -> None:
     """Log in as ``account.username`` with the password ``secret``.
 
     Sends ``LOGIN``, or ``AUTHENTICATE PLAIN`` when the server advertises LOGINDISABLED or the

@@ -63,7 +63,7 @@ class Session:
         while not self._stopping.is_set():
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as exc:
                 raise ClientGone() from exc
@@ -181,7 +181,7 @@ class HostileServer:
         while not self._stopping.is_set():
             try:
                 sock, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.connections += 1
             thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
@@ -315,11 +315,21 @@ def deaf_in_idle(session: Session) -> None:
     session.hold()
 
 
+def starttls_injection(session: Session) -> None:
+    """A man in the middle appends a plaintext response to the STARTTLS reply (CVE-2011-0411)."""
+    session.send(b"* OK hostile server ready\r\n")
+    tag, _ = session.serve_until(b"CAPABILITY")
+    session.send(b"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n" + tag + b" OK done\r\n")
+    tag, _ = session.serve_until(b"STARTTLS")
+    session.send(tag + b" OK Begin TLS\r\n* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] injected\r\n")
+    session.hold()
+
+
 SCENARIOS: dict[str, Scenario] = {
     scenario.__name__: scenario
     for scenario in (
         garbage_greeting, silent, slow_greeting, endless_line, huge_literal, stall_mid_fetch,
         drip_literal, bye_mid_fetch, unexpected_bye, too_many_connections, overquota, throttled,
-        office365_backoff, bye_in_idle, partial_idle_lines, deaf_in_idle,
+        office365_backoff, bye_in_idle, partial_idle_lines, deaf_in_idle, starttls_injection,
     )
 }
