@@ -1,0 +1,108 @@
+"""The control protocol between mailingestctl and the supervisor, request and reply side by side.
+
+Transport: one JSON object per line over the Unix stream socket ``control.sock`` in runtime_dir
+(mode 0600, or 0660 to ``daemon.control_group``). Each command is a class whose docstring is its
+help text; the supervisor implements ``handle_<name>``. Anything that is not a known request gets
+one error reply and the connection is closed; it never reaches the daemon's logic.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class Request(msgspec.Struct, tag_field="command", forbid_unknown_fields=True):
+    """A control request; the tag (``command``) names it on the wire."""
+
+
+class Status(Request, tag="status"):
+    """Everything the supervisor knows now: processes, accounts, servers, traffic, errors."""
+
+
+class Drain(Request, tag="drain"):
+    """Stop starting new work, finish what is in flight, commit, LOGOUT every connection."""
+
+    exit: bool = False
+
+
+class Resume(Request, tag="resume"):
+    """Undo a drain: accounts are scheduled again."""
+
+
+class Reload(Request, tag="reload"):
+    """Re-read the configuration (same as SIGHUP)."""
+
+
+class Reply(msgspec.Struct):
+    ok: bool
+    error: str | None = None
+    data: dict[str, Any] = {}
+
+
+AnyRequest = Status | Drain | Resume | Reload
+_request_decoder = msgspec.json.Decoder(AnyRequest)
+
+
+def decode_request(line: bytes) -> AnyRequest | str:
+    """The request, or a one-line error for garbage."""
+    try:
+        return _request_decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return f"bad request: {exc}"
+
+
+def _enc_hook(value: Any) -> Any:
+    if isinstance(value, (int, float)):  # config.Duration and config.Size
+        return float(value) if isinstance(value, float) else int(value)
+    raise NotImplementedError(type(value))
+
+
+def encode_reply(reply: Reply) -> bytes:
+    return msgspec.json.encode(reply, enc_hook=_enc_hook) + b"\n"
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answers on the control socket (exit 69)."""
+
+
+def call(runtime_dir: str, request: Request, timeout: float = 5.0) -> Reply:
+    """Send one request to the supervisor and wait for its reply."""
+    path = Path(runtime_dir) / "control.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+        sock.sendall(msgspec.json.encode(request) + b"\n")
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+                break
+    except FileNotFoundError:
+        raise DaemonUnreachable(f"mailingestd is not running (no control socket at {path})") from None
+    except ConnectionRefusedError:
+        raise DaemonUnreachable(f"mailingestd is not running (nothing listens on {path})") from None
+    except PermissionError:
+        raise DaemonUnreachable(f"permission denied on {path} (run as the mailingestd user or its group)") from None
+    except socket.timeout:
+        raise DaemonUnreachable(f"mailingestd did not answer on {path} within {timeout:g}s") from None
+    finally:
+        sock.close()
+    try:
+        return msgspec.json.decode(b"".join(chunks), type=Reply)
+    except msgspec.DecodeError:
+        raise DaemonUnreachable(f"mailingestd sent an unreadable reply on {path}") from None
+
+
+def pretty(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True)

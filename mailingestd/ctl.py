@@ -1,0 +1,339 @@
+"""``mailingestctl``: talk to a running daemon (status, drain, resume, reload) and manage accounts.
+
+Daemon commands go over the control socket in runtime_dir; account and message commands work on
+the store directly, so they also work while the daemon is stopped (a running daemon notices
+account changes within seconds). Exit codes follow sysexits: 0 ok, 64 usage, 69 daemon not
+running or unreachable, 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from typing import Any, NoReturn
+
+import click
+import msgspec
+
+from . import config as config_mod, control, imap
+from .config import AccountConfig, Config
+from .store import Store, StoreError, open_store
+
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+
+def fail(code: int, message: str) -> NoReturn:
+    click.echo(f"mailingestctl: {message}", err=True)
+    sys.exit(code)
+
+
+def load_config(ctx: click.Context) -> Config:
+    if ctx.obj is None:
+        try:
+            ctx.obj = config_mod.load(ctx.find_root().params.get("config_path"))
+        except config_mod.ConfigError as exc:
+            fail(EX_CONFIG, str(exc))
+    return ctx.obj
+
+
+def ask(ctx: click.Context, request: control.Request, timeout: float = 5.0) -> control.Reply:
+    cfg = load_config(ctx)
+    try:
+        reply = control.call(cfg.daemon.runtime_dir, request, timeout)
+    except control.DaemonUnreachable as exc:
+        fail(EX_UNAVAILABLE, str(exc))
+    if not reply.ok:
+        fail(EX_CONFIG if isinstance(request, control.Reload) else 1, reply.error or "the daemon refused")
+    return reply
+
+
+def store_of(ctx: click.Context) -> Store:
+    cfg = load_config(ctx)
+    try:
+        return open_store(cfg.store_url, 1, 1)
+    except StoreError as exc:
+        fail(EX_UNAVAILABLE, f"store: {exc}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", envvar="MAILINGESTD_CONFIG",
+              help="Configuration file (default /etc/mailingestd/mailingestd.toml, or $MAILINGESTD_CONFIG).")
+def cli(config_path: str | None) -> None:
+    """Control a running mailingestd and manage its accounts."""
+
+
+# --- daemon commands ------------------------------------------------------------------------------
+def _mib(value: float | None) -> str:
+    return f"{(value or 0) / 1048576:.0f} MiB"
+
+
+def format_status(data: dict[str, Any]) -> str:
+    sup = data["supervisor"]
+    lines = [f"mailingestd {sup['version']}  pid {sup['pid']}  {sup['state']}  up {sup['uptime']:.0f}s  "
+             f"node {sup['node_id']}  store {sup['store']}  memory {_mib(sup['memory_bytes'])} of "
+             f"{_mib(sup['memory_budget'])}", "", "PROCESSES"]
+    lines.append(f"  {'role':<10} {'slot':>4} {'pid':>8} {'cpu':>4} {'state':<10} {'rss':>9} {'restarts':>8} "
+                 f"{'heartbeat':>9}")
+    for c in data["children"]:
+        age = "-" if c["heartbeat_age"] is None else f"{c['heartbeat_age']:.1f}s"
+        lines.append(f"  {c['role']:<10} {c['slot']:>4} {c['pid'] or '-':>8} {'-' if c['cpu'] is None else c['cpu']:>4} "
+                     f"{c['state']:<10} {_mib(c['rss_bytes']):>9} {c['restarts']:>8} {age:>9}")
+    acc = data["accounts"]
+    lines += ["", f"ACCOUNTS  {acc['total']}"]
+    lines.append("  by state:    " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc["by_state"].items()) if v)
+                                      or "-"))
+    lines.append("  by priority: " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc["by_priority"].items()) if v)
+                                      or "-"))
+    lines += ["", "SERVERS", f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8}"]
+    for server, s in data["servers"].items():
+        lines.append(f"  {server:<32} {int(s['connections']):>11} {s['limit'] if s['limit'] is not None else '-':>6} "
+                     f"{int(s['waiting']):>8}")
+    t = data["traffic"]
+    lag = ("-" if t["lag_p99"] is None else f"p50 <= {t['lag_p50']:g}s, p99 <= {t['lag_p99']:g}s")
+    lines += ["", "TRAFFIC",
+              f"  polls     last minute {int(t['polls_last_minute'])}   total {int(t['polls_total'])}",
+              f"  messages  last minute {int(t['messages_last_minute'])}   total {int(t['messages_total'])}",
+              f"  idling connections {int(t['idle_connections'])}   scheduler lag {lag}"]
+    out = data["outbox"]
+    if out["enabled"]:
+        lines.append(f"  outbox depth {int(out['depth'])}   published {int(out['published_total'])}   "
+                     f"publish errors {int(out['publish_errors_total'])}")
+    else:
+        lines.append("  queue: none (queue.kind = \"none\")")
+    lines += ["", "RECENT ERRORS"] + ([f"  {e}" for e in data["errors"]] or ["  none"])
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the supervisor, every child, accounts, servers, traffic, outbox and recent errors."""
+    reply = ask(ctx, control.Status())
+    click.echo(control.pretty(reply.data) if as_json else format_status(reply.data))
+
+
+@cli.command()
+@click.option("--wait", is_flag=True, help="Block until drained, then print a summary.")
+@click.option("--timeout", type=float, default=None, metavar="S", help="With --wait: give up after S seconds (exit 1).")
+@click.option("--exit", "exit_after", is_flag=True, help="Exit the daemon (status 0) once drained.")
+@click.pass_context
+def drain(ctx: click.Context, wait: bool, timeout: float | None, exit_after: bool) -> None:
+    """Stop starting new work, finish what is in flight, commit, LOGOUT every IMAP connection."""
+    cfg = load_config(ctx)
+    started = time.monotonic()
+    reply = ask(ctx, control.Drain(exit=exit_after))
+    if not wait:
+        click.echo(f"draining (state {reply.data.get('state')})")
+        return
+    deadline = None if timeout is None else started + timeout
+    last: dict[str, Any] = {}
+    while True:
+        try:
+            last = control.call(cfg.daemon.runtime_dir, control.Status(), 5.0).data
+        except control.DaemonUnreachable:
+            if exit_after:
+                click.echo(f"drained and exited after {time.monotonic() - started:.1f}s")
+                return
+            fail(EX_UNAVAILABLE, "the daemon went away while draining")
+        state = last["supervisor"]["state"]
+        if state in ("drained", "stopping"):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            fail(1, f"not drained after {timeout:g}s (state {state})")
+        time.sleep(0.2)
+    d = last["drain"]
+    click.echo(f"drained in {time.monotonic() - started:.1f}s: {d['in_flight_accounts']} accounts were in flight; "
+               f"{int(last['traffic']['messages_total'])} messages stored in total; "
+               f"outbox depth {int(last['outbox']['depth'])}")
+
+
+@cli.command()
+@click.pass_context
+def resume(ctx: click.Context) -> None:
+    """Undo a drain: accounts are scheduled and connected again."""
+    reply = ask(ctx, control.Resume())
+    click.echo(f"resumed (state {reply.data.get('state')})")
+
+
+@cli.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read the configuration file, like SIGHUP; a bad file is refused and the old one kept."""
+    ask(ctx, control.Reload(), timeout=30.0)
+    click.echo("reloaded")
+
+
+# --- accounts ---------------------------------------------------------------------------------------
+@cli.group()
+def account() -> None:
+    """Manage the accounts kept in the store."""
+
+
+@account.command("add")
+@click.argument("account_id")
+@click.option("--host", required=True, help="IMAP server host name.")
+@click.option("--port", type=int, default=None, help="Port (default 993 for implicit TLS, else 143).")
+@click.option("--tls", type=click.Choice(["implicit", "starttls", "none"]), default="implicit", show_default=True)
+@click.option("--tls-ca-file", default=None, help="Extra CA bundle to trust for this server.")
+@click.option("--username", required=True)
+@click.option("--password-file", default=None, help="File holding the password (read by the daemon).")
+@click.option("--password-env", default=None, help="Environment variable holding the password.")
+@click.option("--folder", "folders", multiple=True, help="Folder to ingest (repeatable; default INBOX).")
+@click.option("--priority", type=click.Choice(["auto", "high", "medium", "low"]), default="auto", show_default=True)
+@click.option("--no-idle", is_flag=True, help="Never use IDLE; poll instead.")
+@click.option("--disabled", is_flag=True, help="Add the account disabled.")
+@click.pass_context
+def account_add(ctx: click.Context, account_id: str, host: str, port: int | None, tls: str, tls_ca_file: str | None,
+                username: str, password_file: str | None, password_env: str | None, folders: tuple[str, ...],
+                priority: str, no_idle: bool, disabled: bool) -> None:
+    """Add (or replace) an account in the store."""
+    if bool(password_file) == bool(password_env):
+        raise click.UsageError("give exactly one of --password-file and --password-env")
+    if "/" in account_id:
+        raise click.UsageError("an account id cannot contain '/' (it is part of message keys)")
+    acct = AccountConfig(id=account_id, host=host, port=port, tls=tls, tls_ca_file=tls_ca_file, username=username,
+                         password_file=password_file, password_env=password_env,
+                         folders=list(folders) or ["INBOX"], priority=priority, idle=not no_idle,
+                         enabled=not disabled)
+    store_of(ctx).upsert_account(acct, source="store")
+    click.echo(f"account {account_id} saved")
+
+
+@account.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def account_list(ctx: click.Context, as_json: bool) -> None:
+    """List accounts with their state."""
+    rows = store_of(ctx).list_accounts()
+    if as_json:
+        click.echo(json.dumps([{**_public(r.account), "state": r.state, "source": r.source,
+                                "last_error": r.last_error} for r in rows], indent=2))
+        return
+    click.echo(f"{'id':<24} {'server':<28} {'user':<28} {'prio':<6} {'on':<3} {'state':<12} source")
+    for r in rows:
+        a = r.account
+        click.echo(f"{a.id:<24} {a.host + ':' + str(a.effective_port):<28} {a.username:<28} {a.priority:<6} "
+                   f"{'yes' if a.enabled else 'no':<3} {r.state:<12} {r.source}")
+
+
+def _public(acct: AccountConfig) -> dict[str, Any]:
+    """The account's settings; secrets are never in them (only where to find them)."""
+    return msgspec.to_builtins(acct)
+
+
+def _get(ctx: click.Context, account_id: str) -> Any:
+    row = store_of(ctx).get_account(account_id)
+    if row is None:
+        fail(1, f"no account {account_id!r}")
+    return row
+
+
+@account.command("show")
+@click.argument("account_id")
+@click.pass_context
+def account_show(ctx: click.Context, account_id: str) -> None:
+    """Show one account's settings, state, last error and folder checkpoints."""
+    row = _get(ctx, account_id)
+    store = store_of(ctx)
+    mailboxes = {f: store.get_mailbox(account_id, f) for f in row.account.folders}
+    click.echo(json.dumps({**_public(row.account), "state": row.state, "source": row.source,
+                           "last_error": row.last_error,
+                           "mailboxes": {f: msgspec.to_builtins(m) if m else None for f, m in mailboxes.items()}},
+                          indent=2))
+
+
+@account.command("remove")
+@click.argument("account_id")
+@click.pass_context
+def account_remove(ctx: click.Context, account_id: str) -> None:
+    """Remove an account (its stored messages stay)."""
+    if not store_of(ctx).delete_account(account_id):
+        fail(1, f"no account {account_id!r}")
+    click.echo(f"account {account_id} removed")
+
+
+@account.command("enable")
+@click.argument("account_id")
+@click.pass_context
+def account_enable(ctx: click.Context, account_id: str) -> None:
+    """Enable an account (also lifts auth_failed)."""
+    if not store_of(ctx).set_enabled(account_id, True):
+        fail(1, f"no account {account_id!r}")
+    click.echo(f"account {account_id} enabled")
+
+
+@account.command("disable")
+@click.argument("account_id")
+@click.pass_context
+def account_disable(ctx: click.Context, account_id: str) -> None:
+    """Disable an account: its connection is closed and it is not polled."""
+    if not store_of(ctx).set_enabled(account_id, False):
+        fail(1, f"no account {account_id!r}")
+    click.echo(f"account {account_id} disabled")
+
+
+@account.command("test")
+@click.argument("account_id")
+@click.pass_context
+def account_test(ctx: click.Context, account_id: str) -> None:
+    """Log in once and report capabilities and folder state; changes and stores nothing."""
+    cfg = load_config(ctx)
+    acct = _get(ctx, account_id).account
+    try:
+        secret = config_mod.read_secret(acct)
+    except config_mod.ConfigError as exc:
+        fail(EX_CONFIG, str(exc))
+    started = time.monotonic()
+    try:
+        client = imap.connect(acct, secret, timeout=cfg.imap.timeout)
+    except imap.ImapError as exc:
+        fail(1, f"account={account_id} server={acct.host}:{acct.effective_port} error_kind={exc.kind.value} "
+                f"error={exc.detail}")
+    try:
+        click.echo(f"account {account_id}: logged in to {acct.host}:{acct.effective_port} as {acct.username} "
+                   f"(auth {acct.auth}, tls {acct.tls}) in {time.monotonic() - started:.2f}s")
+        click.echo("capabilities: " + " ".join(sorted(imap.capabilities(client))))
+        for folder in acct.folders:
+            try:
+                st = imap.status(client, folder)
+                click.echo(f"folder {folder}: uidvalidity {st.uidvalidity} uidnext {st.uidnext} messages {st.exists}"
+                           + (f" highestmodseq {st.highestmodseq}" if st.highestmodseq is not None else ""))
+            except imap.ImapError as exc:
+                click.echo(f"folder {folder}: error_kind={exc.kind.value} error={exc.detail}")
+    finally:
+        imap.logout(client, 5.0)
+
+
+# --- messages ---------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--account", "account_id", default=None, help="Only this account.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def messages(ctx: click.Context, account_id: str | None, limit: int, as_json: bool) -> None:
+    """The most recently ingested messages."""
+    rows = store_of(ctx).recent_messages(account_id, limit)
+    if as_json:
+        click.echo(json.dumps([msgspec.to_builtins(r) for r in rows], indent=2))
+        return
+    for r in rows:
+        when = datetime.datetime.fromtimestamp(r.ingested_at).strftime("%H:%M:%S")
+        click.echo(f"{when}  {r.key:<44} {r.size:>9}  {(r.from_ or '-')[:32]:<32}  {(r.subject or '-')[:60]}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(EX_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except StoreError as exc:
+        fail(EX_UNAVAILABLE, f"store: {exc}")

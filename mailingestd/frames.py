@@ -1,0 +1,133 @@
+"""Every frame the daemon's processes exchange, in one screen (msgspec msgpack, tagged Structs).
+
+Sockets (all ZeroMQ PUSH/PULL over ``ipc://`` in runtime_dir, mode 0700):
+
+    scheduler.sock   PULL bound by the scheduler   <- workers (Result, NewMail, WorkerReady, Drained)
+                                                   <- supervisor (Control)
+    worker-N.sock    PULL bound by worker slot N   <- scheduler (Assign, Poll, Drain, Resume)
+    supervisor.sock  PULL bound by the supervisor  <- every child (Heartbeat)
+
+PUSH/PULL cannot address one peer, so each worker has its own PULL; in-flight polls are bounded
+by credits the scheduler keeps per worker, not by ZeroMQ's high-water mark. A frame that does
+not decode is counted and dropped by the receiver (``decode`` returns None).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from .config import AccountConfig
+
+
+class Frame(msgspec.Struct, tag=True, kw_only=True):
+    pass
+
+
+# --- scheduler -> worker ------------------------------------------------------------------------
+class Assign(Frame):
+    """The complete set of accounts this worker slot owns now (replaces any earlier set)."""
+
+    accounts: list[AccountConfig]
+
+
+class Poll(Frame):
+    """Check the account now. ``may_connect``: a connection slot and a token were granted."""
+
+    account_id: str
+    order_id: int
+    may_connect: bool
+
+
+class Drain(Frame):
+    """Finish in-flight batches, commit, LOGOUT every connection, then answer Drained."""
+
+
+class Resume(Frame):
+    """Undo a drain: accept orders again."""
+
+
+# --- worker -> scheduler ------------------------------------------------------------------------
+class WorkerReady(Frame):
+    slot: int
+    pid: int
+
+
+class Result(Frame):
+    """The outcome of one Poll order (order_id > 0) or of a connection event (order_id 0)."""
+
+    slot: int
+    account_id: str
+    order_id: int
+    ok: bool
+    connected: bool
+    idling: bool
+    new_messages: int = 0
+    new_bytes: int = 0
+    failure_kind: str | None = None
+    detail: str | None = None
+    retry_after: float | None = None
+    uidvalidity_changed: bool = False
+
+
+class NewMail(Frame):
+    """Mail seen and committed through IDLE (no order involved); feeds adaptive priority."""
+
+    slot: int
+    account_id: str
+    count: int
+
+
+class Drained(Frame):
+    slot: int
+    in_flight_accounts: int
+    in_flight_messages: int
+
+
+# --- supervisor -> scheduler --------------------------------------------------------------------
+class Control(Frame):
+    """``command``: drain, resume, reload; ``workers`` is the slot count after a reload."""
+
+    command: str
+    workers: int = 0
+
+
+# --- every child -> supervisor ------------------------------------------------------------------
+class Heartbeat(Frame):
+    """Sent every heartbeat_interval. Counters are cumulative since the child started.
+
+    ``stats`` carries role-specific numbers (counters, gauges, histogram buckets) and
+    ``errors`` the most recent distinct error lines; both are bounded by the sender.
+    """
+
+    role: str
+    slot: int
+    pid: int
+    state: str
+    stats: dict[str, float] = {}
+    histograms: dict[str, list[float]] = {}
+    labeled: dict[str, dict[str, float]] = {}
+    errors: list[str] = []
+    detail: dict[str, str] = {}
+
+
+AnyFrame = Union[Assign, Poll, Drain, Resume, WorkerReady, Result, NewMail, Drained, Control, Heartbeat]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyFrame)
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+def encode(frame: Frame) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode(data: bytes) -> AnyFrame | None:
+    """The frame, or None for bytes that are not one of ours (the caller counts the drop)."""
+    if len(data) > MAX_FRAME_BYTES:
+        return None
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None

@@ -1,0 +1,135 @@
+"""Ingest of one folder: from the checkpoint to the newest UID, in batches, exactly once.
+
+This is the correctness core (ARCHITECTURE.md rules 1-5), shared by every process that fetches:
+
+1. State is keyed by UIDVALIDITY, compared with ``!=``; a change starts the folder over under the
+   new value (old rows stay), is recorded, and the re-ingested messages say ``resync`` on the queue.
+2. The checkpoint only advances over a contiguous run of settled UIDs: a batch is fetched whole,
+   committed whole, and a failure leaves the checkpoint where it was so the UIDs are retried.
+3. ``UID FETCH n:*`` answers with the highest message even when nothing is newer, so UIDs below
+   ``n`` are filtered; a UID the server stops answering for was expunged and counts as settled.
+4. The folder is opened read-only (EXAMINE) and bodies are fetched with ``BODY.PEEK[]``.
+5. Messages, outbox rows and the checkpoint commit in one transaction (``Store.commit_batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import msgspec
+
+from . import imap
+from .config import ImapConfig
+from .message import parse_headers
+from .store import MailboxState, Store, StoredMessage
+
+log = logging.getLogger(__name__)
+
+
+class SyncResult(msgspec.Struct):
+    folder: str
+    new_messages: int = 0
+    new_bytes: int = 0
+    uidvalidity_changed: bool = False
+    settled_uid: int = 0
+    fetch_seconds: float = 0.0
+    interrupted: bool = False
+    oversize: int = 0
+
+
+def pending_sizes(client: Any, first_uid: int) -> list[tuple[int, int]]:
+    """(uid, RFC822.SIZE) of every message at or above ``first_uid``: ``UID FETCH first:* (RFC822.SIZE)``.
+
+    One round trip gives both the UIDs to fetch and the sizes to batch them by; ``first:*`` also
+    answers with the highest message when nothing is newer, so lower UIDs are dropped (rule 3).
+    """
+    try:
+        response = client.fetch(f"{first_uid}:*", ["RFC822.SIZE"])
+    except Exception as exc:
+        raise imap.classify(exc) from exc
+    return sorted((uid, int(items.get(b"RFC822.SIZE", 0))) for uid, items in response.items() if uid >= first_uid)
+
+
+def plan_batches(pending: Sequence[tuple[int, int]], max_messages: int, max_bytes: int) -> list[list[int]]:
+    """Group (uid, size) pairs, in UID order, into batches capped by count and by bytes.
+
+    A message larger than ``max_bytes`` travels alone rather than never.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for uid, size in pending:
+        if current and (len(current) >= max_messages or current_bytes + size > max_bytes):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(uid)
+        current_bytes += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def to_stored(uid: int, fetched: imap.Fetched) -> StoredMessage:
+    headers = parse_headers(fetched.raw)
+    internaldate = fetched.internaldate.isoformat() if fetched.internaldate is not None else None
+    return StoredMessage(uid=uid, raw=fetched.raw, size=len(fetched.raw), internaldate=internaldate,
+                         message_id=headers.message_id, from_=headers.from_, to=headers.to, cc=headers.cc,
+                         subject=headers.subject, date=headers.date, in_reply_to=headers.in_reply_to,
+                         references=headers.references)
+
+
+def open_mailbox(store: Store, account_id: str, folder: str, state: imap.FolderState) -> tuple[MailboxState, bool]:
+    """The folder's checkpoint under the server's current UIDVALIDITY; True if it changed."""
+    mailbox = store.get_mailbox(account_id, folder)
+    if mailbox is None:
+        return store.start_mailbox(account_id, folder, state.uidvalidity), False
+    if mailbox.uidvalidity != state.uidvalidity:
+        log.warning("event=uidvalidity_changed account=%s folder=%s old=%s new=%s action=resync",
+                    account_id, folder, mailbox.uidvalidity, state.uidvalidity)
+        resync_below = state.uidnext or 0
+        return store.start_mailbox(account_id, folder, state.uidvalidity, resync_below=resync_below), True
+    return mailbox, False
+
+
+def sync_folder(client: object, store: Store, account_id: str, folder: str, settings: ImapConfig, *,
+                announce: bool = True, should_stop: Callable[[], bool] | None = None,
+                state: imap.FolderState | None = None) -> SyncResult:
+    """Fetch and commit every message above the folder's checkpoint.
+
+    ``state`` is the folder as just EXAMINEd (the caller may already have it selected); without it
+    the folder is EXAMINEd here. ``should_stop`` is asked between batches: a drain finishes the
+    batch in flight, commits it and returns with ``interrupted``.
+    """
+    if state is None:
+        state = imap.examine(client, folder)
+    mailbox, changed = open_mailbox(store, account_id, folder, state)
+    result = SyncResult(folder=folder, uidvalidity_changed=changed, settled_uid=mailbox.last_uid)
+    if state.uidnext is not None and state.uidnext <= mailbox.last_uid + 1 and not changed:
+        return result  # UIDNEXT says nothing is newer; a hint only, the next poll searches again
+    pending = pending_sizes(client, mailbox.last_uid + 1)
+    too_big = [(uid, size) for uid, size in pending if size > settings.max_message_size]
+    if too_big:
+        # Rule 2: never skip silently. Oversized UIDs stop the checkpoint below them and stay
+        # visible until the operator raises imap.max_message_size.
+        result.oversize = len(too_big)
+        first_big = too_big[0][0]
+        log.error("event=message_too_large account=%s folder=%s uid=%s size=%s limit=%s",
+                  account_id, folder, first_big, too_big[0][1], settings.max_message_size)
+        pending = [(uid, size) for uid, size in pending if uid < first_big]
+    for batch in plan_batches(pending, settings.batch_messages, settings.batch_bytes):
+        if should_stop is not None and should_stop():
+            result.interrupted = True
+            break
+        started = time.monotonic()
+        fetched = imap.fetch_messages(client, batch)
+        result.fetch_seconds += time.monotonic() - started
+        messages = [to_stored(uid, fetched[uid]) for uid in batch if uid in fetched]
+        # UIDs asked for and not answered were expunged meanwhile: settled (rule 3).
+        inserted = store.commit_batch(mailbox, messages, settled_uid=batch[-1],
+                                      highestmodseq=state.highestmodseq, announce=announce)
+        result.new_messages += inserted
+        result.new_bytes += sum(m.size for m in messages)
+        result.settled_uid = batch[-1]
+    return result

@@ -1,0 +1,344 @@
+"""The scheduler process: decides who is polled when, and who may open a connection.
+
+It wraps the pure :class:`~mailingestd.planner.Planner` (wheel, priorities, per-server buckets
+and caps, backoff, circuit breaker) with I/O: accounts come from the store, orders go to the
+worker that owns each account, results come back on one PULL socket. Each account belongs to one
+worker slot by rendezvous hashing, so a restarted slot gets the same accounts back and a change
+in the number of workers moves only the accounts it must. In-flight orders are bounded by
+credits per worker, so a slow worker cannot pile up an unbounded queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import msgspec
+import zmq
+
+from . import frames
+from .child import Child, bind_pull, connect_push, ipc_path, send
+from .config import AccountConfig, Config
+from .planner import AccountPlan, AccountState, Planner
+from .store import Store, StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+ACCOUNTS_CHECK_INTERVAL = 2.0
+ORDER_TIMEOUT = 1800.0
+MAX_WAIT = 0.5
+STORE_STATES = {AccountState.AUTH_FAILED: "auth_failed", AccountState.DISABLED: "disabled"}
+
+
+def owner_slot(account_id: str, workers: int) -> int:
+    """Rendezvous (highest random weight) hashing: stable per account, minimal moves on resize."""
+    def weight(slot: int) -> bytes:
+        return hashlib.blake2b(f"{slot}\0{account_id}".encode(), digest_size=8).digest()
+
+    return max(range(workers), key=weight)
+
+
+def credentials_version(account: AccountConfig) -> str:
+    """Changes when anything about the credentials changes, including the secret file's mtime."""
+    mtime = 0.0
+    if account.password_file:
+        try:
+            mtime = os.stat(account.password_file).st_mtime
+        except OSError:
+            pass
+    parts = (account.host, account.username, account.auth, account.password_file, account.password_env,
+             msgspec.json.encode(account.oauth2).decode() if account.oauth2 else "", str(mtime))
+    return hashlib.blake2b("\0".join(p or "" for p in parts).encode(), digest_size=8).hexdigest()
+
+
+class Scheduler:
+    def __init__(self, config: Config, parent_pid: int) -> None:
+        self.config = config
+        self.child = Child(config, "scheduler", 0, parent_pid)
+        self.pull = bind_pull(self.child.ctx, ipc_path(config, "scheduler.sock"))
+        self.workers = config.worker_count
+        self.to_worker: dict[int, zmq.Socket] = {}
+        self.credits_per_worker = max(4, config.imap.threads * 4)
+        self.in_flight: dict[int, tuple[str, int]] = {}  # order_id -> (account_id, slot)
+        self.order_by_account: dict[str, int] = {}
+        self.credits_used: dict[int, int] = {}
+        self.next_order_id = 1
+        self.store: Store = open_store(config.store_url, 1, 2)
+        self.planner = Planner(config.scheduler, config.limits, time.monotonic())
+        self.accounts: dict[str, AccountConfig] = {}
+        self.owner: dict[str, int] = {}
+        self.accounts_version = ""
+        self.next_accounts_check = 0.0
+        self.draining = False
+        self.drained_slots: set[int] = set()
+        self.drain_in_flight = (0, 0)
+        self.uidvalidity_changes = 0
+        self.starved = False
+        self.connect_sockets(self.workers)
+
+    # --- wiring -----------------------------------------------------------------------------------
+    def connect_sockets(self, workers: int) -> None:
+        for slot in list(self.to_worker):
+            if slot >= workers:
+                self.to_worker.pop(slot).close(linger=0)
+        for slot in range(workers):
+            if slot not in self.to_worker:
+                self.to_worker[slot] = connect_push(self.child.ctx, ipc_path(self.config, f"worker-{slot}.sock"))
+                self.credits_used.setdefault(slot, 0)
+        self.workers = workers
+
+    def send_to(self, slot: int, frame: frames.Frame) -> bool:
+        sock = self.to_worker.get(slot)
+        return sock is not None and send(sock, frame)
+
+    def assign(self, slot: int) -> None:
+        accounts = [a for a in self.accounts.values() if self.owner.get(a.id) == slot and a.enabled]
+        self.send_to(slot, frames.Assign(accounts=accounts))
+
+    # --- accounts ---------------------------------------------------------------------------------
+    def load_accounts(self, now: float, force: bool = False) -> None:
+        """Bring the planner and the assignment in line with the store's accounts table."""
+        try:
+            version = self.store.accounts_version()
+            if version == self.accounts_version and not force:
+                return
+            rows = self.store.list_accounts()
+        except StoreError as exc:
+            self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
+            return
+        self.accounts_version = version
+        fresh = {row.account.id: row.account for row in rows}
+        touched: set[int] = set()
+        for account_id in list(self.accounts):
+            if account_id not in fresh:
+                self.planner.remove(account_id)
+                touched.add(self.owner.pop(account_id))
+                del self.accounts[account_id]
+                log.info("event=account_removed account=%s", account_id)
+        for account_id, account in fresh.items():
+            plan = AccountPlan(account_id=account_id, server=account.host, priority=account.priority,
+                               idle=account.idle, enabled=account.enabled,
+                               credentials_version=credentials_version(account))
+            old = self.accounts.get(account_id)
+            slot = owner_slot(account_id, self.workers)
+            if old is None:
+                self.planner.add(plan, now)
+                log.info("event=account_added account=%s server=%s worker=%d", account_id, account.host, slot)
+            elif old != account:
+                self.planner.update(plan, now)
+                log.info("event=account_changed account=%s", account_id)
+            else:
+                continue
+            self.accounts[account_id] = account
+            if self.owner.get(account_id, slot) != slot:
+                touched.add(self.owner[account_id])
+            self.owner[account_id] = slot
+            touched.add(slot)
+        for slot in touched:
+            self.assign(slot)
+
+    def redeal(self, workers: int, now: float) -> None:
+        """The number of workers changed: move the accounts whose owner changed."""
+        self.connect_sockets(workers)
+        moved = 0
+        for account_id in self.accounts:
+            slot = owner_slot(account_id, workers)
+            if self.owner.get(account_id) != slot:
+                self.planner.on_connection_closed(account_id, now)
+                self.owner[account_id] = slot
+                moved += 1
+        for order_id, (account_id, slot) in list(self.in_flight.items()):
+            if slot >= workers:
+                self.forget_order(order_id)
+                self.planner.requeue([account_id], now)
+        for slot in range(workers):
+            self.assign(slot)
+        log.info("event=accounts_redealt workers=%d moved=%d", workers, moved)
+
+    # --- frames -----------------------------------------------------------------------------------
+    def read_frames(self, now: float) -> None:
+        for _ in range(10_000):  # bounded per turn so heartbeats and orders keep flowing
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            frame = self.child.decode(data)
+            if isinstance(frame, frames.Result):
+                self.on_result(frame, now)
+            elif isinstance(frame, frames.NewMail):
+                self.planner.on_new_mail(frame.account_id, now, frame.count)
+            elif isinstance(frame, frames.WorkerReady):
+                self.on_worker_ready(frame, now)
+            elif isinstance(frame, frames.Drained):
+                self.drained_slots.add(frame.slot)
+                self.drain_in_flight = (self.drain_in_flight[0] + frame.in_flight_accounts,
+                                        self.drain_in_flight[1] + frame.in_flight_messages)
+            elif isinstance(frame, frames.Control):
+                self.on_control(frame, now)
+            elif frame is not None:
+                self.child.frames_dropped += 1
+
+    def forget_order(self, order_id: int) -> None:
+        account_id, slot = self.in_flight.pop(order_id)
+        self.order_by_account.pop(account_id, None)
+        self.credits_used[slot] = max(0, self.credits_used.get(slot, 0) - 1)
+
+    def on_result(self, result: frames.Result, now: float) -> None:
+        account_id = result.account_id
+        if result.uidvalidity_changed:
+            self.uidvalidity_changes += 1
+        if result.order_id:
+            if result.order_id not in self.in_flight:
+                return  # an order already taken back (its worker was replaced)
+            self.forget_order(result.order_id)
+            if result.failure_kind in ("disconnected", "draining", "unassigned"):
+                # Not the account's fault: the worker had no connection to use. Due again at once.
+                self.planner.on_connection_closed(account_id, now)
+                self.planner.requeue([account_id], now)
+                return
+            before = self.planner.state_of(account_id)
+            self.planner.on_result(account_id, now, ok=result.ok, new_messages=result.new_messages,
+                                   failure_kind=result.failure_kind, retry_after=result.retry_after,
+                                   connected=result.connected, idling=result.idling)
+            self.note_state(account_id, before, result)
+            return
+        # An event: a connection entered or left IDLE, or closed, outside any order.
+        self.planner.on_result(account_id, now, ok=result.ok, connected=result.connected, idling=result.idling)
+        if result.connected and result.idling:
+            self.planner.on_idle(account_id, now, True)
+        elif not result.connected:
+            self.planner.on_connection_closed(account_id, now)
+
+    def note_state(self, account_id: str, before: AccountState | None, result: frames.Result) -> None:
+        after = self.planner.state_of(account_id)
+        if after == before or after not in STORE_STATES:
+            return
+        log.error("event=account_state account=%s state=%s error_kind=%s error=%s", account_id,
+                  STORE_STATES[after], result.failure_kind, result.detail)
+        self.child.errors.add(f"account={account_id} state={STORE_STATES[after]} error={result.detail}")
+        try:
+            self.store.set_account_state(account_id, STORE_STATES[after], result.detail)
+        except StoreError as exc:
+            self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
+
+    def on_worker_ready(self, ready: frames.WorkerReady, now: float) -> None:
+        """A worker (re)started: take back its orders, forget its connections, give it its accounts."""
+        stale = [oid for oid, (_, slot) in self.in_flight.items() if slot == ready.slot]
+        for order_id in stale:
+            account_id = self.in_flight[order_id][0]
+            self.forget_order(order_id)
+            self.planner.requeue([account_id], now)
+        for account_id, slot in self.owner.items():
+            if slot == ready.slot:
+                self.planner.on_connection_closed(account_id, now)
+        self.credits_used[ready.slot] = 0
+        self.drained_slots.discard(ready.slot)
+        self.assign(ready.slot)
+        if self.draining:
+            self.send_to(ready.slot, frames.Drain())
+        log.info("event=worker_ready worker=%d pid=%d requeued=%d", ready.slot, ready.pid, len(stale))
+
+    def on_control(self, command: frames.Control, now: float) -> None:
+        if command.command == "drain":
+            self.draining = True
+            self.drained_slots = set()
+            self.drain_in_flight = (0, 0)
+            for slot in range(self.workers):
+                self.send_to(slot, frames.Drain())
+        elif command.command == "resume":
+            self.draining = False
+            for slot in range(self.workers):
+                self.send_to(slot, frames.Resume())
+        elif command.command == "reload":
+            if command.workers and command.workers != self.workers:
+                self.redeal(command.workers, now)
+            self.load_accounts(now, force=True)
+
+    # --- orders -------------------------------------------------------------------------------------
+    def send_orders(self, now: float) -> None:
+        free = sum(max(0, self.credits_per_worker - self.credits_used.get(s, 0)) for s in range(self.workers))
+        self.starved = free <= 0
+        if self.draining or free <= 0:
+            return
+        refused = []
+        for order in self.planner.due(now, free):
+            slot = self.owner.get(order.account_id)
+            if slot is None or self.credits_used.get(slot, 0) >= self.credits_per_worker:
+                refused.append(order.account_id)
+                continue
+            order_id = self.next_order_id
+            self.next_order_id += 1
+            if not self.send_to(slot, frames.Poll(account_id=order.account_id, order_id=order_id,
+                                                  may_connect=order.need_connect)):
+                refused.append(order.account_id)
+                continue
+            self.in_flight[order_id] = (order.account_id, slot)
+            self.order_by_account[order.account_id] = order_id
+            self.credits_used[slot] = self.credits_used.get(slot, 0) + 1
+        if refused:
+            self.planner.requeue(refused, now)
+            self.starved = True
+
+    def expire_orders(self, now: float) -> None:
+        for account_id in self.planner.expire_orders(now, ORDER_TIMEOUT):
+            order_id = self.order_by_account.get(account_id)
+            if order_id is not None:
+                self.forget_order(order_id)
+            self.child.errors.add(f"account={account_id} event=order_expired after={ORDER_TIMEOUT:.0f}s")
+
+    # --- heartbeat ----------------------------------------------------------------------------------
+    def state_name(self) -> str:
+        if not self.draining:
+            return "running"
+        return "drained" if self.drained_slots >= set(range(self.workers)) else "draining"
+
+    def heartbeat(self, now: float) -> None:
+        snap = self.planner.snapshot(now)
+        by_state_priority: dict[str, float] = {}
+        for account in self.planner._accounts.values():
+            key = f"{account.state.name.lower()}/{account.priority.tier.name.lower()}"
+            by_state_priority[key] = by_state_priority.get(key, 0) + 1
+        lag = snap.lag
+        self.child.heartbeat(self.state_name(), now, stats={
+            "accounts": snap.accounts, "in_flight": snap.in_flight, "uidvalidity_changes": self.uidvalidity_changes,
+            "drain_in_flight_accounts": self.drain_in_flight[0], "drain_in_flight_messages": self.drain_in_flight[1],
+        }, labeled={
+            "accounts": by_state_priority,
+            "connection_limit": {s.server: s.max_connections for s in snap.servers},
+            "waiting": {s.server: s.waiting for s in snap.servers},
+        }, histograms={"scheduler_lag_seconds": [*lag.counts, lag.sum, lag.count]})
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        self.load_accounts(time.monotonic(), force=True)
+        for slot in range(self.workers):
+            self.assign(slot)
+        while not self.child.stop_requested and self.child.parent_alive():
+            now = time.monotonic()
+            wakeup = self.planner.next_wakeup(now)
+            if wakeup is None or self.starved or self.draining:
+                wait = MAX_WAIT  # a result arriving wakes the poll anyway
+            else:
+                wait = min(MAX_WAIT, max(0.0, wakeup - now))
+            poller.poll(wait * 1000)
+            now = time.monotonic()
+            self.read_frames(now)
+            if now >= self.next_accounts_check:
+                self.next_accounts_check = now + ACCOUNTS_CHECK_INTERVAL
+                self.load_accounts(now)
+            self.send_orders(now)
+            self.expire_orders(now)
+            if self.child.heartbeat_due(now):
+                self.heartbeat(now)
+        self.store.close()
+        self.child.close()
+        return 0
+
+
+def main(config: Config, slot: int, parent_pid: int) -> int:
+    return Scheduler(config, parent_pid).run()
+
