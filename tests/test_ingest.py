@@ -1,0 +1,247 @@
+"""Ingest of real mailboxes (Dovecot) into real stores (SQLite and PostgreSQL), and the publisher (moto)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Daemon, account_toml, wait_until
+from mailingestd import imap
+from mailingestd.config import AccountConfig, ImapConfig, QueueConfig
+from mailingestd.ingest import sync_folder
+from mailingestd.publisher import Publisher, make_sqs_client
+from mailingestd.samplemail import corpus, make_large
+from mailingestd.store import open_store
+
+
+def account_for(dovecot, user: str) -> AccountConfig:
+    return AccountConfig(id=user, host=dovecot.host, port=dovecot.port, tls="none", username=user,
+                         password_env="UNUSED")
+
+
+def mixed_messages() -> list[tuple[str, bytes]]:
+    return [*corpus(), ("large-20MB", make_large(20 * 1024 * 1024))]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        st = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    else:
+        st = open_store(request.getfixturevalue("pg_url"))
+    yield st
+    st.close()
+
+
+def ingest(dovecot, user, store, folder="INBOX", announce=True, settings=None):
+    client = imap.connect(account_for(dovecot, user), dovecot.password, timeout=30)
+    try:
+        return sync_folder(client, store, user, folder, settings or ImapConfig(), announce=announce)
+    finally:
+        imap.logout(client)
+
+
+def test_mixed_mailbox_stored_byte_for_byte_once_and_unchanged(dovecot, mailbox, store):
+    messages = mixed_messages()
+    uids = [dovecot.append(mailbox, raw) for _, raw in messages]
+    result = ingest(dovecot, mailbox, store)
+    assert result.new_messages == len(messages)
+    state = store.get_mailbox(mailbox, "INBOX")
+    assert state.last_uid == max(uids)
+    for (name, raw), uid in zip(messages, uids):
+        stored = store.message_raw(f"{mailbox}/INBOX/{state.uidvalidity}/{uid}")
+        assert stored == raw, f"{name}: stored bytes differ from what was appended"
+    # The mailbox was not changed: no \Seen anywhere (EXAMINE + BODY.PEEK[]).
+    client = dovecot.client(mailbox)
+    client.select_folder("INBOX", readonly=True)
+    flags = client.get_flags(uids)
+    client.logout()
+    assert all(b"\\Seen" not in f for f in flags.values()), flags
+    # Ingesting again stores nothing new and announces nothing twice.
+    outbox_before = store.outbox_depth()
+    again = ingest(dovecot, mailbox, store)
+    assert again.new_messages == 0
+    assert store.outbox_depth() == outbox_before == len(messages)
+
+
+def test_headers_parsed_best_effort(dovecot, mailbox, store):
+    for _, raw in corpus():
+        dovecot.append(mailbox, raw)
+    ingest(dovecot, mailbox, store)
+    recent = store.recent_messages(mailbox, 100)
+    assert len(recent) == len(corpus())
+    subjects = " ".join(r.subject or "" for r in recent)
+    assert "?=" not in subjects, "RFC 2047 encoded words should be decoded"
+
+
+def test_new_mail_only_above_checkpoint(dovecot, mailbox, store):
+    dovecot.append(mailbox, b"Subject: one\r\n\r\n1\r\n")
+    assert ingest(dovecot, mailbox, store).new_messages == 1
+    # UID FETCH n:* answers with the highest message when nothing is newer (rule 3): nothing new.
+    assert ingest(dovecot, mailbox, store).new_messages == 0
+    dovecot.append(mailbox, b"Subject: two\r\n\r\n2\r\n")
+    assert ingest(dovecot, mailbox, store).new_messages == 1
+
+
+def test_uidvalidity_change_starts_folder_over_and_says_so(dovecot, mailbox, store):
+    dovecot.append(mailbox, b"Subject: a\r\n\r\nbefore\r\n", folder="Archive")
+    ingest(dovecot, mailbox, store, folder="Archive")
+    old = store.get_mailbox(mailbox, "Archive")
+    new_validity = dovecot.recreate_folder(mailbox, "Archive")
+    assert new_validity != old.uidvalidity
+    dovecot.append(mailbox, b"Subject: b\r\n\r\nafter 1\r\n", folder="Archive")
+    dovecot.append(mailbox, b"Subject: c\r\n\r\nafter 2\r\n", folder="Archive")
+    result = ingest(dovecot, mailbox, store, folder="Archive")
+    assert result.uidvalidity_changed and result.new_messages == 2
+    now = store.get_mailbox(mailbox, "Archive")
+    assert now.uidvalidity == new_validity and now.last_uid == 2
+    with store.transaction() as cur:
+        cur.execute(store._sql("SELECT uidvalidity, COUNT(*) FROM messages WHERE account_id = ? GROUP BY uidvalidity"),
+                    (mailbox,))
+        by_validity = dict(cur.fetchall())
+        cur.execute(store._sql("SELECT old_uidvalidity, new_uidvalidity FROM uidvalidity_changes WHERE account_id = ?"),
+                    (mailbox,))
+        changes = cur.fetchall()
+    assert by_validity == {old.uidvalidity: 1, new_validity: 2}, "old rows are kept"
+    assert [tuple(c) for c in changes] == [(old.uidvalidity, new_validity)]
+    envelopes = [json.loads(e.envelope) for e in store.outbox_batch(100) if e.key.startswith(f"{mailbox}/Archive/{new_validity}")]
+    assert len(envelopes) == 2 and all(e.get("resync") is True for e in envelopes)
+
+
+def test_batches_respect_count_and_byte_caps(dovecot, mailbox, store):
+    for n in range(7):
+        dovecot.append(mailbox, f"Subject: {n}\r\n\r\n".encode() + b"x" * 100_000 + b"\r\n")
+    settings = ImapConfig(batch_messages=3, batch_bytes=250_000)
+    commits = []
+    original = store.commit_batch
+
+    def spy(mailbox_state, messages, **kw):
+        commits.append(len(messages))
+        return original(mailbox_state, messages, **kw)
+
+    store.commit_batch = spy
+    assert ingest(dovecot, mailbox, store, settings=settings).new_messages == 7
+    assert max(commits) <= 2 and sum(commits) == 7  # 2 x 100 KB fit under 250 KB, 3 would not
+
+
+def test_publish_fifo_each_key_exactly_once_with_claim_check(dovecot, mailbox, pg_url, moto, sqs_fifo_queue):
+    store = open_store(pg_url)
+    big = make_large(300 * 1024)
+    messages = [raw for _, raw in corpus()] + [big]
+    for raw in messages:
+        dovecot.append(mailbox, raw)
+    ingest(dovecot, mailbox, store)
+    queue = QueueConfig(kind="sqs", url=sqs_fifo_queue, endpoint_url=moto.endpoint_url)
+    publisher = Publisher(store, queue)
+    deadline = time.monotonic() + 30
+    while store.outbox_depth() and time.monotonic() < deadline:
+        publisher.publish_once()
+    assert store.outbox_depth() == 0
+    # Re-announcing the same keys (as a crash between send and delete would) is deduplicated by FIFO.
+    publisher.client.send_message(QueueUrl=sqs_fifo_queue, MessageBody="{}", MessageGroupId=mailbox,
+                                  MessageDeduplicationId=hashlib.sha256(f"{mailbox}/INBOX/x".encode()).hexdigest())
+    sqs = make_sqs_client(queue)
+    keys = []
+    bodies = []
+    for _ in range(20):
+        reply = sqs.receive_message(QueueUrl=sqs_fifo_queue, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                    AttributeNames=["MessageGroupId"])
+        for m in reply.get("Messages", []):
+            body = json.loads(m["Body"])
+            if body:
+                keys.append(body["key"])
+                bodies.append(body)
+            sqs.delete_message(QueueUrl=sqs_fifo_queue, ReceiptHandle=m["ReceiptHandle"])
+        if len(keys) >= len(messages) and not reply.get("Messages"):
+            break
+    assert len(keys) == len(set(keys)) == len(messages)
+    large = [b for b in bodies if b["size"] == len(big)]
+    assert len(large) == 1 and "raw_base64" not in large[0], "a message over 256 KiB is announced by claim check"
+    assert store.message_raw(large[0]["key"]) == big
+    for body in bodies:
+        assert {"v", "key", "account_id", "folder", "uidvalidity", "uid", "message_id", "from", "to", "cc",
+                "subject", "date", "in_reply_to", "references", "size", "ingested_at"} <= set(body)
+    store.close()
+
+
+def test_sigkill_mid_batch_many_times_loses_and_duplicates_nothing(dovecot, mailbox, tmp_path):
+    payload = b"x" * 60_000
+    expected = 150
+    for n in range(expected):
+        dovecot.append(mailbox, f"Message-ID: <kill-{n}@test>\r\nSubject: {n}\r\n\r\n".encode() + payload + b"\r\n")
+    daemon = Daemon(tmp_path / "d", accounts=account_toml(mailbox, dovecot.host, dovecot.port),
+                    password=dovecot.password, workers=1,
+                    sections='[imap]\nbatch_messages = 25\nbatch_bytes = "4MiB"\n')
+    kills = 0
+    for round_ in range(8):
+        daemon.start(wait=False)
+        time.sleep(0.8 + 0.15 * round_)
+        workers = daemon.child_pids()
+        daemon.kill()  # SIGKILL the supervisor and every child: no drain, no cleanup
+        kills += 1
+        assert workers, daemon.log_tail()
+        if len(daemon.stored_keys()) >= expected:
+            break
+    daemon.start()
+    daemon.wait_stored(expected, timeout=60)
+    keys = daemon.stored_keys()
+    assert len(keys) == len(set(keys)) == expected, f"after {kills} SIGKILLs"
+    ids = {r[0] for r in daemon.query("SELECT message_id FROM messages")}
+    assert ids == {f"<kill-{n}@test>" for n in range(expected)}
+    (last_uid,) = daemon.query("SELECT last_uid FROM mailboxes WHERE account_id = ?", (mailbox,))[0]
+    assert last_uid == max(k[3] for k in keys)
+    assert daemon.stop(signal.SIGTERM) == 0
+
+
+def test_configuration_error_is_one_line_exit_78(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[scheduler]\nhigh_interval = "soon"\n')
+    result = subprocess.run([str(Path(sys.executable).parent / "mailingestd"), "--config", str(bad), "--check-config"],
+                            capture_output=True, text=True)
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "scheduler.high_interval" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_server_one_clear_line_no_password(tmp_path):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    daemon = Daemon(tmp_path / "d", password="hunter2-secret")
+    daemon.ctl("account", "add", "acme", "--host", "127.0.0.1", "--port", str(port), "--tls", "none",
+               "--username", "bob", "--password-env", "TEST_IMAP_PASSWORD")
+    result = daemon.ctl("account", "test", "acme", check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "account=acme" in lines[0] and f"127.0.0.1:{port}" in lines[0], result.stderr
+    assert "error_kind=network" in lines[0]
+    assert "hunter2" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_account_commands_against_the_store(dovecot, mailbox, tmp_path):
+    daemon = Daemon(tmp_path / "d", password=dovecot.password)
+    daemon.ctl("account", "add", "a1", "--host", dovecot.host, "--port", str(dovecot.port), "--tls", "none",
+               "--username", mailbox, "--password-env", "TEST_IMAP_PASSWORD", "--folder", "INBOX")
+    listed = json.loads(daemon.ctl("account", "list", "--json").stdout)
+    assert [a["id"] for a in listed] == ["a1"] and listed[0]["state"] == "new"
+    dovecot.append(mailbox, b"Subject: t\r\n\r\nhello\r\n")
+    tested = daemon.ctl("account", "test", "a1").stdout
+    assert "logged in" in tested and "IDLE" in tested and "messages 1" in tested
+    assert daemon.stored_keys() == [], "account test stores nothing"
+    shown = json.loads(daemon.ctl("account", "show", "a1").stdout)
+    assert shown["username"] == mailbox and "secret" not in json.dumps(shown)
+    daemon.ctl("account", "remove", "a1")
+    assert json.loads(daemon.ctl("account", "list", "--json").stdout) == []
+    assert daemon.ctl("account", "remove", "a1", check=False).returncode == 1
