@@ -104,6 +104,7 @@ class TimingWheel:
         while cursor <= last_tick:
             index = cursor % slots
             if cascading and index == 0:
+                self._cursor = cursor  # _place measures from it
                 self._cascade(cursor)
             bucket = level0[index]
             if bucket:

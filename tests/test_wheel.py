@@ -1,0 +1,87 @@
+"""TimingWheel: every key handed out once, never early, at most a tick late; moves and cancels."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings, strategies as st
+
+from mailingestd.wheel import TimingWheel
+
+TICK = 0.1
+
+
+def test_far_future_key_cascades_down_and_fires_on_time() -> None:
+    wheel = TimingWheel(TICK, now=0.0, slots=8)
+    wheel.schedule("far", 3 * 3600.0)
+    wheel.schedule("near", 0.35)
+    assert wheel.next_due() == 0.35
+    assert wheel.advance(0.3) == []
+    assert wheel.advance(0.4) == ["near"]
+    assert wheel.next_due() == 3 * 3600.0
+    assert wheel.advance(3 * 3600.0 - 0.2) == []
+    assert "far" in wheel
+    assert wheel.advance(3 * 3600.0) == ["far"]
+    assert len(wheel) == 0 and wheel.next_due() is None
+
+
+def test_reschedule_moves_and_cancel_removes() -> None:
+    wheel = TimingWheel(TICK, now=0.0, slots=16)
+    wheel.schedule("a", 1.0)
+    wheel.schedule("a", 5.0)
+    assert len(wheel) == 1 and wheel.due_at("a") == 5.0
+    assert wheel.advance(2.0) == []
+    assert wheel.cancel("a") is True and wheel.cancel("a") is False
+    assert wheel.advance(10.0) == []
+
+
+def test_overdue_key_is_handed_out_by_the_next_advance() -> None:
+    wheel = TimingWheel(TICK, now=100.0)
+    wheel.advance(100.0)
+    wheel.schedule("late", 99.0)
+    wheel.schedule("now", 100.0)
+    assert sorted(wheel.advance(100.0)) == ["late", "now"]
+
+
+def test_advance_orders_by_tick() -> None:
+    wheel = TimingWheel(TICK, now=0.0, slots=4)
+    for index, due_at in enumerate([2.05, 0.55, 1.25, 0.15, 3.95]):
+        wheel.schedule(index, due_at)
+    assert wheel.advance(10.0) == [3, 1, 2, 0, 4]
+
+
+operation = st.one_of(
+    st.tuples(st.just("schedule"), st.integers(0, 30), st.floats(0, 2000, allow_nan=False)),
+    st.tuples(st.just("cancel"), st.integers(0, 30), st.just(0.0)),
+    st.tuples(st.just("advance"), st.just(0), st.floats(0, 300, allow_nan=False)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(slots=st.sampled_from([2, 3, 8, 64]), operations=st.lists(operation, max_size=80))
+def test_matches_a_dictionary_model(slots: int, operations: list[tuple[str, int, float]]) -> None:
+    """Against a plain dict: each key out once, never before due, at most one tick after, none lost."""
+    now = 0.0
+    wheel = TimingWheel(TICK, now, slots)
+    model: dict[int, float] = {}
+    for kind, key, value in operations:
+        if kind == "schedule":
+            wheel.schedule(key, value)
+            model[key] = value
+        elif kind == "cancel":
+            assert wheel.cancel(key) == (model.pop(key, None) is not None)
+        else:
+            now += value
+            handed_out = wheel.advance(now)
+            assert len(handed_out) == len(set(handed_out))
+            for out in handed_out:
+                assert model[out] <= now + 1e-9
+                del model[out]
+            # Whatever is left is not yet due at tick granularity.
+            for due_at in model.values():
+                assert math.ceil(due_at / TICK) > math.floor(now / TICK)
+        assert len(wheel) == len(model)
+        assert all(wheel.due_at(key) == due_at for key, due_at in model.items())
+        assert wheel.next_due() == (min(model.values()) if model else None)
+    handed_out = wheel.advance(now + 2000.0)
+    assert sorted(handed_out) == sorted(model)
