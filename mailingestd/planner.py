@@ -195,9 +195,11 @@ class Planner:
         return account.state if account else None
 
     def due_at(self, account_id: str) -> float | None:
-        """When the account is next due (None when it is not in the wheel)."""
+        """When the account is next due (None when it is not waiting for a due time)."""
         account = self._accounts.get(account_id)
-        return self._wheel.due_at(account) if account else None
+        if account is None or not (_IN_WHEEL_MASK >> account.state) & 1:
+            return None
+        return account.due_at
 
     def add(self, plan: AccountPlan, now: float) -> None:
         """Start scheduling an account; its first poll falls at a random point of its interval."""
@@ -557,7 +559,12 @@ class Planner:
     def _schedule(self, account: _Account, state: AccountState, due_at: float) -> None:
         self._move(account, state)
         account.due_at = due_at
-        self._wheel.schedule(account, due_at)
+        if due_at <= self._now:
+            # Due already: straight to the backlog, not to the wheel's next tick boundary.
+            self._wheel.cancel(account)
+            self._due_backlog.append(account)
+        else:
+            self._wheel.schedule(account, due_at)
 
     def _cancel(self, account: _Account) -> None:
         """Out of the wheel and out of flight (a wait-queue entry goes stale by the state change)."""
