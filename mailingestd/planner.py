@@ -140,7 +140,7 @@ class PlannerSnapshot(msgspec.Struct, frozen=True):
 class _Account:
     """One account's scheduling state (internal; the wheel holds these objects as keys)."""
 
-    __slots__ = ("account_id", "server", "plan", "state", "priority", "due_at", "holds_slot",
+    __slots__ = ("account_id", "server", "plan", "state", "priority", "due_at", "ordered_at", "holds_slot",
                  "failures", "auth_failures")
 
     def __init__(self, plan: AccountPlan, priority: FixedPriority | AdaptivePriority) -> None:
@@ -150,6 +150,7 @@ class _Account:
         self.state = AccountState.NEW
         self.priority = priority
         self.due_at = 0.0
+        self.ordered_at = 0.0
         self.holds_slot = False
         self.failures = 0
         self.auth_failures = 0
@@ -165,18 +166,21 @@ class Planner:
         self.limits = ConnectionLimits(limits)
         self.rules = PriorityRules(scheduler)
         self._fixed: dict[Tier, FixedPriority] = {}
-        self._wheel = TimingWheel(scheduler.tick, now)
+        self._wheel = TimingWheel(scheduler.tick, now, wheel_slots(scheduler))
         self._accounts: dict[str, _Account] = {}
-        self._state_counts = [0] * len(AccountState)
         self._server_accounts: dict[str, int] = {}
         self._waiting: dict[str, deque[_Account]] = {}
         self._waiting_counts: dict[str, int] = {}
         self._due_backlog: deque[_Account] = deque()
-        self._in_flight: dict[_Account, float] = {}  # insertion order is order time order
+        # (ordered_at, account) in order time order; an entry is current while the account is
+        # polling with that ordered_at, else stale (dropped by expire_orders or compaction).
+        self._orders_out: deque[tuple[float, _Account]] = deque()
         self._lag_counts = [0] * (len(LAG_BUCKETS) + 1)
         self._lag_sum = 0.0
         self._now = now
-        self.orders_total = 0
+        self._random = self.rng.random
+        self._jitter_low = 1.0 - scheduler.jitter
+        self._jitter_span = 2.0 * scheduler.jitter
         self.results_total = 0
         self.stale_results_total = 0
         self.expired_total = 0
@@ -208,7 +212,6 @@ class Planner:
         self._now = now
         account = _Account(plan, make_priority(plan.priority, self.rules, now, self._fixed))
         self._accounts[plan.account_id] = account
-        self._state_counts[AccountState.NEW] += 1
         self._server_accounts[plan.server] = self._server_accounts.get(plan.server, 0) + 1
         if not plan.enabled:
             self._move(account, AccountState.DISABLED)
@@ -265,7 +268,6 @@ class Planner:
             self._release_slot(account)
         if account.state == AccountState.WAITING:
             self._waiting_counts[account.server] -= 1
-        self._state_counts[account.state] -= 1
         self._server_accounts[account.server] -= 1
         forget_priority(account.priority)
         # Entries left in the due backlog or a wait queue see a disabled account and skip it.
@@ -293,6 +295,10 @@ class Planner:
         accounts pick up new intervals at their next reschedule."""
         self.config = scheduler
         self.rules.reconfigure(scheduler)
+        for fixed in self._fixed.values():
+            fixed.refresh()
+        self._jitter_low = 1.0 - scheduler.jitter
+        self._jitter_span = 2.0 * scheduler.jitter
         self.limits.reconfigure(limits, now)
 
     # -- orders ----------------------------------------------------------------------------------
@@ -318,12 +324,39 @@ class Planner:
                 if (_IN_WHEEL_MASK >> account.state) & 1 and account not in wheel:
                     self._take(account, now, orders)
             return orders
-        for position, account in enumerate(fresh):
-            if len(orders) >= limit:
-                backlog.extend(fresh[position:])
-                break
-            if (_IN_WHEEL_MASK >> account.state) & 1:
-                self._take(account, now, orders)
+        room = max(0, limit - len(orders))
+        if len(fresh) > room:
+            backlog.extend(fresh[room:])
+            del fresh[room:]
+        # The hot path, inlined: every account the wheel hands out is in a wheel state (leaving
+        # one cancels), so it may go to polling (a transition _ALLOWED permits from all of them).
+        polling = AccountState.POLLING
+        orders_out = self._orders_out.append
+        waiting_counts = self._waiting_counts
+        admit = self.limits.admit
+        lag_counts = self._lag_counts
+        lag_sum = 0.0
+        append = orders.append
+        for account in fresh:
+            if account.holds_slot:
+                need_connect = False
+            else:
+                server = account.server
+                if waiting_counts.get(server) or not admit(server, account.account_id, now):
+                    self._wait(account)
+                    continue
+                account.holds_slot = need_connect = True
+            account.state = polling
+            account.ordered_at = now
+            orders_out((now, account))
+            due_at = account.due_at
+            lag = now - due_at
+            lag_counts[bisect_left(LAG_BUCKETS, lag)] += 1
+            lag_sum += lag
+            append(Order(account.account_id, account.server, need_connect, due_at, lag))
+        self._lag_sum += lag_sum
+        if len(self._orders_out) > 2 * len(self._accounts) + 4096:
+            self._compact_orders_out()
         return orders
 
     def _take(self, account: _Account, now: float, orders: list[Order]) -> None:
@@ -336,11 +369,15 @@ class Planner:
             account.holds_slot = True
             self._issue(account, now, True, orders)
         else:
-            self._move(account, AccountState.WAITING)
-            queue = self._waiting.get(server)
-            if queue is None:
-                queue = self._waiting[server] = deque()
-            queue.append(account)
+            self._wait(account)
+
+    def _wait(self, account: _Account) -> None:
+        """Due, but refused by its server (or queued behind accounts that were): wait in line."""
+        self._move(account, AccountState.WAITING)
+        queue = self._waiting.get(account.server)
+        if queue is None:
+            queue = self._waiting[account.server] = deque()
+        queue.append(account)
 
     def _admit_waiting(self, now: float, limit: int, orders: list[Order]) -> None:
         limits = self.limits
@@ -369,11 +406,11 @@ class Planner:
 
     def _issue(self, account: _Account, now: float, need_connect: bool, orders: list[Order]) -> None:
         self._move(account, AccountState.POLLING)
-        self._in_flight[account] = now
+        account.ordered_at = now
+        self._orders_out.append((now, account))
         lag = now - account.due_at
         self._lag_counts[bisect_left(LAG_BUCKETS, lag)] += 1
         self._lag_sum += lag
-        self.orders_total += 1
         orders.append(Order(account.account_id, account.server, need_connect, account.due_at, lag))
 
     def next_wakeup(self, now: float) -> float | None:
@@ -407,28 +444,30 @@ class Planner:
         if account is None:
             self.stale_results_total += 1
             return
-        if connected != account.holds_slot:
+        if connected is not account.holds_slot:
             if connected:
                 self.limits.occupy(account.server, account_id, now)
                 account.holds_slot = True
             else:
                 self._release_slot(account)
-        if account.state != AccountState.POLLING:
+        if account.state is not AccountState.POLLING:
             self.stale_results_total += 1
             return
-        del self._in_flight[account]
         if ok:
-            account.failures = 0
-            account.auth_failures = 0
+            if account.failures or account.auth_failures:
+                account.failures = account.auth_failures = 0
             priority = account.priority
             if new_messages:
                 priority.observe(new_messages, now)
             if idling and connected:
                 self._schedule(account, AccountState.IDLING, now + self.config.idle_safety_interval)
-            else:
-                jitter = self.config.jitter
-                interval = priority.interval(now) * (1.0 + jitter * (2.0 * self.rng.random() - 1.0))
-                self._schedule(account, AccountState.SCHEDULED, now + interval)
+                return
+            # The hot path, inlined: polling -> scheduled (allowed), never due at once.
+            interval = priority.fixed_interval or priority.interval(now)
+            due_at = now + interval * (self._jitter_low + self._jitter_span * self._random())
+            account.state = AccountState.SCHEDULED
+            account.due_at = due_at
+            self._wheel.schedule(account, due_at)
             return
         if failure_kind == "auth":
             account.auth_failures += 1
@@ -474,12 +513,16 @@ class Planner:
         its connection slot is released. Returns the account ids."""
         self._now = now
         expired = []
-        for account, ordered_at in self._in_flight.items():
-            if ordered_at + timeout > now:
+        orders_out = self._orders_out
+        while orders_out:
+            ordered_at, account = orders_out[0]
+            current = account.state is AccountState.POLLING and account.ordered_at == ordered_at
+            if current and ordered_at + timeout > now:
                 break
-            expired.append(account)
+            orders_out.popleft()
+            if current and self._accounts.get(account.account_id) is account:
+                expired.append(account)
         for account in expired:
-            del self._in_flight[account]
             if account.holds_slot:
                 self._release_slot(account)
             self._back_off(account, now, None)
@@ -496,7 +539,6 @@ class Planner:
             account = self._accounts.get(account_id)
             if account is None or account.state != AccountState.POLLING:
                 continue
-            del self._in_flight[account]
             if account.holds_slot:
                 self._release_slot(account)
             self._schedule(account, AccountState.SCHEDULED, now)
@@ -517,16 +559,23 @@ class Planner:
                 max_connections_per_account=status.max_connections_per_account,
                 connects_per_minute=status.connects_per_minute, connect_tokens=status.connect_tokens,
                 waiting=self._waiting_counts.get(server, 0)))
+        # The census is counted here, not kept on every transition: one pass per status request
+        # is cheaper than two list updates per scheduling decision.
+        state_counts = [0] * len(AccountState)
+        auto_accounts = 0
+        for account in self._accounts.values():
+            state_counts[account.state] += 1
+            auto_accounts += account.priority.adaptive
         return PlannerSnapshot(
             accounts=len(self._accounts),
-            states={state.name.lower(): self._state_counts[state] for state in AccountState},
+            states={state.name.lower(): state_counts[state] for state in AccountState},
             tiers={tier.name.lower(): self.rules.tier_counts[tier] for tier in Tier},
-            auto_accounts=sum(1 for account in self._accounts.values() if account.priority.adaptive),
-            in_flight=len(self._in_flight),
+            auto_accounts=auto_accounts,
+            in_flight=state_counts[AccountState.POLLING],
             due_backlog=len(self._due_backlog),
             servers=servers,
             lag=self._lag_histogram(),
-            orders_total=self.orders_total,
+            orders_total=sum(self._lag_counts),
             results_total=self.results_total,
             stale_results_total=self.stale_results_total,
             expired_total=self.expired_total,
@@ -547,9 +596,6 @@ class Planner:
             raise InvalidTransition(f"account {account.account_id}: {old.name} -> {state.name}")
         if old == state:
             return
-        counts = self._state_counts
-        counts[old] -= 1
-        counts[state] += 1
         account.state = state
         if old == AccountState.WAITING:
             self._waiting_counts[account.server] -= 1
@@ -567,9 +613,8 @@ class Planner:
             self._wheel.schedule(account, due_at)
 
     def _cancel(self, account: _Account) -> None:
-        """Out of the wheel and out of flight (a wait-queue entry goes stale by the state change)."""
+        """Out of the wheel (wait-queue, backlog and orders-out entries go stale by the state change)."""
         self._wheel.cancel(account)
-        self._in_flight.pop(account, None)
 
     def _back_off(self, account: _Account, now: float, retry_after: float | None) -> None:
         account.failures += 1
@@ -577,9 +622,21 @@ class Planner:
         delay = retry_delay(account.failures, config.backoff_base, config.backoff_max, self.rng, retry_after)
         self._schedule(account, AccountState.BACKOFF, now + delay)
 
+    def _compact_orders_out(self) -> None:
+        self._orders_out = deque(entry for entry in self._orders_out
+                                 if entry[1].state is AccountState.POLLING and entry[1].ordered_at == entry[0])
+
     def _release_slot(self, account: _Account) -> None:
         self.limits.release(account.server, account.account_id)
         account.holds_slot = False
+
+
+def wheel_slots(config: SchedulerConfig) -> int:
+    """Level-0 slots to span the longest usual wait (a stretched low interval, the idle safety poll,
+    the backoff cap), so most accounts never cascade; a power of two, at most 65536."""
+    longest = max(config.low_interval * 1.5, config.idle_safety_interval, config.backoff_max)
+    needed = max(64, int(longest / config.tick) + 1)
+    return min(1 << (needed - 1).bit_length(), 1 << 16)
 
 
 def _bucket_quantile(quantile: float, counts: list[int], total: int) -> float:

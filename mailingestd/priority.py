@@ -73,12 +73,19 @@ class FixedPriority:
     Stateless, so one instance per tier is shared by every account that has it.
     """
 
-    __slots__ = ("tier", "rules")
+    __slots__ = ("tier", "rules", "fixed_interval")
     adaptive = False
 
     def __init__(self, tier: Tier, rules: PriorityRules) -> None:
         self.tier = tier
         self.rules = rules
+        # The interval without a call, for the planner's hot path (None on adaptive priorities);
+        # refresh() after the rules change.
+        self.fixed_interval = rules.intervals[tier]
+
+    def refresh(self) -> None:
+        """Pick up the rules' intervals after a reload."""
+        self.fixed_interval = self.rules.intervals[self.tier]
 
     def interval(self, now: float) -> float:
         """Seconds from one poll to the next."""
@@ -93,6 +100,7 @@ class AdaptivePriority:
 
     __slots__ = ("tier", "rules", "rate", "rate_at", "arrivals", "last_mail_at", "changed_at")
     adaptive = True
+    fixed_interval = None
 
     def __init__(self, rules: PriorityRules, now: float, tier: Tier = Tier.MEDIUM) -> None:
         self.rules = rules

@@ -141,8 +141,16 @@ class ConnectionLimits:
         account_open = by_account.get(account_id, 0)
         if account_open >= limits.max_connections_per_account:
             return False
-        if not state.connect_bucket.try_take(now):
+        # TokenBucket.try_take, inlined: this runs for every new connection the scheduler orders.
+        bucket = state.connect_bucket
+        elapsed = now - bucket.updated_at
+        if elapsed > 0:
+            tokens = bucket.tokens + elapsed * bucket.rate_per_second
+            bucket.tokens = tokens if tokens < bucket.burst else bucket.burst
+            bucket.updated_at = now
+        if bucket.tokens < 1.0:
             return False
+        bucket.tokens -= 1.0
         state.open_connections += 1
         by_account[account_id] = account_open + 1
         return True

@@ -20,6 +20,7 @@ objects, which hash by identity).
 from __future__ import annotations
 
 import math
+from math import ceil as _ceil
 from typing import Hashable
 
 DEFAULT_SLOTS = 4096
@@ -60,10 +61,15 @@ class TimingWheel:
         due_map = self._due_at
         if key in due_map:
             self._stale += 1
+            if self._stale > len(due_map) + self.slots:
+                self._rebuild()
         due_map[key] = due_at
-        self._place(key, math.ceil(due_at / self.tick))
-        if self._stale > len(due_map) + self.slots:
-            self._rebuild()
+        due_tick = _ceil(due_at / self.tick)
+        offset = due_tick - self._cursor
+        if 0 <= offset < self.slots:  # the common case, inlined
+            self._levels[0][due_tick % self.slots].append(key)
+        else:
+            self._place(key, due_tick)
 
     def cancel(self, key: Hashable) -> bool:
         """Take the key out of the wheel; False when it was not there."""
