@@ -75,7 +75,8 @@ install-config:
 
 check-units:
 	@command -v systemd-analyze >/dev/null || { echo "check-units: install the Debian package systemd" >&2; exit 1; }
-	@test -x $(CHECK_BIN)/mailingestd || { echo "check-units: no $(CHECK_BIN)/mailingestd (./dev setup, or CHECK_BIN=)" >&2; exit 1; }
+	@test -x $(CHECK_BIN)/mailingestd || \
+	  { echo "check-units: no $(CHECK_BIN)/mailingestd (./dev setup, or CHECK_BIN=)" >&2; exit 1; }
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	sed 's|$(UNIT_BIN)|$(CHECK_BIN)/|g' systemd/mailingestd.service > "$$tmp/mailingestd.service" && \
 	out=$$(cd "$$tmp" && systemd-analyze verify --man=no mailingestd.service 2>&1) && test -z "$$out" || \

@@ -15,8 +15,9 @@ import subprocess
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 import msgspec
@@ -81,7 +82,7 @@ def test_page_renders_without_warnings(page: str) -> None:
     # -Tutf8 at the default width is what man(1) shows on a terminal; narrow lines warn there first.
     for device in ("-Tps", "-Tutf8"):
         result = subprocess.run([groff(), "-man", "-ww", "-z", device, str(MAN / page)], capture_output=True,
-                                text=True, timeout=30)
+                                text=True, timeout=30, check=False)
         assert result.returncode == 0 and not result.stderr, \
             f"groff -man -ww {device} on man/{page}:\n{result.stderr}"
 
@@ -212,7 +213,10 @@ def test_example_config_values_are_the_defaults() -> None:
 
 
 # --- commands and options ----------------------------------------------------------------------------
-def walk_commands(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+CommandPath = tuple[str, ...]
+
+
+def walk_commands(command: click.Command, path: CommandPath = ()) -> Iterator[tuple[CommandPath, click.Command]]:
     yield path, command
     if isinstance(command, click.Group):
         for name, sub in command.commands.items():
@@ -299,7 +303,8 @@ def test_exit_codes_and_signals_are_documented() -> None:
 
     page = sections(render("mailingestd.8"))
     for code in (cli.EX_OK, cli.EX_USAGE, cli.EX_UNAVAILABLE, supervisor.EX_SOFTWARE, cli.EX_CONFIG):
-        assert re.search(rf"^       {code}(\s|$)", page["EXIT STATUS"], re.MULTILINE), f"exit {code} not in mailingestd(8)"
+        assert re.search(rf"^       {code}(\s|$)", page["EXIT STATUS"], re.MULTILINE), \
+            f"exit {code} not in mailingestd(8)"
     for code in (ctl.EX_OK, ctl.EX_USAGE, ctl.EX_UNAVAILABLE, ctl.EX_CONFIG):
         assert re.search(rf"^       {code}(\s|$)", sections(render("mailingestctl.1"))["EXIT STATUS"], re.MULTILINE)
     for name in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP"):
