@@ -139,7 +139,7 @@ class TimingWheel:
             return earliest
         for level, buckets in enumerate(self._levels):
             span = self.slots ** level
-            first = cursor // span + (1 if level else 0)
+            first = -(-cursor // span)  # the first bucket not yet cascaded (or, at level 0, handed out)
             for bucket_id in range(first, first + self.slots):
                 bucket = buckets[bucket_id % self.slots]
                 live = [due_map[key] for key in bucket
