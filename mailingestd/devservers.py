@@ -502,10 +502,18 @@ class Dovecot(_Server):
                   process_limit = 64
                   vsz_limit = 2G
                 }}
+                # Tests log in with wrong passwords on purpose, and Dovecot's per-IP auth penalty
+                # would then delay every later login from 127.0.0.1 by up to 15 s. Auth runs
+                # unprivileged and cannot open the penalty socket (mode 0), which disables the penalty.
+                auth_failure_delay = 0
                 service anvil {{
                   client_limit = {client_limit}
+                  unix_listener anvil-auth-penalty {{
+                    mode = 0
+                  }}
                 }}
                 service auth {{
+                  user = $default_internal_user
                   client_limit = {client_limit}
                 }}
                 protocol imap {{
