@@ -104,7 +104,7 @@ class ImapConfig(_Section):
     batch_messages: int = 10
     batch_bytes: Size = Size(16 * 1024**2)
     max_message_size: Size = Size(64 * 1024**2)
-    max_line: Size = Size(1024**2)
+    max_line: Size = Size(8 * 1024**2)
     threads: int = 16
 
 
@@ -133,6 +133,7 @@ class SchedulerConfig(_Section):
     promote_window: Duration = Duration(900)
     demote_after: Duration = Duration(3600)
     tick: Duration = Duration(0.1)
+    first_poll_spread: Duration = Duration(10)
 
 
 class ServerLimits(_Section):

@@ -91,7 +91,7 @@ def format_status(data: dict[str, Any]) -> str:
                                       or "-"))
     lines += ["", "SERVERS", f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8}"]
     for server, s in data["servers"].items():
-        lines.append(f"  {server:<32} {int(s['connections']):>11} {s['limit'] if s['limit'] is not None else '-':>6} "
+        lines.append(f"  {server:<32} {int(s['connections']):>11} {'-' if s['limit'] is None else int(s['limit']):>6} "
                      f"{int(s['waiting']):>8}")
     t = data["traffic"]
     lag = ("-" if t["lag_p99"] is None else f"p50 <= {t['lag_p50']:g}s, p99 <= {t['lag_p99']:g}s")

@@ -63,7 +63,7 @@ class Result(Frame):
     ok: bool
     connected: bool
     idling: bool
-    new_messages: int = 0
+    new_messages: int = 0  # arrivals; a first sync's backlog is not counted (it is not a burst of mail)
     new_bytes: int = 0
     failure_kind: str | None = None
     detail: str | None = None

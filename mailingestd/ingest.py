@@ -37,19 +37,29 @@ class SyncResult(msgspec.Struct):
     fetch_seconds: float = 0.0
     interrupted: bool = False
     oversize: int = 0
+    first_sync: bool = False  # the folder's backlog, not new arrivals: not fed to adaptive priority
+
+
+SIZE_CHUNK = 1000
 
 
 def pending_sizes(client: Any, first_uid: int) -> list[tuple[int, int]]:
-    """(uid, RFC822.SIZE) of every message at or above ``first_uid``: ``UID FETCH first:* (RFC822.SIZE)``.
+    """(uid, RFC822.SIZE) of every message at or above ``first_uid``, in UID order.
 
-    One round trip gives both the UIDs to fetch and the sizes to batch them by; ``first:*`` also
-    answers with the highest message when nothing is newer, so lower UIDs are dropped (rule 3).
+    ``UID SEARCH UID first:*`` (lower UIDs dropped, rule 3), then ``UID FETCH (RFC822.SIZE)`` in
+    chunks so a first sync of a huge folder never sends a command line servers refuse.
     """
-    try:
-        response = client.fetch(f"{first_uid}:*", ["RFC822.SIZE"])
-    except Exception as exc:
-        raise imap.classify(exc) from exc
-    return sorted((uid, int(items.get(b"RFC822.SIZE", 0))) for uid, items in response.items() if uid >= first_uid)
+    uids = imap.uids_from(client, first_uid)
+    sizes: list[tuple[int, int]] = []
+    for start in range(0, len(uids), SIZE_CHUNK):
+        chunk = uids[start:start + SIZE_CHUNK]
+        try:
+            response = client.fetch(chunk, ["RFC822.SIZE"])
+        except Exception as exc:
+            raise imap.classify(exc) from exc
+        # A UID without an answer was expunged meanwhile: it is simply not pending any more.
+        sizes += [(uid, int(response[uid].get(b"RFC822.SIZE", 0))) for uid in chunk if uid in response]
+    return sizes
 
 
 def plan_batches(pending: Sequence[tuple[int, int]], max_messages: int, max_bytes: int) -> list[list[int]]:
@@ -105,7 +115,8 @@ def sync_folder(client: object, store: Store, account_id: str, folder: str, sett
     if state is None:
         state = imap.examine(client, folder)
     mailbox, changed = open_mailbox(store, account_id, folder, state)
-    result = SyncResult(folder=folder, uidvalidity_changed=changed, settled_uid=mailbox.last_uid)
+    result = SyncResult(folder=folder, uidvalidity_changed=changed, settled_uid=mailbox.last_uid,
+                        first_sync=mailbox.last_uid == 0)
     if state.uidnext is not None and state.uidnext <= mailbox.last_uid + 1 and not changed:
         return result  # UIDNEXT says nothing is newer; a hint only, the next poll searches again
     pending = pending_sizes(client, mailbox.last_uid + 1)

@@ -71,6 +71,7 @@ class Outcome(msgspec.Struct):
     detail: str | None = None
     retry_after: float | None = None
     uidvalidity_changed: bool = False
+    backlog: int = 0
     connected_now: bool = False
     notified_at: float | None = None
 
@@ -265,13 +266,13 @@ class Worker:
                 session.fd = None
                 session.idling = False
         report = outcome.order_id or not outcome.ok or not outcome.idling
-        if outcome.order_id == 0 and outcome.ok and outcome.new_messages:
-            send(self.to_scheduler, frames.NewMail(slot=self.slot, account_id=outcome.account_id,
-                                                   count=outcome.new_messages))
+        arrivals = outcome.new_messages - outcome.backlog  # a first sync's backlog is not a burst of mail
+        if outcome.order_id == 0 and outcome.ok and arrivals:
+            send(self.to_scheduler, frames.NewMail(slot=self.slot, account_id=outcome.account_id, count=arrivals))
         if report:
             send(self.to_scheduler, frames.Result(
                 slot=self.slot, account_id=outcome.account_id, order_id=outcome.order_id, ok=outcome.ok,
-                connected=session.client is not None, idling=session.idling, new_messages=outcome.new_messages,
+                connected=session.client is not None, idling=session.idling, new_messages=arrivals,
                 new_bytes=outcome.new_bytes, failure_kind=outcome.failure_kind, detail=outcome.detail,
                 retry_after=outcome.retry_after, uidvalidity_changed=outcome.uidvalidity_changed))
         if self.draining and session.client is not None:
@@ -342,6 +343,8 @@ class Worker:
             outcome.new_bytes += result.new_bytes
             outcome.fetch_seconds += result.fetch_seconds
             outcome.uidvalidity_changed |= result.uidvalidity_changed
+            if result.first_sync:
+                outcome.backlog += result.new_messages
 
     def folder_has_news(self, client: Any, account_id: str, folder: str) -> bool:
         state = imap.status(client, folder)
