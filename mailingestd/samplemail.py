@@ -155,4 +155,4 @@ def random_message(rng: random.Random, size_mix: SizeMix = "realistic") -> bytes
     if large:
         size = rng.randrange(1_000_000, 10_000_000)
         return _with_attachment(subject, 2_000, size * _BASE64_RATIO_NUM // _BASE64_RATIO_DEN, rng)
-    return _with_attachment(subject, rng.randrange(2_000, 49_000), 0, rng)
+    return _with_attachment(subject, rng.randrange(2_000, 48_000), 0, rng)
