@@ -206,7 +206,7 @@ class Planner:
         return account.due_at
 
     def add(self, plan: AccountPlan, now: float) -> None:
-        """Start scheduling an account; its first poll falls at a random point of its interval."""
+        """Start scheduling an account; its first poll falls at a random point of first_poll_spread."""
         if plan.account_id in self._accounts:
             raise ValueError(f"account {plan.account_id!r} is already planned")
         self._now = now
@@ -216,7 +216,10 @@ class Planner:
         if not plan.enabled:
             self._move(account, AccountState.DISABLED)
             return
-        first_due_at = now + self.rng.random() * account.priority.interval(now)
+        # New accounts (a start, a reload, 10,000 added at once) are spread over first_poll_spread,
+        # not over a whole interval: a new mailbox should be connected in seconds, not minutes.
+        spread = min(self.config.first_poll_spread, account.priority.interval(now))
+        first_due_at = now + self.rng.random() * spread
         self._schedule(account, AccountState.NEW, first_due_at)
 
     def update(self, plan: AccountPlan, now: float) -> None:
