@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import msgspec
 from hypothesis import given, settings, strategies as st
 
 from mailingestd.config import LimitsConfig, SchedulerConfig, ServerLimits
@@ -32,11 +33,19 @@ def drain(planner: Planner, until: float, step: float = 0.1, limit: int = 10**9)
     return orders
 
 
-def test_accounts_added_together_are_spread_over_their_interval() -> None:
+def test_accounts_added_together_are_spread_over_the_first_poll_window() -> None:
     planner = planner_with(10_000, priority="medium")
-    per_tick = Counter(round(order.due_at, 1) for _, order in drain(planner, 300.0))
+    orders = drain(planner, 300.0)
+    per_tick = Counter(round(order.due_at, 1) for _, order in orders)
     assert sum(per_tick.values()) == 10_000
-    assert max(per_tick.values()) < 30  # 10,000 over 3,000 ticks: about 3.3 a tick
+    assert max(order.due_at for _, order in orders) <= SCHEDULER.first_poll_spread  # connected in seconds
+    assert len(per_tick) >= 95 and max(per_tick.values()) < 200  # 10,000 over 100 ticks: about 100 a tick
+    wide = Planner(msgspec.structs.replace(SCHEDULER, first_poll_spread=300), OPEN_LIMITS, now=0.0,
+                   rng=random.Random(1))
+    for index in range(10_000):
+        wide.add(AccountPlan(account_id=f"a{index}", server="imap.example", priority="medium"), 0.0)
+    per_tick = Counter(round(order.due_at, 1) for _, order in drain(wide, 300.0))
+    assert max(per_tick.values()) < 30  # never more than the tier's interval: 3,000 ticks, about 3.3 a tick
 
 
 def test_a_polled_account_comes_back_after_its_interval_without_a_new_connection() -> None:
@@ -154,9 +163,9 @@ def test_snapshot_counts_and_lag_histogram() -> None:
     drain(planner, 60.0)
     snapshot = planner.snapshot(60.0)
     assert snapshot.accounts == 52 and sum(snapshot.states.values()) == 52
-    assert snapshot.states["disabled"] == 1 and snapshot.states["polling"] == 50
+    assert snapshot.states["disabled"] == 1 and snapshot.states["polling"] == 51  # first polls within 10 s
     assert snapshot.tiers == {"high": 50, "medium": 2, "low": 0} and snapshot.auto_accounts == 2
-    assert snapshot.lag.count == 50 and sum(snapshot.lag.counts) == 50
+    assert snapshot.lag.count == 51 and sum(snapshot.lag.counts) == 51
     assert 0.0 <= snapshot.lag.p50 <= snapshot.lag.p99 <= 0.25
     assert len(snapshot.lag.counts) == len(snapshot.lag.bounds) + 1
     assert [s.server for s in snapshot.servers] == ["imap.example", "other.example"]
