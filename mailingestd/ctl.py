@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
+from pathlib import Path
 import time
 from typing import Any, NoReturn
 
@@ -54,10 +56,22 @@ def ask(ctx: click.Context, request: control.Request, timeout: float = 5.0) -> c
 
 def store_of(ctx: click.Context) -> Store:
     cfg = load_config(ctx)
+    if cfg.store_url.startswith("sqlite:///") and os.geteuid() == 0:
+        owner = _owner(Path(cfg.store_url[len("sqlite://"):]).parent)
+        if owner not in (None, 0):
+            # Root would leave root-owned -wal/-shm files the daemon's user cannot write.
+            fail(EX_USAGE, f"run this as the store's owner (uid {owner}), e.g. runuser -u mailingestd -- mailingestctl ...")
     try:
         return open_store(cfg.store_url, 1, 1)
     except StoreError as exc:
         fail(EX_UNAVAILABLE, f"store: {exc}")
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return path.stat().st_uid
+    except OSError:
+        return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

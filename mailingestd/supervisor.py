@@ -177,11 +177,20 @@ class Supervisor:
 
     def prepare_runtime_dir(self) -> None:
         path = Path(self.config.daemon.runtime_dir)
+        group = self.config.daemon.control_group
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(path, 0o700)
+            if group:
+                # The group may traverse (not list) the directory to reach control.sock (0660);
+                # the ipc sockets stay 0600, owner only.
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                os.chmod(path, 0o710)
+            else:
+                os.chmod(path, 0o700)
+        except KeyError:
+            raise ConfigError(f"daemon.control_group: no such group {group!r}") from None
         except OSError as exc:
-            raise ConfigError(f"daemon.runtime_dir: cannot create {path}: {exc.strerror}") from None
+            raise ConfigError(f"daemon.runtime_dir: cannot prepare {path}: {exc.strerror}") from None
         st = path.stat()
         if st.st_uid != os.geteuid():
             raise ConfigError(f"daemon.runtime_dir: {path} belongs to uid {st.st_uid}, not to this user")
@@ -355,7 +364,7 @@ class Supervisor:
             try:
                 os.chown(path, -1, grp.getgrnam(self.config.daemon.control_group).gr_gid)
                 os.chmod(path, 0o660)
-            except (KeyError, PermissionError) as exc:
+            except (KeyError, OSError) as exc:
                 log.error("event=control_group_failed group=%s error=%s", self.config.daemon.control_group, exc)
         sock.listen(MAX_CONTROL_CLIENTS)
         sock.setblocking(False)
@@ -470,9 +479,11 @@ class Supervisor:
     def begin_stop(self, fast: bool) -> None:
         if self.state == State.STOPPING:
             return
+        drained = self.state == State.DRAINED
         self.transition(State.STOPPING)
         notify.notify("STOPPING=1", "STATUS=stopping")
-        timeout = 2.0 if fast else self.config.daemon.shutdown_timeout
+        # After a drain the children only have to exit: the drain already had shutdown_timeout.
+        timeout = 2.0 if fast else 5.0 if drained else self.config.daemon.shutdown_timeout
         self.stop_deadline = time.monotonic() + timeout
         for slot in self.slots:
             self.kill(slot, signal.SIGINT if fast else signal.SIGTERM)
