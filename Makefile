@@ -1,11 +1,11 @@
-# mailingestd: install and check the operations files (docs/install.md walks through a full install).
+# mailingestd: install and check the operations files (README.md, "Installing", walks through a full install).
 #
 #   make install       everything below for a host, as root: the package in a virtual environment
 #                      $(VENV) (created when missing, upgraded otherwise), mailingestd and mailingestctl
 #                      symlinked into $(PREFIX)/bin, the man pages, the unit (its command paths rewritten
 #                      to $(VENV)/bin), sysusers.d and tmpfiles.d snippets, and the example
 #                      configuration and environment files in $(SYSCONFDIR) unless they exist already.
-#                      It does not create the user, start anything or reload systemd: see docs/install.md.
+#                      It does not create the user, start anything or reload systemd: see README.md, "Installing".
 #   make install-man   only the man pages, into $(DESTDIR)$(MANDIR)/man{1,5,8}.
 #   make check-units   systemd-analyze verify on the unit (any warning fails) and
 #                      systemd-analyze security --offline=true --threshold=$(MAX_EXPOSURE) (30 = 3.0:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "etc/prometheus/mailingestd.rules.yml"
 DASHBOARD = ROOT / "etc/grafana/mailingestd.json"
 PROMTOOL_TESTS = sorted((ROOT / "tests/promtool").glob("*.yml"))
-OPERATIONS_DOC = ROOT / "docs/operations.md"
+OPERATIONS_DOC = ROOT / "README.md"
 TEXTFILE_NAME = "mailingestd.prom"
 
 
