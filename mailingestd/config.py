@@ -170,6 +170,10 @@ class MetricsConfig(_Section):
     http_listen: str | None = None
 
 
+class SecretsConfig(_Section):
+    key_file: str = ""
+
+
 class OAuth2Config(_Section):
     provider: Literal["google", "microsoft", "custom"] = "custom"
     token_url: str = ""
@@ -213,6 +217,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
     accounts: list[AccountConfig] = []
     path: str = ""
 

@@ -108,13 +108,16 @@ def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMes
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
+# Columns whose change is an account change (state and last_error are the daemon's own bookkeeping).
+_WATCHED_COLUMNS = "host, port, tls, username, auth, secret_ref, folders, priority, idle, enabled, options, secrets"
+
 # Each migration is (version, sqlite statements, postgresql statements). Never edit one that
 # has shipped: append a new version.
 _TYPES = {
     "sqlite": {"BLOB": "BLOB", "SERIAL": "INTEGER PRIMARY KEY AUTOINCREMENT", "FLOAT": "REAL", "BIGINT": "INTEGER"},
     "postgresql": {"BLOB": "BYTEA", "SERIAL": "BIGSERIAL PRIMARY KEY", "FLOAT": "DOUBLE PRECISION", "BIGINT": "BIGINT"},
 }
-_MIGRATIONS: list[tuple[int, str]] = [
+_MIGRATIONS: list[tuple[int, str | dict[str, list[str]]]] = [
     (1, """
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
@@ -182,10 +185,46 @@ CREATE TABLE uidvalidity_changes (
     changed_at {FLOAT} NOT NULL
 );
 """),
+    # 2: encrypted secrets, rotated OAuth2 refresh tokens, and a revision counter that triggers bump
+    # on every change of an account's settings (plain SQL from a user's backend included), which
+    # the scheduler watches (and, on PostgreSQL, LISTENs for).
+    (2, {
+        "sqlite": [
+            "ALTER TABLE accounts ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}'",
+            "CREATE TABLE oauth_tokens (account_id TEXT PRIMARY KEY, refresh_token TEXT NOT NULL, "
+            "updated_at REAL NOT NULL)",
+            "CREATE TABLE revisions (name TEXT PRIMARY KEY, revision INTEGER NOT NULL)",
+            "INSERT INTO revisions VALUES ('accounts', 1)",
+            *[f"CREATE TRIGGER accounts_changed_{event.split()[0].lower()} AFTER {event} ON accounts BEGIN "
+              "UPDATE revisions SET revision = revision + 1 WHERE name = 'accounts'; END"
+              for event in ("INSERT", "DELETE", "UPDATE OF " + _WATCHED_COLUMNS)],
+        ],
+        "postgresql": [
+            "ALTER TABLE accounts ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}'",
+            "ALTER TABLE accounts ALTER COLUMN created_at SET DEFAULT extract(epoch from now())",
+            "ALTER TABLE accounts ALTER COLUMN updated_at SET DEFAULT extract(epoch from now())",
+            "CREATE TABLE oauth_tokens (account_id TEXT PRIMARY KEY, refresh_token TEXT NOT NULL, "
+            "updated_at DOUBLE PRECISION NOT NULL)",
+            "CREATE TABLE revisions (name TEXT PRIMARY KEY, revision BIGINT NOT NULL)",
+            "INSERT INTO revisions VALUES ('accounts', 1)",
+            """CREATE FUNCTION mailingestd_accounts_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 UPDATE revisions SET revision = revision + 1 WHERE name = 'accounts';
+                 PERFORM pg_notify('mailingestd_accounts', '');
+                 RETURN NULL;
+               END $$""",
+            "CREATE TRIGGER accounts_changed AFTER INSERT OR DELETE OR UPDATE OF " + _WATCHED_COLUMNS +
+            " ON accounts FOR EACH STATEMENT EXECUTE FUNCTION mailingestd_accounts_changed()",
+        ],
+    }),
 ]
 
 
-def _statements(sql: str, dialect: str) -> list[str]:
+def _statements(sql: str | dict[str, list[str]], dialect: str) -> list[str]:
+    """A migration's statements for one dialect: a shared script split on ';', or explicit lists
+    (needed for trigger bodies, which contain ';' themselves)."""
+    if isinstance(sql, dict):
+        return sql[dialect]
     rendered = sql
     for name, value in _TYPES[dialect].items():
         rendered = rendered.replace("{" + name + "}", value)
@@ -193,7 +232,8 @@ def _statements(sql: str, dialect: str) -> list[str]:
 
 
 _ACCOUNT_COLUMNS = ("id, host, port, tls, username, auth, secret_ref, folders, priority, idle, enabled, "
-                    "options, source, state, last_error")
+                    "options, source, secrets, state, last_error")
+_SETTINGS = 14  # the leading columns an operator sets; state and last_error are the daemon's
 
 
 def _secret_ref(account: AccountConfig) -> str | None:
@@ -204,18 +244,18 @@ def _secret_ref(account: AccountConfig) -> str | None:
     return None
 
 
-def _account_row(account: AccountConfig, source: str) -> tuple:
+def _account_row(account: AccountConfig, source: str, secrets: dict[str, str]) -> tuple:
     options = {"tls_ca_file": account.tls_ca_file, "tls_verify": account.tls_verify}
     if account.oauth2 is not None:
         options["oauth2"] = msgspec.to_builtins(account.oauth2)
     return (account.id, account.host, account.port, account.tls, account.username, account.auth,
             _secret_ref(account), json.dumps(account.folders), account.priority, int(account.idle),
-            int(account.enabled), json.dumps(options), source)
+            int(account.enabled), json.dumps(options), source, json.dumps(secrets, sort_keys=True))
 
 
 def _account_from_row(row: Sequence[Any]) -> AccountConfig:
     (id_, host, port, tls, username, auth, secret_ref, folders, priority, idle, enabled, options,
-     _source, _state, _last_error) = row
+     _source, _secrets, _state, _last_error) = row
     opts = json.loads(options or "{}")
     ref = secret_ref or ""
     return AccountConfig(
@@ -233,6 +273,11 @@ class AccountRow(msgspec.Struct):
     source: str
     state: str
     last_error: str | None
+    secrets: dict[str, str] = {}  # field -> ciphertext (see secrets.py); never plaintext
+
+
+def _row(r: Sequence[Any]) -> AccountRow:
+    return AccountRow(_account_from_row(r), r[12], r[14], r[15], json.loads(r[13] or "{}"))
 
 
 class Store:
@@ -279,39 +324,49 @@ class Store:
         """Serialise migrations between processes (SQLite: BEGIN IMMEDIATE already does)."""
 
     # --- accounts ------------------------------------------------------------------------
-    def upsert_account(self, account: AccountConfig, source: str = "store") -> bool:
-        """Insert or update one account; returns True when anything changed."""
-        row = _account_row(account, source)
+    def upsert_account(self, account: AccountConfig, source: str = "store",
+                       secrets: dict[str, str] | None = None) -> bool:
+        """Insert or update one account; returns True when anything changed.
+
+        ``secrets`` are ciphertexts by field (password, client_secret, refresh_token); None keeps
+        what the row has.
+        """
         now = time.time()
         with self.transaction() as cur:
             old = self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account.id,)).fetchone()
-            if old is not None and tuple(old[:13]) == row:
+            if secrets is None:
+                secrets = json.loads(old[13] or "{}") if old is not None else {}
+            row = _account_row(account, source, secrets)
+            if old is not None and tuple(old[:_SETTINGS]) == row:
                 return False
             self._exec(cur, f"""
                 INSERT INTO accounts ({_ACCOUNT_COLUMNS}, created_at, updated_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'new', NULL, ?, ?)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'new', NULL, ?, ?)
                 ON CONFLICT (id) DO UPDATE SET host = excluded.host, port = excluded.port, tls = excluded.tls,
                     username = excluded.username, auth = excluded.auth, secret_ref = excluded.secret_ref,
                     folders = excluded.folders, priority = excluded.priority, idle = excluded.idle,
                     enabled = excluded.enabled, options = excluded.options, source = excluded.source,
-                    updated_at = excluded.updated_at""", (*row, now, now))
+                    secrets = excluded.secrets, updated_at = excluded.updated_at""", (*row, now, now))
+            if old is not None and tuple(old[:_SETTINGS]) != row and old[14] in ("auth_failed", "reauth_required"):
+                self._exec(cur, "UPDATE accounts SET state = 'new', last_error = NULL WHERE id = ?", (account.id,))
             return True
 
     def list_accounts(self) -> list[AccountRow]:
         with self.transaction() as cur:
             rows = self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY id").fetchall()
-        return [AccountRow(_account_from_row(r), r[12], r[13], r[14]) for r in rows]
+        return [_row(r) for r in rows]
 
     def get_account(self, account_id: str) -> AccountRow | None:
         with self.transaction() as cur:
             r = self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone()
-        return AccountRow(_account_from_row(r), r[12], r[13], r[14]) if r else None
+        return _row(r) if r else None
 
     def delete_account(self, account_id: str) -> bool:
         """Remove the account; its mailboxes' checkpoints go, its stored messages stay."""
         with self.transaction() as cur:
             deleted = self._exec(cur, "DELETE FROM accounts WHERE id = ?", (account_id,)).rowcount
             self._exec(cur, "DELETE FROM mailboxes WHERE account_id = ?", (account_id,))
+            self._exec(cur, "DELETE FROM oauth_tokens WHERE account_id = ?", (account_id,))
         return deleted > 0
 
     def set_enabled(self, account_id: str, enabled: bool) -> bool:
@@ -326,10 +381,35 @@ class Store:
                        (state, last_error, account_id))
 
     def accounts_version(self) -> str:
-        """A cheap fingerprint that changes whenever any account row changes (for live reloads)."""
+        """Changes whenever any account's settings change, by any writer (triggers bump it)."""
         with self.transaction() as cur:
-            count, latest = self._exec(cur, "SELECT COUNT(*), MAX(updated_at) FROM accounts").fetchone()
-        return f"{count}:{latest}"
+            (revision,) = self._exec(cur, "SELECT revision FROM revisions WHERE name = 'accounts'").fetchone()
+        return str(revision)
+
+    def set_secrets(self, account_id: str, secrets: dict[str, str]) -> bool:
+        """Replace an account's encrypted secrets (rotation, or new credentials)."""
+        with self.transaction() as cur:
+            return self._exec(cur, "UPDATE accounts SET secrets = ?, updated_at = ? WHERE id = ?",
+                              (json.dumps(secrets, sort_keys=True), time.time(), account_id)).rowcount > 0
+
+    def rotated_refresh_token(self, account_id: str) -> tuple[str, float] | None:
+        """A refresh token the provider rotated (ciphertext, when), kept apart from the account's
+        settings so that saving it is not an account change."""
+        with self.transaction() as cur:
+            r = self._exec(cur, "SELECT refresh_token, updated_at FROM oauth_tokens WHERE account_id = ?",
+                           (account_id,)).fetchone()
+        return (r[0], r[1]) if r else None
+
+    def save_rotated_refresh_token(self, account_id: str, ciphertext: str) -> None:
+        with self.transaction() as cur:
+            self._exec(cur, """INSERT INTO oauth_tokens (account_id, refresh_token, updated_at) VALUES (?, ?, ?)
+                               ON CONFLICT (account_id) DO UPDATE SET refresh_token = excluded.refresh_token,
+                               updated_at = excluded.updated_at""", (account_id, ciphertext, time.time()))
+
+    def account_updated_at(self, account_id: str) -> float:
+        with self.transaction() as cur:
+            r = self._exec(cur, "SELECT updated_at FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        return float(r[0]) if r else 0.0
 
     # --- mailboxes and messages ------------------------------------------------------------
     def get_mailbox(self, account_id: str, folder: str) -> MailboxState | None:
