@@ -95,6 +95,24 @@ class StoreConfig(_Section):
     url: str = ""
     pool_min: int = 1
     pool_max: int = 8
+    # Data lifecycle (mailingestd/retention.py, docs/data-lifecycle.md).
+    raw_retention: Duration = Duration(7 * 86400)
+    metadata_retention: Duration = Duration(30 * 86400)  # 0 = keep rows and keys forever
+    retention_interval: Duration = Duration(3600)
+    retention_batch: int = 500
+    retention_pause: Duration = Duration(0.05)
+    partition_interval: Literal["day", "week"] = "day"
+    partitions_ahead: int = 3
+
+
+class BlobsConfig(_Section):
+    kind: Literal["none", "s3"] = "none"
+    bucket: str = ""
+    prefix: str = "raw/"
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    timeout: Duration = Duration(30)
+    concurrency: int = 8
 
 
 class ImapConfig(_Section):
@@ -218,6 +236,7 @@ class Config(_Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
+    blobs: BlobsConfig = msgspec.field(default_factory=BlobsConfig)
     accounts: list[AccountConfig] = []
     path: str = ""
 
@@ -287,6 +306,14 @@ def _validate(config: Config, where: str) -> None:
         problems.append("queue.batch_size: expected 1..10 (SQS SendMessageBatch takes at most 10)")
     if config.imap.idle_renew > 29 * 60:
         problems.append("imap.idle_renew: IDLE must be renewed before 29 minutes (RFC 2177)")
+    lifecycle = config.store
+    if lifecycle.metadata_retention and lifecycle.metadata_retention < max(lifecycle.raw_retention, 86400):
+        problems.append("store.metadata_retention: expected 0 (keep forever) or at least raw_retention and 1d "
+                        "(keys must outlive every batch in flight)")
+    if lifecycle.retention_batch < 1 or lifecycle.partitions_ahead < 1:
+        problems.append("store: retention_batch and partitions_ahead must be at least 1")
+    if config.blobs.kind == "s3" and not config.blobs.bucket:
+        problems.append("blobs.bucket: required when blobs.kind = \"s3\"")
     if config.imap.batch_messages < 1:
         problems.append("imap.batch_messages: expected at least 1")
     sched = config.scheduler

@@ -10,7 +10,6 @@ the mailbox checkpoint move in ONE transaction, and a key that is already stored
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
@@ -21,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import msgspec
 
+from . import blobs as blobs_mod, partitions
 from .config import AccountConfig, OAuth2Config
 
 
@@ -82,7 +82,7 @@ ENVELOPE_VERSION = 1
 
 
 def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMessage, ingested_at: float,
-                  resync: bool) -> str:
+                  resync: bool, extra: dict[str, Any] | None = None) -> str:
     """The queue body (SPEC section 5) without the raw message: consumers claim it by key."""
     body = {
         "v": ENVELOPE_VERSION,
@@ -105,6 +105,8 @@ def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMes
     if resync:
         # Rule 1: a UIDVALIDITY change re-ingests the folder; say so instead of posing as new mail.
         body["resync"] = True
+    if extra:
+        body.update(extra)  # raw bytes in S3: the payload pointer and sha256 (blobs.py)
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -217,6 +219,10 @@ CREATE TABLE uidvalidity_changes (
             " ON accounts FOR EACH STATEMENT EXECUTE FUNCTION mailingestd_accounts_changed()",
         ],
     }),
+    # 3: data lifecycle. PostgreSQL: messages range-partitioned by ingested_at, uniqueness of the
+    # message key in message_keys (partitions.py explains why); both: a blob column for raw bytes
+    # kept in S3 (blobs.py).
+    (3, partitions.MIGRATION_3),
 ]
 
 
@@ -386,11 +392,15 @@ class Store:
             (revision,) = self._exec(cur, "SELECT revision FROM revisions WHERE name = 'accounts'").fetchone()
         return str(revision)
 
-    def set_secrets(self, account_id: str, secrets: dict[str, str]) -> bool:
-        """Replace an account's encrypted secrets (rotation, or new credentials)."""
+    def set_secrets(self, account_id: str, secrets: dict[str, str], new_credentials: bool = True) -> bool:
+        """Replace an account's encrypted secrets. A key rotation (``new_credentials`` False) keeps
+        updated_at, so a refresh token the provider rotated since stays the newer one."""
         with self.transaction() as cur:
-            return self._exec(cur, "UPDATE accounts SET secrets = ?, updated_at = ? WHERE id = ?",
-                              (json.dumps(secrets, sort_keys=True), time.time(), account_id)).rowcount > 0
+            if new_credentials:
+                return self._exec(cur, "UPDATE accounts SET secrets = ?, updated_at = ? WHERE id = ?",
+                                  (json.dumps(secrets, sort_keys=True), time.time(), account_id)).rowcount > 0
+            return self._exec(cur, "UPDATE accounts SET secrets = ? WHERE id = ?",
+                              (json.dumps(secrets, sort_keys=True), account_id)).rowcount > 0
 
     def rotated_refresh_token(self, account_id: str) -> tuple[str, float] | None:
         """A refresh token the provider rotated (ciphertext, when), kept apart from the account's
@@ -449,27 +459,28 @@ class Store:
         """
         now = time.time()
         inserted = 0
+        # Raw bytes to S3 first, outside the transaction: a row naming an object is committed only
+        # after the object exists; a crash in between leaves an orphan object, never a dangling row.
+        prepared = (self.blobs.put_batch([(message_key(mailbox.account_id, mailbox.folder, mailbox.uidvalidity,
+                                                       m.uid), m.raw) for m in messages])
+                    if self.blobs is not None else [blobs_mod.prepare_inline(m.raw) for m in messages])
         with self.transaction() as cur:
             current = self._exec(cur, "SELECT uidvalidity, last_uid FROM mailboxes WHERE account_id = ? AND "
                                       "folder = ?" + self._for_update, (mailbox.account_id, mailbox.folder)).fetchone()
             if current is None or current[0] != mailbox.uidvalidity:
                 raise StoreError(f"mailbox {mailbox.account_id}/{mailbox.folder} changed UIDVALIDITY under a batch")
-            for msg in messages:
+            for msg, prep in zip(messages, prepared):
                 key = message_key(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid)
-                added = self._exec(cur, """
-                    INSERT INTO messages (account_id, folder, uidvalidity, uid, message_id, "from", "to", cc, subject,
-                        date, in_reply_to, "references", size, internaldate, raw, sha256, ingested_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                    ON CONFLICT (account_id, folder, uidvalidity, uid) DO NOTHING""",
-                    (mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid, msg.message_id, msg.from_,
-                     msg.to, msg.cc, msg.subject, msg.date, msg.in_reply_to, msg.references, msg.size,
-                     msg.internaldate, msg.raw, hashlib.sha256(msg.raw).hexdigest(), now)).rowcount
+                added = self._insert_message(cur, (
+                    mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid, msg.message_id, msg.from_,
+                    msg.to, msg.cc, msg.subject, msg.date, msg.in_reply_to, msg.references, msg.size,
+                    msg.internaldate, prep.raw, prep.sha256, now, prep.blob))
                 if added <= 0:
                     continue
                 inserted += 1
                 if announce:
                     envelope = make_envelope(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg, now,
-                                             resync=msg.uid < mailbox.resync_below)
+                                             resync=msg.uid < mailbox.resync_below, extra=prep.envelope_extra)
                     self._exec(cur, "INSERT INTO outbox (key, account_id, envelope, raw_size, created_at) "
                                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                                (key, mailbox.account_id, envelope, len(msg.raw), now))
@@ -482,6 +493,13 @@ class Store:
         return inserted
 
     _for_update = ""
+    blobs: Any = None  # blobs.S3Blobs when [blobs] kind = "s3" (set by the process that ingests)
+
+    def _insert_message(self, cur: Any, values: tuple) -> int:
+        """One message row (columns as in partitions._COLUMNS, then blob); 1 if new, 0 if the key exists."""
+        return self._exec(cur, f"""INSERT INTO messages ({partitions._COLUMNS}, blob)
+            VALUES ({', '.join('?' * 18)}) ON CONFLICT (account_id, folder, uidvalidity, uid) DO NOTHING""",
+                          values).rowcount
 
     def message_raw(self, key: str) -> bytes | None:
         account_id, folder, uidvalidity, uid = _split_key(key)
@@ -596,6 +614,10 @@ class PostgresStore(Store):
 
     dialect = "postgresql"
     _for_update = " FOR UPDATE"
+
+    def _insert_message(self, cur: Any, values: tuple) -> int:
+        # messages is partitioned: uniqueness of the key lives in message_keys (partitions.py).
+        return partitions.insert_message(self, cur, values)
 
     def __init__(self, url: str, pool_min: int = 1, pool_max: int = 8, timeout: float = 30.0) -> None:
         self.url = url
