@@ -18,7 +18,7 @@ import time
 import msgspec
 import zmq
 
-from . import frames
+from . import frames, retention
 from .child import Child, bind_pull, connect_push, ipc_path, send
 from .config import AccountConfig, Config
 from .planner import AccountPlan, AccountState, Planner
@@ -340,5 +340,8 @@ class Scheduler:
 
 
 def main(config: Config, slot: int, parent_pid: int) -> int:
-    return Scheduler(config, parent_pid).run()
+    scheduler = Scheduler(config, parent_pid)
+    # Retention and PostgreSQL partitions ahead run in a thread beside the wheel (retention.py says why here).
+    retention.start_thread(config.store_url, config.store, lambda: scheduler.child.stop_requested)
+    return scheduler.run()
 

@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from . import frames, imap
+from .blobs import open_blobs
 from .child import Child, bind_pull, connect_push, ipc_path, send
 from .config import AccountConfig, Config, ConfigError, read_secret
 from .histogram import Histogram
@@ -84,6 +85,7 @@ class Worker:
         self.pull = bind_pull(self.child.ctx, ipc_path(config, f"worker-{slot}.sock"))
         self.to_scheduler = connect_push(self.child.ctx, ipc_path(config, "scheduler.sock"))
         self.store: Store = open_store(config.store_url, config.store.pool_min, config.store.pool_max)
+        self.store.blobs = open_blobs(config.blobs)  # [blobs] kind = "s3": raw bytes to S3 before each commit
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.imap.threads,
                                                           thread_name_prefix=f"worker{slot}")
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
