@@ -325,13 +325,15 @@ def account_test(ctx: click.Context, account_id: str) -> None:
 
 
 # --- messages ---------------------------------------------------------------------------------------
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--account", "account_id", default=None, help="Only this account.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def messages(ctx: click.Context, account_id: str | None, limit: int, as_json: bool) -> None:
     """The most recently ingested messages."""
+    if ctx.invoked_subcommand is not None:
+        return
     rows = store_of(ctx).recent_messages(account_id, limit)
     if as_json:
         click.echo(json.dumps([msgspec.to_builtins(r) for r in rows], indent=2))
@@ -339,6 +341,67 @@ def messages(ctx: click.Context, account_id: str | None, limit: int, as_json: bo
     for r in rows:
         when = datetime.datetime.fromtimestamp(r.ingested_at).strftime("%H:%M:%S")
         click.echo(f"{when}  {r.key:<44} {r.size:>9}  {(r.from_ or '-')[:32]:<32}  {(r.subject or '-')[:60]}")
+
+
+@messages.command("get")
+@click.argument("key")
+@click.option("-o", "--output", "output", default="-", metavar="FILE", help="Write to FILE (default stdout).")
+@click.pass_context
+def messages_get(ctx: click.Context, key: str, output: str) -> None:
+    """Write one message's raw bytes (from the store or from S3) exactly as the server sent them."""
+    from . import blobs
+
+    cfg = load_config(ctx)
+    try:
+        raw = blobs.read_raw(store_of(ctx), key, blobs.open_blobs(cfg.blobs), cfg.blobs)
+    except (blobs.BlobError, ValueError) as exc:
+        fail(1, str(exc))
+    if raw is None:
+        fail(1, f"no message {key!r}")
+    if output == "-":
+        sys.stdout.buffer.write(raw)
+        sys.stdout.buffer.flush()
+    else:
+        Path(output).write_bytes(raw)
+        click.echo(f"{key}: {len(raw)} bytes written to {output}", err=True)
+
+
+# --- store ------------------------------------------------------------------------------------------
+@cli.group("store")
+def store_group() -> None:
+    """Look at the store: sizes, retention, partitions."""
+
+
+@store_group.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def store_stats(ctx: click.Context, as_json: bool) -> None:
+    """Sizes, row counts, partitions (PostgreSQL) and the oldest message still holding raw bytes."""
+    from .retention import store_stats as collect
+
+    data = collect(store_of(ctx))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    m = data["messages"]
+    lines = [f"backend {data['backend']}  database {_mib(data['database_bytes'])}",
+             f"messages {m['rows']}  raw in store {m['raw_in_store']} ({_mib(m['raw_bytes'])})  "
+             f"raw in S3 {m['raw_in_s3']}  raw pruned {m['raw_pruned']}",
+             f"outbox {data['outbox']['rows']}"]
+    if "message_keys" in data:
+        lines.append(f"message_keys {data['message_keys']['rows']}")
+    oldest = data["oldest_raw"]
+    lines.append("oldest raw message " + (f"{oldest['key']} ingested "
+                                          f"{datetime.datetime.fromtimestamp(oldest['ingested_at']):%Y-%m-%d %H:%M:%S}"
+                                          if oldest else "-"))
+    for name, size in sorted(data.get("tables_bytes", {}).items()):
+        lines.append(f"  table {name:<14} {_mib(size):>10}")
+    for p in data.get("partitions", []):
+        span = ("DEFAULT" if p["start"] is None else
+                f"{datetime.datetime.utcfromtimestamp(p['start']):%Y-%m-%d} .. "
+                f"{datetime.datetime.utcfromtimestamp(p['end']):%Y-%m-%d}")
+        lines.append(f"  partition {p['name']:<22} {span:<24} rows {p['rows']:>9}  {_mib(p['bytes']):>10}")
+    click.echo("\n".join(lines))
 
 
 def main() -> None:
