@@ -152,3 +152,32 @@ def start_thread(store_url: str, cfg: StoreConfig, should_stop: Callable[[], boo
     thread = threading.Thread(target=loop, name="retention", daemon=True)
     thread.start()
     return thread
+
+
+def store_stats(store: Any) -> dict[str, Any]:
+    """Sizes, row counts, partitions and the oldest raw message (``mailingestctl store stats``)."""
+    out: dict[str, Any] = {"backend": store.dialect}
+    with store.transaction() as cur:
+        q = lambda sql: store._exec(cur, sql).fetchone()  # noqa: E731
+        total, with_raw, in_s3, raw_bytes = q("SELECT COUNT(*), COUNT(raw), COUNT(blob), "
+                                              "COALESCE(SUM(LENGTH(raw)), 0) FROM messages")
+        out["messages"] = {"rows": total, "raw_in_store": with_raw, "raw_in_s3": in_s3,
+                           "raw_pruned": total - with_raw - in_s3, "raw_bytes": int(raw_bytes)}
+        out["outbox"] = {"rows": q("SELECT COUNT(*) FROM outbox")[0]}
+        oldest = q(f"SELECT {_KEY}, m.ingested_at FROM messages m WHERE m.raw IS NOT NULL OR m.blob IS NOT NULL "
+                   "ORDER BY m.ingested_at LIMIT 1")
+        out["oldest_raw"] = {"key": oldest[0], "ingested_at": oldest[1]} if oldest else None
+        if store.dialect == "postgresql":
+            out["message_keys"] = {"rows": q("SELECT COUNT(*) FROM message_keys")[0]}
+            out["database_bytes"] = q("SELECT pg_database_size(current_database())")[0]
+            out["tables_bytes"] = {name: q(f"SELECT pg_total_relation_size('{name}')")[0]
+                                   for name in ("message_keys", "outbox", "accounts", "mailboxes")}
+        else:
+            page_size, pages, free = (q("PRAGMA page_size")[0], q("PRAGMA page_count")[0], q("PRAGMA freelist_count")[0])
+            out["database_bytes"] = page_size * pages
+            out["free_bytes"] = page_size * free
+    if store.dialect == "postgresql":
+        parts = partitions.list_partitions(store, with_sizes=True)
+        out["partitions"] = [msgspec.to_builtins(p) for p in parts]
+        out["tables_bytes"]["messages"] = sum(p.bytes for p in parts)
+    return out
