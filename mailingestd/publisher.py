@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 SQS_MAX_BYTES = 256 * 1024  # per message and per SendMessageBatch request
 SCAN_WINDOW = 500
+# One publish_once step starts no new SendMessageBatch after this long, so the process heartbeats
+# between steps even when SQS answers slowly and the outbox is deep.
+STEP_SECONDS = 1.0
 
 
 class PublishStats(msgspec.Struct):
@@ -117,6 +120,8 @@ class Publisher:
         due = [e for e in window if self.retry_at.get(e.id, 0.0) <= now]
         sent = 0
         for group in self._groups(self._request(due)):
+            if self.clock() - now > STEP_SECONDS:
+                break
             by_id = {item["Id"]: entry for entry, item in group}
             try:
                 reply = self.client.send_message_batch(QueueUrl=self.queue.url, Entries=[item for _, item in group])

@@ -6,14 +6,17 @@ import time
 
 from .child import Child
 from .config import Config
-from .publisher import Publisher, PublishStats
+from .publisher import Publisher, PublishStats, make_sqs_client
 from .store import open_store
 
 
 def main(config: Config, slot: int, parent_pid: int) -> int:
     child = Child(config, "publisher", slot, parent_pid)
     store = open_store(config.store_url, 1, 2)
-    publisher = Publisher(store, config.queue)
+    # Every SQS call (two attempts, each a connect and a read) ends well inside heartbeat_timeout:
+    # a blackholed endpoint must not get the publisher killed as stuck, over and over.
+    timeout = min(10.0, config.daemon.heartbeat_timeout / 5)
+    publisher = Publisher(store, config.queue, client=make_sqs_client(config.queue, timeout))
 
     def on_tick(stats: PublishStats) -> None:
         now = time.monotonic()

@@ -1,0 +1,50 @@
+"""Regression tests for bugs the reliability suite found, each reduced to its smallest failing case."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailingestd.config import QueueConfig
+from mailingestd.publisher import STEP_SECONDS, Publisher
+from mailingestd.store import StoredMessage, open_store
+
+pytestmark = pytest.mark.reliability
+
+
+def stored(uid: int) -> StoredMessage:
+    raw = f"Message-ID: <{uid}@r>\r\n\r\nbody\r\n".encode()
+    return StoredMessage(uid=uid, raw=raw, size=len(raw), internaldate=None, message_id=f"<{uid}@r>", from_=None,
+                         to=None, cc=None, subject=None, date=None, in_reply_to=None, references=None)
+
+
+class SlowSqs:
+    """An SQS client whose every SendMessageBatch takes ``seconds`` of a fake clock (moto under load)."""
+
+    def __init__(self, clock: list[float], seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.calls = 0
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:
+        self.calls += 1
+        self.clock[0] += self.seconds
+        return {"Successful": [{"Id": e["Id"]} for e in Entries]}
+
+
+def test_a_publish_step_is_bounded_in_time_so_the_publisher_keeps_heartbeating(tmp_path):
+    """Found by SIGKILL of the publisher with a deep outbox: the next publisher sent 500 entries
+    (50 SendMessageBatch calls, seconds each on a slow endpoint) before its first heartbeat, and
+    the supervisor killed it as stuck, again and again."""
+    store = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    mailbox = store.start_mailbox("acct", "INBOX", 1)
+    store.commit_batch(mailbox, [stored(uid) for uid in range(1, 201)], settled_uid=200)
+    clock = [0.0]
+    sqs = SlowSqs(clock, seconds=0.4)
+    publisher = Publisher(store, QueueConfig(kind="sqs", url="https://sqs.example/q.fifo"), client=sqs,
+                          clock=lambda: clock[0])
+    sent = publisher.publish_once()
+    assert clock[0] <= STEP_SECONDS + sqs.seconds, "one step stops starting calls after STEP_SECONDS"
+    assert 0 < sent < 200 and store.outbox_depth() == 200 - sent
+    while store.outbox_depth():
+        publisher.publish_once()
+    assert sqs.calls == 20
