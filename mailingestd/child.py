@@ -23,6 +23,7 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+INCARNATION = 0  # set by the supervisor in the child after fork: restarts of this slot before it
 MAX_ERRORS = 10
 SEND_HWM = 10_000
 

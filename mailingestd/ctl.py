@@ -20,7 +20,9 @@ import click
 import msgspec
 
 from . import config as config_mod, control, imap
-from .config import AccountConfig, Config
+from .config import AccountConfig, Config, OAuth2Config
+from .credentials import Credentials, ReauthRequired, TokenEndpointError
+from .secrets import Keyring, SecretError, default_key_path, generate_key_line
 from .store import Store, StoreError, open_store
 
 EX_OK = 0
@@ -196,27 +198,68 @@ def account() -> None:
 @click.option("--tls", type=click.Choice(["implicit", "starttls", "none"]), default="implicit", show_default=True)
 @click.option("--tls-ca-file", default=None, help="Extra CA bundle to trust for this server.")
 @click.option("--username", required=True)
-@click.option("--password-file", default=None, help="File holding the password (read by the daemon).")
+@click.option("--password-file", default=None, help="File holding the password (read by the daemon at each login).")
 @click.option("--password-env", default=None, help="Environment variable holding the password.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input and keep it "
+              "encrypted in the store (needs secrets.key_file).")
+@click.option("--oauth2-provider", type=click.Choice(["google", "microsoft", "custom"]), default=None,
+              help="Use OAuth2 (XOAUTH2/OAUTHBEARER) with this provider's endpoint and scopes.")
+@click.option("--oauth2-token-url", default="", help="Token endpoint (provider custom, or to override a preset).")
+@click.option("--oauth2-client-id", default="", help="OAuth2 client id.")
+@click.option("--oauth2-scope", "oauth2_scopes", multiple=True, help="Scope (repeatable; default: the preset's).")
+@click.option("--oauth2-secrets-stdin", is_flag=True, help="Read two lines from standard input, the client secret "
+              "and the refresh token, and keep them encrypted in the store.")
 @click.option("--folder", "folders", multiple=True, help="Folder to ingest (repeatable; default INBOX).")
 @click.option("--priority", type=click.Choice(["auto", "high", "medium", "low"]), default="auto", show_default=True)
 @click.option("--no-idle", is_flag=True, help="Never use IDLE; poll instead.")
 @click.option("--disabled", is_flag=True, help="Add the account disabled.")
 @click.pass_context
 def account_add(ctx: click.Context, account_id: str, host: str, port: int | None, tls: str, tls_ca_file: str | None,
-                username: str, password_file: str | None, password_env: str | None, folders: tuple[str, ...],
+                username: str, password_file: str | None, password_env: str | None, password_stdin: bool,
+                oauth2_provider: str | None, oauth2_token_url: str, oauth2_client_id: str,
+                oauth2_scopes: tuple[str, ...], oauth2_secrets_stdin: bool, folders: tuple[str, ...],
                 priority: str, no_idle: bool, disabled: bool) -> None:
-    """Add (or replace) an account in the store."""
-    if bool(password_file) == bool(password_env):
-        raise click.UsageError("give exactly one of --password-file and --password-env")
+    """Add (or replace) an account in the store. Secrets given on standard input are encrypted."""
     if "/" in account_id:
         raise click.UsageError("an account id cannot contain '/' (it is part of message keys)")
+    oauth = None
+    plain: dict[str, str] = {}
+    if oauth2_provider:
+        if password_file or password_env or password_stdin:
+            raise click.UsageError("an OAuth2 account takes no password")
+        if not oauth2_secrets_stdin:
+            raise click.UsageError("give --oauth2-secrets-stdin (client secret and refresh token on two lines)")
+        lines = sys.stdin.read().splitlines()
+        if len(lines) < 2 or not lines[1].strip():
+            raise click.UsageError("standard input must hold two lines: the client secret, then the refresh token")
+        plain = {"client_secret": lines[0].strip(), "refresh_token": lines[1].strip()}
+        if not plain["client_secret"]:
+            del plain["client_secret"]
+        oauth = OAuth2Config(provider=oauth2_provider, token_url=oauth2_token_url, client_id=oauth2_client_id,
+                             scopes=list(oauth2_scopes))
+    else:
+        if sum(map(bool, (password_file, password_env, password_stdin))) != 1:
+            raise click.UsageError("give exactly one of --password-file, --password-env and --password-stdin")
+        if password_stdin:
+            plain = {"password": sys.stdin.readline().rstrip("\r\n")}
     acct = AccountConfig(id=account_id, host=host, port=port, tls=tls, tls_ca_file=tls_ca_file, username=username,
+                         auth="oauth2" if oauth else "password", oauth2=oauth,
                          password_file=password_file, password_env=password_env,
                          folders=list(folders) or ["INBOX"], priority=priority, idle=not no_idle,
                          enabled=not disabled)
-    store_of(ctx).upsert_account(acct, source="store")
-    click.echo(f"account {account_id} saved")
+    secrets = None
+    if plain:
+        ring = keyring_of(ctx)
+        secrets = {field: ring.encrypt(value, account_id, field) for field, value in plain.items()}
+    store_of(ctx).upsert_account(acct, source="store", secrets=secrets)
+    click.echo(f"account {account_id} saved" + (" (secrets encrypted in the store)" if secrets else ""))
+
+
+def keyring_of(ctx: click.Context) -> Keyring:
+    try:
+        return Keyring.load(default_key_path(load_config(ctx).secrets.key_file))
+    except config_mod.ConfigError as exc:
+        fail(EX_CONFIG, str(exc))
 
 
 @account.command("list")
@@ -298,11 +341,21 @@ def account_disable(ctx: click.Context, account_id: str) -> None:
 def account_test(ctx: click.Context, account_id: str) -> None:
     """Log in once and report capabilities and folder state; changes and stores nothing."""
     cfg = load_config(ctx)
-    acct = _get(ctx, account_id).account
+    row = _get(ctx, account_id)
+    acct = row.account
+    credentials = Credentials(cfg.secrets.key_file)  # a token of its own: nothing is saved
+    token = None
     try:
-        secret = config_mod.read_secret(acct)
+        if acct.auth == "oauth2":
+            token = credentials.access_token(acct, row.secrets)
+            secret = token.token
+        else:
+            secret = credentials.password(acct, row.secrets)
     except config_mod.ConfigError as exc:
         fail(EX_CONFIG, str(exc))
+    except (ReauthRequired, TokenEndpointError) as exc:
+        fail(1, f"account={account_id} error_kind={'reauth' if isinstance(exc, ReauthRequired) else 'network'} "
+                f"error={exc}")
     started = time.monotonic()
     try:
         client = imap.connect(acct, secret, timeout=cfg.imap.timeout)
@@ -310,8 +363,12 @@ def account_test(ctx: click.Context, account_id: str) -> None:
         fail(1, f"account={account_id} server={acct.host}:{acct.effective_port} error_kind={exc.kind.value} "
                 f"error={exc.detail}")
     try:
+        mechanism = getattr(client, "login_mechanism", "?")
         click.echo(f"account {account_id}: logged in to {acct.host}:{acct.effective_port} as {acct.username} "
-                   f"(auth {acct.auth}, tls {acct.tls}) in {time.monotonic() - started:.2f}s")
+                   f"(auth {acct.auth}, mechanism {mechanism}, tls {acct.tls}) in {time.monotonic() - started:.2f}s")
+        if token is not None:
+            expires = datetime.datetime.fromtimestamp(token.expires_wall).isoformat(timespec="seconds")
+            click.echo(f"access token expires at {expires} (in {token.expires_wall - time.time():.0f}s)")
         click.echo("capabilities: " + " ".join(sorted(imap.capabilities(client))))
         for folder in acct.folders:
             try:
@@ -322,6 +379,47 @@ def account_test(ctx: click.Context, account_id: str) -> None:
                 click.echo(f"folder {folder}: error_kind={exc.kind.value} error={exc.detail}")
     finally:
         imap.logout(client, 5.0)
+
+
+# --- secrets ----------------------------------------------------------------------------------------
+@cli.group("secrets")
+def secrets_group() -> None:
+    """Keys for the secrets kept encrypted in the store."""
+
+
+@secrets_group.command("genkey")
+def secrets_genkey() -> None:
+    """Print a new key line (<id>:<base64>) for secrets.key_file; put it FIRST to encrypt with it."""
+    click.echo(generate_key_line())
+
+
+@secrets_group.command("rotate")
+@click.pass_context
+def secrets_rotate(ctx: click.Context) -> None:
+    """Re-encrypt every stored secret under the key file's first key (old keys only decrypt)."""
+    ring = keyring_of(ctx)
+    store = store_of(ctx)
+    rotated = 0
+    for row in store.list_accounts():
+        if not row.secrets:
+            continue
+        try:
+            plain = {f: ring.decrypt(c, row.account.id, f) for f, c in row.secrets.items()}
+        except SecretError as exc:
+            fail(EX_CONFIG, str(exc))
+        if all(ring.key_of(c) == ring.current_id for c in row.secrets.values()):
+            continue
+        store.set_secrets(row.account.id, {f: ring.encrypt(v, row.account.id, f) for f, v in plain.items()},
+                          new_credentials=False)
+        rotated += 1
+    for row in store.list_accounts():
+        token = store.rotated_refresh_token(row.account.id)
+        if token is not None and ring.key_of(token[0]) != ring.current_id:
+            value = ring.decrypt(token[0], row.account.id, "refresh_token")
+            store.save_rotated_refresh_token(row.account.id, ring.encrypt(value, row.account.id, "refresh_token"))
+            rotated += 1
+    click.echo(f"re-encrypted the secrets of {rotated} accounts under key {ring.current_id}; "
+               "older key lines can now be removed from the key file")
 
 
 # --- messages ---------------------------------------------------------------------------------------

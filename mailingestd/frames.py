@@ -27,9 +27,13 @@ class Frame(msgspec.Struct, tag=True, kw_only=True):
 
 # --- scheduler -> worker ------------------------------------------------------------------------
 class Assign(Frame):
-    """The complete set of accounts this worker slot owns now (replaces any earlier set)."""
+    """The complete set of accounts this worker slot owns now (replaces any earlier set).
+
+    ``secrets``: per account, its stored secrets as ciphertexts (the worker holds the key).
+    """
 
     accounts: list[AccountConfig]
+    secrets: dict[str, dict[str, str]] = {}
 
 
 class Poll(Frame):
@@ -50,8 +54,11 @@ class Resume(Frame):
 
 # --- worker -> scheduler ------------------------------------------------------------------------
 class WorkerReady(Frame):
+    """A worker started. ``incarnation``: how many times its slot was restarted before (0 = first)."""
+
     slot: int
     pid: int
+    incarnation: int = 0
 
 
 class Result(Frame):

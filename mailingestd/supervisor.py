@@ -31,7 +31,7 @@ from typing import Any, Callable
 import zmq
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__, config as config_mod, control, frames, logs, metrics, notify
+from . import __version__, child, config as config_mod, control, frames, logs, metrics, notify
 from .child import bind_pull, connect_push, ipc_path, send
 from .config import Config, ConfigError
 from .histogram import Histogram
@@ -261,6 +261,7 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_DFL)
             if self.control_sock is not None:
                 self.control_sock.close()
+            child.INCARNATION = slot.restarts
             if slot.cpu is not None:
                 os.sched_setaffinity(0, {slot.cpu})
             logs.configure(self.config.daemon.log_level, slot.name)
