@@ -180,7 +180,8 @@ def test_sigkill_mid_batch_many_times_loses_and_duplicates_nothing(dovecot, mail
     kills = 0
     for round_ in range(8):
         daemon.start(wait=False)
-        time.sleep(0.8 + 0.15 * round_)
+        wait_until(lambda: len(daemon.child_pids()) >= 2, 20, 0.05, "the children forked\n" + daemon.log_tail())
+        time.sleep(0.5 + 0.15 * round_)  # into the ingest: fetching, committing, or in between
         workers = daemon.child_pids()
         daemon.kill()  # SIGKILL the supervisor and every child: no drain, no cleanup
         kills += 1
