@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import NoReturn
 
 import click
 
-from . import __version__, config as config_mod, logs
+from . import __version__, config as config_mod, logs, sysexits
 from .store import StoreError, open_store
+from .sysexits import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
 
-EX_OK = 0
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
-
-
-def fail(code: int, message: str) -> None:
-    click.echo(f"mailingestd: {message}", err=True)
-    sys.exit(code)
+def fail(code: int, message: str) -> NoReturn:
+    sysexits.fail("mailingestd", code, message)
 
 
 def check(cfg: config_mod.Config) -> None:

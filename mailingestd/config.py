@@ -19,7 +19,6 @@ import msgspec
 
 DEFAULT_CONFIG_PATH = "/etc/mailingestd/mailingestd.toml"
 ENV_PREFIX = "MAILINGESTD_"
-EX_CONFIG = 78
 
 
 class ConfigError(Exception):

@@ -19,21 +19,15 @@ from typing import Any, NoReturn
 import click
 import msgspec
 
-from . import config as config_mod, control, imap
+from . import config as config_mod, control, imap, sysexits
 from .config import AccountConfig, Config, OAuth2Config
 from .credentials import Credentials, ReauthRequired, TokenEndpointError
 from .secrets import Keyring, SecretError, default_key_path, generate_key_line
 from .store import Store, StoreError, open_store
-
-EX_OK = 0
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
-
+from .sysexits import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE
 
 def fail(code: int, message: str) -> NoReturn:
-    click.echo(f"mailingestctl: {message}", err=True)
-    sys.exit(code)
+    sysexits.fail("mailingestctl", code, message)
 
 
 def load_config(ctx: click.Context) -> Config:

@@ -37,13 +37,10 @@ from .config import Config, ConfigError
 from .histogram import Histogram
 from .planner import LAG_BUCKETS
 from .store import Store, StoreError, open_store
+from .sysexits import EX_OK, EX_SOFTWARE
 
 log = logging.getLogger(__name__)
 
-EX_OK = 0
-EX_SOFTWARE = 70  # a child crash loop: restarting again would not help
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
 LOOP_TICK = 0.2
 CRASH_LOOP_LIMIT = 8
 HEALTHY_AFTER = 30.0
