@@ -609,6 +609,13 @@ class SqliteStore(Store):
             self._local.conn = None
 
 
+# How long a caller waits for a pooled connection (and a new connection for its handshake). The
+# scheduler and the publisher call the store from their main loops: while PostgreSQL is down they
+# must get a StoreError back well within daemon.heartbeat_timeout (15 s by default), or the
+# supervisor kills them as stuck and a database outage becomes a crash loop.
+POOL_WAIT = 5.0
+
+
 class PostgresStore(Store):
     """PostgreSQL through a psycopg_pool connection pool (opened lazily, after any fork)."""
 
@@ -619,7 +626,7 @@ class PostgresStore(Store):
         # messages is partitioned: uniqueness of the key lives in message_keys (partitions.py).
         return partitions.insert_message(self, cur, values)
 
-    def __init__(self, url: str, pool_min: int = 1, pool_max: int = 8, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, pool_min: int = 1, pool_max: int = 8, timeout: float = POOL_WAIT) -> None:
         self.url = url
         self.pool_min = pool_min
         self.pool_max = pool_max
@@ -634,8 +641,11 @@ class PostgresStore(Store):
                 from psycopg_pool import ConnectionPool
 
                 self._pid = os.getpid()
+                # reconnect_timeout: the pool's reconnect backoff doubles without a cap until it
+                # gives up; giving up early lets the next request start over at 1 s, so work
+                # resumes within seconds of PostgreSQL's return, not a minute after it.
                 self._pool = ConnectionPool(self.url, min_size=self.pool_min, max_size=self.pool_max,
-                                            timeout=self.timeout, open=True,
+                                            timeout=self.timeout, open=True, reconnect_timeout=2 * self.timeout,
                                             kwargs={"connect_timeout": int(self.timeout)})
             return self._pool
 

@@ -37,7 +37,7 @@ from .config import Config, ConfigError
 from .histogram import Histogram
 from .planner import LAG_BUCKETS
 from .store import Store, StoreError, open_store
-from .sysexits import EX_OK, EX_SOFTWARE
+from .sysexits import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,10 @@ class Supervisor:
                 os.sched_setaffinity(0, {slot.cpu})
             logs.configure(self.config.daemon.log_level, slot.name)
             code = _role_main(slot.role)(self.config, slot.slot, self.pid)
+        except StoreError as exc:  # a dependency outage, not a bug: see reap_children
+            logging.getLogger(__name__).error("event=child_store_unavailable role=%s slot=%d error=%s", slot.role,
+                                              slot.slot, exc)
+            code = EX_UNAVAILABLE
         except BaseException as exc:  # the supervisor decides what a crash means
             logging.getLogger(__name__).exception("event=child_crashed role=%s slot=%d error=%s", slot.role,
                                                   slot.slot, exc)
@@ -295,7 +299,11 @@ class Supervisor:
             slot.start_after = now + delay
             log.error("event=child_exited role=%s slot=%d pid=%d how=%s ran_for=%.1fs restart_in=%.1fs",
                       slot.role, slot.slot, pid, slot.last_exit, ran_for, delay)
-            if slot.failures >= CRASH_LOOP_LIMIT:
+            # A child that could not reach the store keeps being restarted (backoff capped at
+            # MAX_RESTART_DELAY) for as long as the outage lasts: giving up would turn a database
+            # restart into a dead daemon.
+            unavailable = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EX_UNAVAILABLE
+            if slot.failures >= CRASH_LOOP_LIMIT and not unavailable:
                 log.critical("event=fatal reason=crash_loop role=%s slot=%d failures=%d last=%s: giving up; "
                              "see the errors above", slot.role, slot.slot, slot.failures, slot.last_exit)
                 self.exit_code = EX_SOFTWARE
