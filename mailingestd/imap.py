@@ -17,7 +17,9 @@ on top of :class:`imapclient.IMAPClient`. What this module adds to imapclient:
 * **IDLE for a selector loop.** :func:`idle_read` never blocks, drains data hidden in the TLS
   object's buffer (``SSLSocket.pending()``), keeps partial lines for the next call (imapclient
   #519), and raises on EOF instead of spinning. :func:`idle_stop` and :func:`logout` are bounded by
-  a timeout even on a cut network (imapclient #449).
+  a timeout even on a cut network (imapclient #449). :func:`idle_done_send` ends IDLE without
+  waiting, so a loop can renew IDLE or probe thousands of connections without holding a thread per
+  silent server: :func:`idle_read` then reports the server's reply (:func:`idling` turns False).
 
 Never two threads on one client: an IMAPClient is not thread safe, and neither is this module.
 """
@@ -52,17 +54,21 @@ __all__ = [
     "authenticate",
     "capabilities",
     "classify",
+    "close",
     "connect",
     "examine",
     "fetch_messages",
     "has_new_mail",
+    "idle_done_send",
     "idle_read",
     "idle_start",
     "idle_stop",
+    "idling",
     "logout",
     "noop",
     "status",
     "uids_from",
+    "unselect",
 ]
 
 # A `* SEARCH` reply carries every matching UID on one line: 8 MiB holds about 900,000 UIDs of
@@ -471,6 +477,7 @@ class _Client(imapclient.IMAPClient):
         self._imap.debug = 0
         self.normalise_times = False  # keep INTERNALDATE's time zone
         self.idle_tag: bytes | None = None
+        self.idle_done_sent = False
 
     def _create_IMAP4(self) -> _BoundedIMAP4:
         return _BoundedIMAP4(self.host, self.port, ssl_context=self._implicit_tls, **self._limits)
@@ -637,6 +644,22 @@ def status(client: imapclient.IMAPClient, folder: str) -> FolderState:
 
 
 @_raises_imap_error
+def unselect(client: imapclient.IMAPClient) -> None:
+    """Leave the selected folder, if any: ``UNSELECT`` (RFC 3691), or ``CLOSE`` without it.
+
+    Dovecot answers STATUS on the selected folder from the session's own view, which only NOOP or
+    a new selection refreshes: a poll that keeps INBOX selected would never see new mail by
+    STATUS. Both commands leave a folder selected read-only (EXAMINE) untouched.
+    """
+    if _bounded(client).state != "SELECTED":
+        return
+    if client.has_capability("UNSELECT"):
+        client.unselect_folder()
+    else:
+        client.close_folder()
+
+
+@_raises_imap_error
 def uids_from(client: imapclient.IMAPClient, first_uid: int) -> list[int]:
     """UIDs >= ``first_uid`` in the selected folder, ascending: ``UID SEARCH UID first:*``.
 
@@ -701,6 +724,7 @@ def idle_start(client: imapclient.IMAPClient) -> list[tuple[Any, ...]]:
         line = imap._get_line()
         if line.startswith(b"+"):
             client.idle_tag = tag
+            client.idle_done_sent = False
             client._idle_tag = tag  # imapclient's own idle_done() keeps working
             return early
         if line.startswith(tag + b" "):
@@ -737,15 +761,21 @@ def idle_read(client: imapclient.IMAPClient) -> list[tuple[Any, ...]]:
     the rest keeps the socket readable) and returns the complete untagged responses, parsed as by
     imapclient's ``idle_check``, e.g. ``[(3, b'EXISTS'), (b'OK', b'Still here')]``. A partial line
     stays buffered for the next call. A response announcing a literal is completed blocking,
-    within the usual deadline. Raises :class:`ImapError` when the server closed the connection,
-    said BYE, or ended the IDLE command itself.
+    within the usual deadline. After :func:`idle_done_send`, the server's completion of IDLE ends
+    the read: what follows stays buffered and :func:`idling` is False. Raises :class:`ImapError` when
+    the server closed the connection, said BYE, or ended the IDLE command unasked.
     """
     imap = _bounded(client)
     closed = imap.recv_available(IDLE_READ_BUDGET)
     responses: list[tuple[Any, ...]] = []
     while (line := imap.take_buffered_line()) is not None:
         if client.idle_tag is not None and line.startswith(client.idle_tag + b" "):
+            asked, tag = client.idle_done_sent, client.idle_tag
             client.idle_tag = client._idle_tag = None
+            client.idle_done_sent = False
+            imap.tagged_commands.pop(tag, None)
+            if asked and line[len(tag) + 1:].split(b" ", 1)[0] == b"OK":
+                return responses
             raise imaplib.IMAP4.abort(f"server ended IDLE: {line.decode('utf-8', 'replace')}")
         response = _parse_untagged(imap, line)
         if response[0] == b"BYE":
@@ -765,9 +795,30 @@ def has_new_mail(responses: list[tuple[Any, ...]]) -> bool:
     )
 
 
+def idling(client: imapclient.IMAPClient) -> bool:
+    """True while the IDLE command is in progress (started, and its completion not yet read)."""
+    return getattr(client, "idle_tag", None) is not None
+
+
+@_raises_imap_error
+def idle_done_send(client: imapclient.IMAPClient) -> None:
+    """Send ``DONE`` without waiting for the server's reply (a few bytes on a quiet socket).
+
+    For a selector loop renewing IDLE or probing a silent connection: keep the socket registered,
+    and when :func:`idle_read` returns with :func:`idling` False the server has answered (it is
+    alive); no answer within the loop's own deadline means a dead connection. :func:`idle_stop`
+    may still be called afterwards: it only waits for the reply.
+    """
+    if client.idle_tag is None or client.idle_done_sent:
+        return
+    _bounded(client).send(b"DONE\r\n")
+    client.idle_done_sent = True
+
+
 @_raises_imap_error
 def idle_stop(client: imapclient.IMAPClient, timeout: float) -> list[tuple[Any, ...]]:
-    """Send ``DONE`` and read until the IDLE command completes, within ``timeout`` seconds.
+    """Send ``DONE`` (unless :func:`idle_done_send` did) and read until the IDLE command
+    completes, within ``timeout`` seconds.
 
     Returns the untagged responses that arrived meanwhile (check them with :func:`has_new_mail`).
     On a cut network this raises ``ImapError(TIMEOUT)`` after ``timeout`` instead of hanging
@@ -779,7 +830,9 @@ def idle_stop(client: imapclient.IMAPClient, timeout: float) -> list[tuple[Any, 
         return []
     saved_timeout, imap.io_timeout = imap.io_timeout, timeout
     try:
-        imap.send(b"DONE\r\n")
+        if not client.idle_done_sent:
+            imap.send(b"DONE\r\n")
+            client.idle_done_sent = True
         responses: list[tuple[Any, ...]] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -787,6 +840,7 @@ def idle_stop(client: imapclient.IMAPClient, timeout: float) -> list[tuple[Any, 
             if line.startswith(tag + b" "):
                 imap.tagged_commands.pop(tag, None)
                 client.idle_tag = client._idle_tag = None
+                client.idle_done_sent = False
                 word = line[len(tag) + 1:].split(b" ", 1)[0]
                 if word != b"OK":
                     raise imaplib.IMAP4.error(f"IDLE ended with {line.decode('utf-8', 'replace')}")
@@ -812,6 +866,12 @@ def logout(client: imapclient.IMAPClient, timeout: float = 5.0) -> None:
         client.logout()
     except Exception:
         _close_quietly(client)
+
+
+def close(client: imapclient.IMAPClient) -> None:
+    """Cut the connection without a word: after a timeout or a broken stream, a polite LOGOUT
+    would only wait for a server that is not listening. Never raises."""
+    _close_quietly(client)
 
 
 def _close_quietly(client: imapclient.IMAPClient) -> None:

@@ -9,16 +9,32 @@ and takes it back when the job's outcome arrives through the completion queue.
 
 Every new connection is granted by the scheduler (``Poll.may_connect``), which owns the
 per-server token buckets and connection caps; a worker never reconnects on its own.
+
+Leaving IDLE for a renewal (``imap.idle_renew``) or a keepalive probe (``imap.keepalive`` of
+silence) costs no thread: the loop sends ``DONE`` itself and waits for the reply in the selector.
+A reply hands the session to a job (check every folder, re-enter IDLE); no reply within
+``imap.timeout`` declares the connection dead. So a network cut that silences thousands of
+sessions is detected in one timeout, not in thousands of thread-timeouts queued behind each other.
+Renewal times are jittered so sessions that entered IDLE together do not renew together.
+
+At most ``imap.threads`` jobs are handed to the pool; the rest wait in ``job_backlog`` (one entry
+per session at most, since a busy session takes no second job), and no renewal starts while
+jobs wait: a burst of notifications on thousands of sessions queues references, not work.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import heapq
+import itertools
 import logging
 import os
 import queue
+import random
 import selectors
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -35,13 +51,23 @@ from .store import Store, open_store
 log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.5
+# Renewals and keepalive probes fall in the last RENEW_JITTER of their interval, drawn afresh at
+# every IDLE entry: 10,000 sessions that entered IDLE together renew spread over 2 of 10 minutes.
+RENEW_JITTER = 0.2
+# DONEs sent per loop turn at most, so a wave of due renewals cannot stall the loop.
+PROBES_PER_TURN = 500
 
 
 class Session:
-    """One account's connection. ``busy``: a pool thread owns it; otherwise the loop does."""
+    """One account's connection. ``busy``: a pool thread owns it; otherwise the loop does.
 
-    __slots__ = ("account", "client", "busy", "idling", "idle_capable", "idle_since", "heard_at",
-                 "pending_order", "notified_at", "fd")
+    While idling: ``renew_at`` is the jittered renewal time, ``keepalive_after`` the jittered
+    silence that triggers a probe, ``probe_deadline`` set while our DONE awaits its reply;
+    ``generation`` counts IDLE entries (timer entries of older ones are stale).
+    """
+
+    __slots__ = ("account", "busy", "client", "fd", "generation", "heard_at", "idle_capable", "idling",
+                 "keepalive_after", "pending_order", "probe_deadline", "renew_at")
 
     def __init__(self, account: AccountConfig) -> None:
         self.account = account
@@ -49,11 +75,68 @@ class Session:
         self.busy = False
         self.idling = False
         self.idle_capable = False
-        self.idle_since = 0.0
         self.heard_at = 0.0
+        self.renew_at = 0.0
+        self.keepalive_after = 0.0
+        self.probe_deadline: float | None = None
+        self.generation = 0
         self.pending_order: frames.Poll | None = None
-        self.notified_at: float | None = None
         self.fd: int | None = None
+
+
+class IdleTimers:
+    """When each idling session next leaves IDLE: at its renewal, or after its keepalive silence.
+
+    A heap of (due_at, seq, generation, session) with lazy deletion: an entry whose generation is
+    not the session's, or whose session is busy, not idling or already probing, is dropped when
+    it surfaces; one whose session was heard from since is pushed back to its new time. Every
+    turn costs O(due log n), never a scan of all sessions. Pure: no I/O, ``now`` is passed in.
+    """
+
+    def __init__(self, renew_after: float, keepalive: float, rng: random.Random | None = None) -> None:
+        self.renew_after = renew_after
+        self.keepalive = keepalive
+        self.random = (rng or random.Random()).random
+        self.heap: list[tuple[float, int, int, Session]] = []
+        self.seq = itertools.count()
+
+    def start(self, session: Session, now: float) -> None:
+        """The session (re)entered IDLE at ``now``."""
+        session.generation += 1
+        session.heard_at = now
+        session.probe_deadline = None
+        session.renew_at = now + self.renew_after * (1.0 - RENEW_JITTER * self.random())
+        session.keepalive_after = self.keepalive * (1.0 - RENEW_JITTER * self.random())
+        self._push(session, self.due_at(session))
+
+    @staticmethod
+    def due_at(session: Session) -> float:
+        return min(session.renew_at, session.heard_at + session.keepalive_after)
+
+    def due(self, now: float, limit: int) -> list[Session]:
+        """Up to ``limit`` idling sessions whose renewal or keepalive probe is due, earliest first."""
+        heap = self.heap
+        found: list[Session] = []
+        while heap and heap[0][0] <= now and len(found) < limit:
+            _, _, generation, session = heapq.heappop(heap)
+            if (generation != session.generation or session.busy or not session.idling
+                    or session.probe_deadline is not None):
+                continue
+            due_at = self.due_at(session)
+            if due_at > now:
+                self._push(session, due_at)
+            else:
+                found.append(session)
+        return found
+
+    def compact(self, live: int) -> None:
+        """Drop stale entries once they outnumber the live ones (sessions re-entering IDLE often)."""
+        if len(self.heap) > 2 * live + 1024:
+            self.heap = [entry for entry in self.heap if entry[2] == entry[3].generation and entry[3].idling]
+            heapq.heapify(self.heap)
+
+    def _push(self, session: Session, due_at: float) -> None:
+        heapq.heappush(self.heap, (due_at, next(self.seq), session.generation, session))
 
 
 class Outcome(msgspec.Struct):
@@ -88,7 +171,13 @@ class Worker:
         self.store.blobs = open_blobs(config.blobs)  # [blobs] kind = "s3": raw bytes to S3 before each commit
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.imap.threads,
                                                           thread_name_prefix=f"worker{slot}")
-        self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.max_jobs = config.imap.threads
+        self.running_jobs = 0
+        self.job_backlog: collections.deque[tuple[Callable[..., Outcome | None], tuple[Any, ...]]] = \
+            collections.deque()
+        self.timers = IdleTimers(config.imap.idle_renew, config.imap.keepalive)
+        self.probes: collections.deque[tuple[float, int, Session]] = collections.deque()
+        self.done: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -124,7 +213,7 @@ class Worker:
                     self.on_readable(key.data, now)
             self.read_frames()
             self.collect_outcomes()
-            self.renew_idles(time.monotonic())
+            self.service_timers(time.monotonic())
             if self.draining and not self.drained_sent and self.fully_drained():
                 self.drained_sent = True
                 send(self.to_scheduler, frames.Drained(slot=self.slot, in_flight_accounts=self.drain_in_flight[0],
@@ -183,36 +272,65 @@ class Worker:
             return
         try:
             responses = imap.idle_read(session.client)
-        except Exception as exc:
-            self.start_job(session, 0, False, notified=None, reason=f"idle connection lost: {exc}")
+        except imap.ImapError as exc:
+            self.start_job(session, 0, False, failure=imap.ImapError(
+                exc.kind, f"idle connection lost: {exc.detail}", exc.retry_after))
             return
         if responses:
             session.heard_at = now
-        if imap.has_new_mail(responses):
-            self.start_job(session, 0, False, notified=now)
+        notified = now if imap.has_new_mail(responses) else None
+        if not imap.idling(session.client):  # the server answered our DONE: renew, all folders
+            self.start_job(session, 0, False, notified=notified, all_folders=True)
+        elif notified is not None:
+            self.start_job(session, 0, False, notified=notified)
 
-    def renew_idles(self, now: float) -> None:
-        renew_after = self.config.imap.idle_renew
-        keepalive = self.config.imap.keepalive
-        for session in self.sessions.values():
-            if session.idling and not session.busy and (
-                    now - session.idle_since >= renew_after or now - session.heard_at >= keepalive):
-                self.start_job(session, 0, False)
+    def service_timers(self, now: float) -> None:
+        """Declare dead the connections that left our DONE unanswered; send DONE to those due for
+        renewal or a keepalive probe (none while jobs wait: the pool is the bottleneck)."""
+        timeout = self.config.imap.timeout
+        while self.probes and self.probes[0][0] <= now:
+            _, generation, session = self.probes.popleft()
+            if session.generation == generation and session.probe_deadline is not None and not session.busy:
+                self.start_job(session, 0, False, failure=imap.ImapError(
+                    imap.FailureKind.TIMEOUT, f"no reply to DONE within {timeout:g}s: connection presumed dead"))
+        if self.job_backlog:
+            return
+        for session in self.timers.due(now, PROBES_PER_TURN):
+            try:
+                imap.idle_done_send(session.client)
+            except imap.ImapError as exc:
+                self.start_job(session, 0, False, failure=exc)
+                continue
+            session.probe_deadline = now + timeout
+            self.probes.append((session.probe_deadline, session.generation, session))
 
     # --- handing sessions to the pool ---------------------------------------------------------
     def start_job(self, session: Session, order_id: int, may_connect: bool, notified: float | None = None,
-                  reason: str | None = None) -> None:
+                  failure: imap.ImapError | None = None, all_folders: bool = False) -> None:
         if session.fd is not None:
             self.selector.unregister(session.fd)
             session.fd = None
         session.busy = True
+        session.probe_deadline = None
         was_idling, session.idling = session.idling, False
-        future = self.pool.submit(self.job, session.account, session.client, order_id, may_connect, was_idling,
-                                  notified, reason)
-        future.add_done_callback(self._job_done)
+        self.submit(self.job, session.account, session.client, order_id, may_connect, was_idling, notified,
+                    failure, all_folders)
+
+    def submit(self, function: Callable[..., Outcome | None], *args: Any) -> None:
+        """Run ``function(*args)`` on the pool, or queue it while ``max_jobs`` are running."""
+        if self.running_jobs >= self.max_jobs:
+            self.job_backlog.append((function, args))
+            return
+        self.running_jobs += 1
+        self.pool.submit(function, *args).add_done_callback(self._job_done)
 
     def _job_done(self, future: concurrent.futures.Future) -> None:
-        self.done.put(future.result())
+        try:
+            outcome = future.result()
+        except BaseException:  # a bug; the slot must still be counted back
+            log.exception("event=job_crashed worker=%d", self.slot)
+            outcome = None
+        self.done.put(outcome)
         try:
             os.write(self.wake_w, b"\0")
         except BlockingIOError:
@@ -228,15 +346,20 @@ class Worker:
             try:
                 outcome = self.done.get_nowait()
             except queue.Empty:
-                return
-            self.on_outcome(outcome)
+                break
+            self.running_jobs -= 1
+            if outcome is not None:
+                self.on_outcome(outcome)
+        while self.job_backlog and self.running_jobs < self.max_jobs:
+            function, args = self.job_backlog.popleft()
+            self.submit(function, *args)
 
     def on_outcome(self, outcome: Outcome) -> None:
         session = self.sessions.get(outcome.account_id)
         now = time.monotonic()
         if session is None:  # retired while the job ran: just close what it holds
             if outcome.client is not None:
-                self.pool.submit(imap.logout, outcome.client, self.config.imap.timeout)
+                self.submit(imap.logout, outcome.client, min(self.config.imap.timeout, 10.0))
             return
         session.busy = False
         session.client = outcome.client
@@ -260,13 +383,15 @@ class Worker:
                         outcome.account_id, server, outcome.failure_kind, outcome.detail)
         if outcome.idling and session.client is not None:
             session.idling = True
-            session.idle_since = session.heard_at = now
             try:
                 session.fd = session.client.socket().fileno()
                 self.selector.register(session.fd, selectors.EVENT_READ, session)
             except (OSError, ValueError, KeyError):
                 session.fd = None
                 session.idling = False
+            else:
+                self.timers.start(session, now)
+                self.timers.compact(len(self.sessions))
         report = outcome.order_id or not outcome.ok or not outcome.idling
         arrivals = outcome.new_messages - outcome.backlog  # a first sync's backlog is not a burst of mail
         if outcome.order_id == 0 and outcome.ok and arrivals:
@@ -285,13 +410,18 @@ class Worker:
 
     # --- the blocking work (pool threads) -----------------------------------------------------
     def job(self, account: AccountConfig, client: Any, order_id: int, may_connect: bool, was_idling: bool,
-            notified: float | None, reason: str | None) -> Outcome:
-        """Connect if granted, check every folder, ingest what is new, and re-enter IDLE."""
+            notified: float | None, failure: imap.ImapError | None, all_folders: bool) -> Outcome:
+        """Connect if granted, check the folders, ingest what is new, and re-enter IDLE.
+
+        An IDLE notification checks INBOX only; an order, a renewal (``all_folders``) or a
+        connection not idling checks every folder with STATUS first. ``failure``: the loop found
+        the connection broken; report it and close.
+        """
         outcome = Outcome(account_id=account.id, order_id=order_id, ok=False, notified_at=notified)
         timeout = self.config.imap.timeout
         try:
-            if reason is not None:
-                raise imap.ImapError(imap.FailureKind.NETWORK, reason)
+            if failure is not None:
+                raise failure
             if client is None:
                 if not may_connect:
                     outcome.failure_kind = "disconnected"
@@ -305,7 +435,7 @@ class Worker:
                 imap.idle_stop(client, timeout)
             outcome.client = client
             outcome.idle_capable = account.idle and "IDLE" in imap.capabilities(client)
-            self.check_folders(client, account, outcome, ordered=order_id > 0 or not was_idling)
+            self.check_folders(client, account, outcome, ordered=order_id > 0 or not was_idling or all_folders)
             if self.draining or self.child.stop_requested:
                 outcome.ok = True
                 return outcome
@@ -322,7 +452,10 @@ class Worker:
             outcome.detail = failure.detail
             outcome.retry_after = failure.retry_after
             if outcome.client is not None or client is not None:
-                imap.logout(outcome.client or client, min(timeout, 5.0))
+                if failure.kind in (imap.FailureKind.TIMEOUT, imap.FailureKind.NETWORK, imap.FailureKind.PROTOCOL):
+                    imap.close(outcome.client or client)  # nobody listening, or the stream is broken
+                else:
+                    imap.logout(outcome.client or client, min(timeout, 5.0))
             outcome.client = None
             outcome.idling = False
         return outcome
@@ -333,6 +466,8 @@ class Worker:
         An IDLE notification (not ``ordered``) concerns the selected INBOX only.
         """
         folders = sorted(account.folders, key=lambda f: f.upper() == "INBOX") if ordered else ["INBOX"]
+        if ordered:
+            imap.unselect(client)  # so that STATUS sees the folder afresh (see imap.unselect)
         for folder in folders:
             if self.draining or self.child.stop_requested:
                 return
@@ -365,13 +500,13 @@ class Worker:
             session.fd = None
         client, session.client, session.idling = session.client, None, False
         session.busy = True
+        session.probe_deadline = None
 
         def logout() -> Outcome:
             imap.logout(client, min(self.config.imap.timeout, 10.0))
             return Outcome(account_id=session.account.id, order_id=0, ok=True)
 
-        future = self.pool.submit(logout)
-        future.add_done_callback(self._job_done)
+        self.submit(logout)
 
     def start_drain(self) -> None:
         if not self.draining:

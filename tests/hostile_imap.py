@@ -3,8 +3,8 @@
 Everything a well-behaved server does is tested against a real Dovecot; this server exists only for
 lines without end, literals announced and never sent, servers that stop mid-response, garbage
 greetings, unexpected BYEs, slow drips and the providers' throttling replies. It speaks just enough
-IMAP (greeting, CAPABILITY, LOGIN, AUTHENTICATE PLAIN, SELECT/EXAMINE, UID SEARCH, UID FETCH, NOOP,
-IDLE, LOGOUT) to lead a client to the misbehaviour.
+IMAP (greeting, CAPABILITY, LOGIN, AUTHENTICATE PLAIN, SELECT/EXAMINE, STATUS, UID SEARCH, UID FETCH,
+NOOP, IDLE, LOGOUT) to lead a client to the misbehaviour.
 
     with HostileServer("huge_literal") as server:
         connect(Account(host=server.host, port=server.port, tls="none"), "pw")
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 MESSAGE = (
@@ -121,6 +122,9 @@ class Session:
                 b"* FLAGS (\\Seen)\r\n* 1 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 7] UIDs valid\r\n"
                 b"* OK [UIDNEXT 2] next\r\n" + tag + b" OK [READ-ONLY] " + name + b" completed\r\n"
             )
+        elif name == b"STATUS":
+            folder = rest.split(b" (", 1)[0]
+            self.send(b"* STATUS " + folder + b" (UIDVALIDITY 7 UIDNEXT 2 MESSAGES 1)\r\n" + ok)
         elif name == b"UID SEARCH":
             self.send(b"* SEARCH 1\r\n" + ok)
         elif name == b"UID FETCH":
@@ -149,10 +153,11 @@ Scenario = Callable[[Session], None]
 class HostileServer:
     """A scripted IMAP server on 127.0.0.1 and a free port, one thread per connection."""
 
-    def __init__(self, scenario: str | Scenario) -> None:
+    def __init__(self, scenario: str | Scenario, host: str = "127.0.0.1") -> None:
         self.scenario: Scenario = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
-        self.host = "127.0.0.1"
+        self.host = host  # any 127.x.y.z: a server of its own name for per-server limits
         self.connections = 0
+        self.accepted_at: list[float] = []  # time.monotonic() of each accepted connection
         self._stopping = threading.Event()
         self._listener = socket.create_server((self.host, 0))
         self._listener.settimeout(0.1)
@@ -184,6 +189,7 @@ class HostileServer:
             except TimeoutError:
                 continue
             self.connections += 1
+            self.accepted_at.append(time.monotonic())
             thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
             thread.start()
             self._threads.append(thread)
