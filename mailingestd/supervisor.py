@@ -46,6 +46,7 @@ CRASH_LOOP_LIMIT = 8
 HEALTHY_AFTER = 30.0
 MAX_RESTART_DELAY = 30.0
 MAX_CONTROL_CLIENTS = 32
+CONTROL_CLIENT_TIMEOUT = 5.0
 
 
 class State(enum.Enum):
@@ -130,6 +131,7 @@ class Supervisor:
         self.pull: zmq.Socket | None = None
         self.to_scheduler: zmq.Socket | None = None
         self.control_sock: socket.socket | None = None
+        self.control_clients: dict[socket.socket, tuple[float, bytes]] = {}
         self.lock_fd: int | None = None
         self.store: Store | None = None
         self.totals = metrics.Totals()
@@ -377,35 +379,45 @@ class Supervisor:
         self.control_sock = sock
 
     def serve_control(self) -> None:
-        """Answer waiting mailingestctl requests; each gets one reply, garbage gets an error."""
+        """Answer mailingestctl requests; each gets one reply, garbage gets an error.
+
+        A connection waits in ``control_clients`` until its whole request line has arrived, read
+        without blocking each turn of the loop: a client that connects and says nothing (or
+        dribbles) costs a slot for CONTROL_CLIENT_TIMEOUT, never a stall of the supervisor.
+        """
         assert self.control_sock is not None
-        for _ in range(MAX_CONTROL_CLIENTS):
+        now = time.monotonic()
+        while len(self.control_clients) < MAX_CONTROL_CLIENTS:
             try:
                 conn, _ = self.control_sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
+            conn.setblocking(False)
+            self.control_clients[conn] = (now + CONTROL_CLIENT_TIMEOUT, b"")
+        for conn, (deadline, buf) in list(self.control_clients.items()):
+            try:
+                while b"\n" not in buf and len(buf) <= control.MAX_REQUEST_BYTES:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+            except BlockingIOError:
+                if now < deadline:
+                    self.control_clients[conn] = (deadline, buf)
+                    continue
+            except OSError:
+                pass
+            del self.control_clients[conn]
             with conn:
-                conn.settimeout(2.0)
+                line = buf.split(b"\n", 1)[0] if len(buf) <= control.MAX_REQUEST_BYTES else None
+                request = control.decode_request(line) if line is not None else "request too long"
+                reply = (control.Reply(ok=False, error=request) if isinstance(request, str)
+                         else self.dispatch(request))
                 try:
-                    line = self._read_line(conn)
-                    request = control.decode_request(line) if line is not None else "request too long"
-                    reply = (control.Reply(ok=False, error=request) if isinstance(request, str)
-                             else self.dispatch(request))
+                    conn.settimeout(2.0)
                     conn.sendall(control.encode_reply(reply))
                 except OSError as exc:
                     log.warning("event=control_client_error error=%s", exc)
-
-    @staticmethod
-    def _read_line(conn: socket.socket) -> bytes | None:
-        buf = b""
-        while b"\n" not in buf:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > control.MAX_REQUEST_BYTES:
-                return None
-        return buf.split(b"\n", 1)[0]
 
     def dispatch(self, request: control.AnyRequest) -> control.Reply:
         handler = getattr(self, f"handle_{type(request).__name__.lower()}")
@@ -576,9 +588,9 @@ class Supervisor:
             except zmq.ZMQError as exc:
                 if exc.errno != errno.EINTR:
                     raise
-            now = time.monotonic()
             self.handle_signals()
             self.serve_control()
+            now = time.monotonic()  # after the control clients: heartbeats are stamped with the time they are read
             self.read_heartbeats(now)
             self.reap_children()
             self.murder_stuck(now)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
+from harness import Daemon
 
 from mailingestd.config import QueueConfig
 from mailingestd.publisher import STEP_SECONDS, Publisher
@@ -48,3 +52,22 @@ def test_a_publish_step_is_bounded_in_time_so_the_publisher_keeps_heartbeating(t
     while store.outbox_depth():
         publisher.publish_once()
     assert sqs.calls == 20
+
+
+def test_silent_control_clients_do_not_stall_the_supervisor(tmp_path):
+    """Found by the control-socket garbage test: the supervisor read each control client with a 2 s
+    blocking timeout inside its loop, so 8 clients that connected and said nothing stalled it for
+    16 s, and it then killed every child as stuck (heartbeats stamped with the stale loop time)."""
+    with Daemon(tmp_path, heartbeat_timeout="3s") as daemon:
+        silent = []
+        for _ in range(8):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(daemon.runtime_dir / "control.sock"))
+            silent.append(sock)
+        asked = time.monotonic()
+        assert daemon.status()["supervisor"]["state"] == "running"
+        assert time.monotonic() - asked < 3, "status answers beside silent clients"
+        time.sleep(4)  # past heartbeat_timeout
+        assert all(c["restarts"] == 0 for c in daemon.status()["children"]), daemon.log_tail()
+        for sock in silent:
+            sock.close()
