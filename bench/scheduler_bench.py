@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mailingestd.config import LimitsConfig, SchedulerConfig  # noqa: E402
@@ -56,31 +58,33 @@ def run_planner(accounts: int, hours: float, seed: int) -> dict[str, Any]:
         planner.add(AccountPlan(account_id=f"acct{index}", server=SERVERS[index % len(SERVERS)],
                                 priority=PRIORITY_MIX[index % len(PRIORITY_MIX)], idle=False), 0.0)
     setup_seconds = time.process_time() - setup_started
-    # Outcomes drawn up front so the loop measures the planner, not the simulation's dice.
-    outcomes = [rng.random() for _ in range(65536)]
+    # Outcomes drawn up front so the loop measures the planner, not the simulation's dice; the
+    # simulated workers answer each batch of orders with one batch of results, as the scheduler
+    # process does with the results it reads in one turn.
+    outcomes = np.array([rng.random() for _ in range(65536)])
     tick = SCHEDULER.tick
     ticks = int(hours * 3600 / tick)
     decisions = failures = mail = 0
-    on_result = planner.on_result
-    due = planner.due
+    on_results = planner.on_results
+    due_batch = planner.due_batch
+    positions = np.arange(1 << 20)
     started = time.process_time()
     for step in range(1, ticks + 1):
         now = step * tick
-        for order in due(now, 1 << 30):
-            draw = outcomes[decisions & 65535]
-            decisions += 1
-            if draw < 0.001:
-                failures += 1
-                on_result(order.account_id, now, ok=False, failure_kind="network", connected=False, idling=False)
-            elif draw < 0.0011:
-                on_result(order.account_id, now, ok=False, failure_kind="throttled", retry_after=60.0,
-                          connected=False, idling=False)
-            elif draw < 0.05:
-                mail += 1
-                on_result(order.account_id, now, ok=True, new_messages=1 + int(draw * 100),
-                          connected=True, idling=False)
-            else:
-                on_result(order.account_id, now, ok=True, connected=draw < 0.5, idling=False)
+        orders = due_batch(now, 1 << 30)
+        count = len(orders)
+        if not count:
+            continue
+        draw = outcomes[(positions[:count] + decisions) & 65535]
+        decisions += count
+        ok = draw >= 0.0011
+        with_mail = ok & (draw < 0.05)
+        failures += count - int(np.count_nonzero(draw >= 0.001))
+        mail += int(np.count_nonzero(with_mail))
+        new_messages = np.where(with_mail, 1 + (draw * 100).astype(np.int64), 0)
+        retry_after = np.where((draw >= 0.001) & ~ok, 60.0, np.nan)
+        on_results(now, orders.index, ok, ok & (draw < 0.5), np.zeros(count, dtype=bool), new_messages,
+                   np.zeros(count, dtype=bool), retry_after)
     cpu_seconds = time.process_time() - started
     snapshot = planner.snapshot(ticks * tick)
     return {"decisions": decisions, "cpu_seconds": cpu_seconds, "setup_cpu_seconds": setup_seconds,
@@ -116,22 +120,19 @@ def run_bare_loop(accounts: int, hours: float, seed: int) -> dict[str, Any]:
 def run_wheel_loop(accounts: int, hours: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     tick = SCHEDULER.tick
-    wheel = TimingWheel(tick, 0.0)
-    interval_of = {}
+    wheel = TimingWheel(tick, 0.0, capacity=accounts)
+    interval_of = np.array([INTERVALS[PRIORITY_MIX[index % len(PRIORITY_MIX)]] for index in range(accounts)])
     for index in range(accounts):
-        key = f"acct{index}"
-        interval = INTERVALS[PRIORITY_MIX[index % len(PRIORITY_MIX)]]
-        interval_of[key] = interval
-        wheel.schedule(key, rng.random() * interval)
+        wheel.schedule(index, rng.random() * interval_of[index])
     ticks = int(hours * 3600 / tick)
     decisions = 0
-    schedule = wheel.schedule
+    schedule_many = wheel.schedule_many
     started = time.process_time()
     for step in range(1, ticks + 1):
         now = step * tick
-        for key in wheel.advance(now):
-            schedule(key, now + interval_of[key])
-            decisions += 1
+        keys = wheel.advance(now)
+        schedule_many(keys, interval_of[keys] + now)
+        decisions += len(keys)
     cpu_seconds = time.process_time() - started
     return {"decisions": decisions, "cpu_seconds": cpu_seconds, "peak_rss_mib": peak_rss_mib()}
 

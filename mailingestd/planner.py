@@ -21,19 +21,31 @@ account with a slot polls on it without asking the server's bucket.
 
 from __future__ import annotations
 
+import math
 import random
-from bisect import bisect_left
 from collections import deque
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Literal
 
 import msgspec
+import numpy as np
 
 from mailingestd.backoff import retry_delay
 from mailingestd.config import LimitsConfig, SchedulerConfig
-from mailingestd.priority import (AdaptivePriority, FixedPriority, PriorityRules, Tier, forget_priority,
-                                  make_priority)
-from mailingestd.ratelimit import ConnectionLimits, Refusal
+from mailingestd.priority import (
+    AdaptivePriority,
+    FixedPriority,
+    PriorityRules,
+    Tier,
+    forget_priority,
+    make_priority,
+)
+from mailingestd.ratelimit import (
+    DEFAULT_BURST_SECONDS,
+    ConnectionLimits,
+    ServerConnections,
+)
 from mailingestd.wheel import TimingWheel
 
 
@@ -63,6 +75,7 @@ _ALLOWED: dict[AccountState, frozenset[AccountState]] = {
 }
 # Bit masks over state numbers, for the hot paths.
 _ALLOWED_MASK = [sum(1 << target for target in _ALLOWED[state]) | (1 << state) for state in AccountState]
+_STATES = list(AccountState)
 _IN_WHEEL_MASK = (1 << S.NEW) | (1 << S.SCHEDULED) | (1 << S.IDLING) | (1 << S.BACKOFF)
 
 # Lag bucket upper bounds in seconds (Prometheus "le"); a last bucket takes everything above.
@@ -137,50 +150,70 @@ class PlannerSnapshot(msgspec.Struct, frozen=True):
     expired_total: int
 
 
-class _Account:
-    """One account's scheduling state (internal; the wheel holds these objects as keys)."""
+class OrderBatch(msgspec.Struct, frozen=True, gc=False):
+    """The orders of one ``due_batch`` call, as parallel arrays (``index``: account indexes, see
+    ``Planner.account_id``; ``need_connect``: no open connection, one was admitted)."""
 
-    __slots__ = ("account_id", "server", "plan", "state", "priority", "due_at", "ordered_at", "holds_slot",
-                 "failures", "auth_failures")
+    index: np.ndarray
+    need_connect: np.ndarray
+    due_at: np.ndarray
+    lag: np.ndarray
 
-    def __init__(self, plan: AccountPlan, priority: FixedPriority | AdaptivePriority) -> None:
-        self.account_id = plan.account_id
-        self.server = plan.server
-        self.plan = plan
-        self.state = AccountState.NEW
-        self.priority = priority
-        self.due_at = 0.0
-        self.ordered_at = 0.0
-        self.holds_slot = False
-        self.failures = 0
-        self.auth_failures = 0
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+_NO_ORDERS = OrderBatch(np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), np.empty(0), np.empty(0))
 
 
 class Planner:
-    """Scheduling state of every account: wheel, server limits, backoff, priority, circuit breaker."""
+    """Scheduling state of every account: wheel, server limits, backoff, priority, circuit breaker.
+
+    Each account has an integer index (``index_of``) into parallel arrays (state, server, due and
+    order times, slot, failure counts); the wheel holds indexes. Indexes of removed accounts are
+    not reused, so a stale entry in a queue can never point at a different account.
+    """
 
     def __init__(self, scheduler: SchedulerConfig, limits: LimitsConfig, now: float,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, burst_seconds: float = DEFAULT_BURST_SECONDS) -> None:
         self.config = scheduler
         self.rng = rng if rng is not None else random.Random()
-        self.limits = ConnectionLimits(limits)
+        self._np_rng = np.random.Generator(np.random.PCG64(self.rng.getrandbits(64)))
+        self.limits = ConnectionLimits(limits, burst_seconds)
         self.rules = PriorityRules(scheduler)
         self._fixed: dict[Tier, FixedPriority] = {}
         self._wheel = TimingWheel(scheduler.tick, now, wheel_slots(scheduler))
-        self._accounts: dict[str, _Account] = {}
-        self._server_accounts: dict[str, int] = {}
-        self._waiting: dict[str, deque[_Account]] = {}
-        self._waiting_counts: dict[str, int] = {}
-        self._due_backlog: deque[_Account] = deque()
-        # (ordered_at, account) in order time order; an entry is current while the account is
+        # Per account (by index).
+        self._index: dict[str, int] = {}
+        self._ids: list[str | None] = []
+        self._plans: list[AccountPlan | None] = []
+        self._priority: list[FixedPriority | AdaptivePriority | None] = []
+        self._live = np.zeros(0, dtype=bool)
+        self._state = np.zeros(0, dtype=np.int8)
+        self._server = np.zeros(0, dtype=np.int32)
+        self._due_at = np.zeros(0)
+        self._ordered_at = np.zeros(0)
+        self._holds_slot = np.zeros(0, dtype=bool)
+        self._failures = np.zeros(0, dtype=np.int32)
+        self._auth_failures = np.zeros(0, dtype=np.int32)
+        self._fixed_interval = np.zeros(0)  # NaN for adaptive priorities
+        self._marks = np.zeros(0, dtype=np.int64)  # scratch: finds an account twice in one batch
+        # Per server (by server index).
+        self._server_ids: dict[str, int] = {}
+        self._server_names: list[str] = []
+        self._connections: list[ServerConnections] = []
+        self._server_accounts: list[int] = []
+        self._waiting: dict[int, deque[int]] = {}
+        self._waiting_counts: list[int] = []
+        self._due_backlog: deque[int] = deque()
+        # (ordered_at, indexes) chunks in time order; an entry is current while its account is
         # polling with that ordered_at, else stale (dropped by expire_orders or compaction).
-        self._orders_out: deque[tuple[float, _Account]] = deque()
-        self._lag_counts = [0] * (len(LAG_BUCKETS) + 1)
+        self._orders_out: deque[tuple[float, np.ndarray]] = deque()
+        self._orders_out_entries = 0
+        self._lag_counts = np.zeros(len(LAG_BUCKETS) + 1, dtype=np.int64)
+        self._lag_bounds = np.array(LAG_BUCKETS)
         self._lag_sum = 0.0
         self._now = now
-        self._random = self.rng.random
-        self._jitter_low = 1.0 - scheduler.jitter
-        self._jitter_span = 2.0 * scheduler.jitter
         self.results_total = 0
         self.stale_results_total = 0
         self.expired_total = 0
@@ -188,39 +221,90 @@ class Planner:
     # -- accounts --------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._accounts)
+        return len(self._index)
 
     def __contains__(self, account_id: object) -> bool:
-        return account_id in self._accounts
+        return account_id in self._index
+
+    def account_ids(self) -> list[str]:
+        """Every planned account."""
+        return list(self._index)
+
+    def index_of(self, account_id: str) -> int | None:
+        """The account's index (stable while it is planned), or None when it is unknown."""
+        return self._index.get(account_id)
+
+    def account_id(self, index: int) -> str:
+        """The id of the account at ``index``."""
+        account_id = self._ids[index]
+        if account_id is None:
+            raise KeyError(index)
+        return account_id
+
+    def plan_of(self, account_id: str) -> AccountPlan | None:
+        """The account's definition as last added or updated, or None when it is unknown."""
+        index = self._index.get(account_id)
+        return None if index is None else self._plans[index]
 
     def state_of(self, account_id: str) -> AccountState | None:
         """The account's state, or None when it is unknown."""
-        account = self._accounts.get(account_id)
-        return account.state if account else None
+        index = self._index.get(account_id)
+        return None if index is None else _STATES[self._state[index]]
+
+    def tier_of(self, account_id: str) -> Tier | None:
+        """The account's current tier, or None when it is unknown."""
+        index = self._index.get(account_id)
+        return None if index is None else self._priority[index].tier
+
+    def holds_slot(self, account_id: str) -> bool:
+        """Whether the planner counts an open connection for the account."""
+        index = self._index.get(account_id)
+        return index is not None and bool(self._holds_slot[index])
+
+    def server_of(self, account_id: str) -> str | None:
+        index = self._index.get(account_id)
+        return None if index is None else self._server_names[self._server[index]]
 
     def due_at(self, account_id: str) -> float | None:
         """When the account is next due (None when it is not waiting for a due time)."""
-        account = self._accounts.get(account_id)
-        if account is None or not (_IN_WHEEL_MASK >> account.state) & 1:
+        index = self._index.get(account_id)
+        if index is None or not (_IN_WHEEL_MASK >> int(self._state[index])) & 1:
             return None
-        return account.due_at
+        return float(self._due_at[index])
+
+    def in_wheel(self, account_id: str) -> bool:
+        index = self._index.get(account_id)
+        return index is not None and index in self._wheel
+
+    def in_due_backlog(self, account_id: str) -> bool:
+        index = self._index.get(account_id)
+        return index is not None and index in self._due_backlog
 
     def add(self, plan: AccountPlan, now: float) -> None:
         """Start scheduling an account; its first poll falls at a random point of first_poll_spread."""
-        if plan.account_id in self._accounts:
+        if plan.account_id in self._index:
             raise ValueError(f"account {plan.account_id!r} is already planned")
         self._now = now
-        account = _Account(plan, make_priority(plan.priority, self.rules, now, self._fixed))
-        self._accounts[plan.account_id] = account
-        self._server_accounts[plan.server] = self._server_accounts.get(plan.server, 0) + 1
+        index = len(self._ids)
+        self._reserve(index + 1)
+        priority = make_priority(plan.priority, self.rules, now, self._fixed)
+        self._index[plan.account_id] = index
+        self._ids.append(plan.account_id)
+        self._plans.append(plan)
+        self._priority.append(priority)
+        self._live[index] = True
+        self._state[index] = AccountState.NEW
+        self._set_priority(index, priority)
+        server = self._server_index(plan.server, now)
+        self._server[index] = server
+        self._server_accounts[server] += 1
         if not plan.enabled:
-            self._move(account, AccountState.DISABLED)
+            self._move(index, AccountState.DISABLED)
             return
         # New accounts (a start, a reload, 10,000 added at once) are spread over first_poll_spread,
         # not over a whole interval: a new mailbox should be connected in seconds, not minutes.
-        spread = min(self.config.first_poll_spread, account.priority.interval(now))
-        first_due_at = now + self.rng.random() * spread
-        self._schedule(account, AccountState.NEW, first_due_at)
+        spread = min(self.config.first_poll_spread, priority.interval(now))
+        self._schedule(index, AccountState.NEW, now + self.rng.random() * spread)
 
     def update(self, plan: AccountPlan, now: float) -> None:
         """Apply a changed definition: server, priority, idle, enabled, credentials_version.
@@ -229,84 +313,106 @@ class Planner:
         drop it) and polls at once; a new credentials_version lifts ``auth_failed`` (and cuts a
         backoff short); ``enabled`` false disables, true re-enables.
         """
-        account = self._accounts[plan.account_id]
+        index = self._index[plan.account_id]
         self._now = now
-        old_plan, account.plan = account.plan, plan
+        old_plan = self._plans[index]
+        self._plans[index] = plan
         if not plan.enabled:
             self.disable(plan.account_id)
             return
-        if plan.server != account.server:
-            if account.holds_slot:
-                self._release_slot(account)
-            if account.state not in (AccountState.DISABLED, AccountState.AUTH_FAILED):
-                self._cancel(account)
-                self._schedule(account, AccountState.SCHEDULED, now)
-            self._server_accounts[account.server] -= 1
-            self._server_accounts[plan.server] = self._server_accounts.get(plan.server, 0) + 1
-            account.server = plan.server
+        if plan.server != old_plan.server:
+            if self._holds_slot[index]:
+                self._release_slot(index)
+            state = self._state[index]
+            if state not in (AccountState.DISABLED, AccountState.AUTH_FAILED):
+                self._wheel.cancel(index)
+                self._schedule(index, AccountState.SCHEDULED, now)
+            old_server = int(self._server[index])
+            new_server = self._server_index(plan.server, now)
+            self._server_accounts[old_server] -= 1
+            self._server_accounts[new_server] += 1
+            self._server[index] = new_server
         if plan.priority != old_plan.priority:
-            forget_priority(account.priority)
-            account.priority = make_priority(plan.priority, self.rules, now, self._fixed)
-            if account.state in (AccountState.NEW, AccountState.SCHEDULED):
-                sooner = now + account.priority.interval(now)
-                if sooner < account.due_at:
-                    self._schedule(account, account.state, sooner)
+            forget_priority(self._priority[index])
+            priority = make_priority(plan.priority, self.rules, now, self._fixed)
+            self._priority[index] = priority
+            self._set_priority(index, priority)
+            if self._state[index] in (AccountState.NEW, AccountState.SCHEDULED):
+                sooner = now + priority.interval(now)
+                if sooner < self._due_at[index]:
+                    self._schedule(index, AccountState(int(self._state[index])), sooner)
         if plan.credentials_version != old_plan.credentials_version:
-            account.auth_failures = 0
-            if account.state in (AccountState.AUTH_FAILED, AccountState.BACKOFF):
-                account.failures = 0
-                self._schedule(account, AccountState.SCHEDULED, now)
-        if old_plan.idle and not plan.idle and account.state == AccountState.IDLING:
-            self._schedule(account, AccountState.SCHEDULED, now)
-        if account.state == AccountState.DISABLED:
+            self._auth_failures[index] = 0
+            if self._state[index] in (AccountState.AUTH_FAILED, AccountState.BACKOFF):
+                self._failures[index] = 0
+                self._schedule(index, AccountState.SCHEDULED, now)
+        if old_plan.idle and not plan.idle and self._state[index] == AccountState.IDLING:
+            self._schedule(index, AccountState.SCHEDULED, now)
+        if self._state[index] == AccountState.DISABLED:
             self.enable(plan.account_id, now)
 
     def remove(self, account_id: str) -> bool:
         """Forget the account (its slot, if any, is released); False when it was unknown."""
-        account = self._accounts.pop(account_id, None)
-        if account is None:
+        index = self._index.pop(account_id, None)
+        if index is None:
             return False
-        self._cancel(account)
-        if account.holds_slot:
-            self._release_slot(account)
-        if account.state == AccountState.WAITING:
-            self._waiting_counts[account.server] -= 1
-        self._server_accounts[account.server] -= 1
-        forget_priority(account.priority)
+        self._wheel.cancel(index)
+        if self._holds_slot[index]:
+            self._release_slot(index)
+        server = int(self._server[index])
+        if self._state[index] == AccountState.WAITING:
+            self._waiting_counts[server] -= 1
+        self._server_accounts[server] -= 1
+        forget_priority(self._priority[index])
         # Entries left in the due backlog or a wait queue see a disabled account and skip it.
-        account.state = AccountState.DISABLED
+        self._state[index] = AccountState.DISABLED
+        self._live[index] = False
+        self._ids[index] = self._plans[index] = self._priority[index] = None
         return True
 
     def disable(self, account_id: str) -> None:
         """Stop scheduling the account (an order already out finishes; its result is ignored)."""
-        account = self._accounts[account_id]
-        self._cancel(account)
-        self._move(account, AccountState.DISABLED)
+        index = self._index[account_id]
+        self._wheel.cancel(index)
+        self._move(index, AccountState.DISABLED)
 
     def enable(self, account_id: str, now: float) -> bool:
         """Re-enable a disabled or auth_failed account: failures forgotten, due at once."""
-        account = self._accounts[account_id]
-        if account.state not in (AccountState.DISABLED, AccountState.AUTH_FAILED):
+        index = self._index[account_id]
+        if self._state[index] not in (AccountState.DISABLED, AccountState.AUTH_FAILED):
             return False
         self._now = now
-        account.failures = account.auth_failures = 0
-        self._schedule(account, AccountState.SCHEDULED, now)
+        self._failures[index] = self._auth_failures[index] = 0
+        self._schedule(index, AccountState.SCHEDULED, now)
         return True
 
-    def reconfigure(self, scheduler: SchedulerConfig, limits: LimitsConfig, now: float) -> None:
+    def reconfigure(self, scheduler: SchedulerConfig, limits: LimitsConfig, now: float,
+                    burst_seconds: float | None = None) -> None:
         """New intervals, thresholds and limits after a reload (the wheel keeps its tick);
         accounts pick up new intervals at their next reschedule."""
         self.config = scheduler
         self.rules.reconfigure(scheduler)
         for fixed in self._fixed.values():
             fixed.refresh()
-        self._jitter_low = 1.0 - scheduler.jitter
-        self._jitter_span = 2.0 * scheduler.jitter
+        count = len(self._ids)
+        for index, priority in enumerate(self._priority[:count]):
+            if priority is not None:
+                self._set_priority(index, priority)
+        if burst_seconds is not None:
+            self.limits.burst_seconds = burst_seconds
         self.limits.reconfigure(limits, now)
 
     # -- orders ----------------------------------------------------------------------------------
 
     def due(self, now: float, limit: int) -> list[Order]:
+        """``due_batch`` as ``Order`` objects with account ids (for callers that want one object per order)."""
+        batch = self.due_batch(now, limit)
+        ids, servers, names = self._ids, self._server, self._server_names
+        return [Order(ids[index], names[servers[index]], need_connect, due_at, lag)
+                for index, need_connect, due_at, lag in zip(batch.index.tolist(), batch.need_connect.tolist(),
+                                                             batch.due_at.tolist(), batch.lag.tolist())]
+
+    def due_batch(self, now: float, limit: int) -> OrderBatch:
         """At most ``limit`` orders for accounts due by ``now`` whose server admits them.
 
         Accounts already waiting on a server go first, in arrival order; then the due backlog;
@@ -314,107 +420,119 @@ class Planner:
         (and any later one for that server queues behind it).
         """
         self._now = now
-        orders: list[Order] = []
+        taken: list[int] = []
+        connects: list[bool] = []
         if self._waiting:
-            self._admit_waiting(now, limit, orders)
+            self._admit_waiting(now, limit, taken, connects)
         fresh = self._wheel.advance(now)
         backlog = self._due_backlog
         if backlog:
-            backlog.extend(fresh)
+            backlog.extend(fresh.tolist())
             wheel = self._wheel
-            while backlog and len(orders) < limit:
-                account = backlog.popleft()
-                if (_IN_WHEEL_MASK >> account.state) & 1 and account not in wheel:
-                    self._take(account, now, orders)
-            return orders
-        room = max(0, limit - len(orders))
+            while backlog and len(taken) < limit:
+                index = backlog.popleft()
+                if (_IN_WHEEL_MASK >> int(self._state[index])) & 1 and index not in wheel:
+                    self._take(index, now, taken, connects)
+            return self._issue(np.array(taken, dtype=np.int64), np.array(connects, dtype=bool), now)
+        room = max(0, limit - len(taken))
         if len(fresh) > room:
-            backlog.extend(fresh[room:])
-            del fresh[room:]
-        # The hot path, inlined: every account the wheel hands out is in a wheel state (leaving
-        # one cancels), so it may go to polling (a transition _ALLOWED permits from all of them).
-        polling = AccountState.POLLING
-        orders_out = self._orders_out.append
-        waiting_counts = self._waiting_counts
-        admit = self.limits.admit
-        lag_counts = self._lag_counts
-        lag_sum = 0.0
-        append = orders.append
-        for account in fresh:
-            if account.holds_slot:
-                need_connect = False
-            else:
-                server = account.server
-                if waiting_counts.get(server) or not admit(server, account.account_id, now):
-                    self._wait(account)
-                    continue
-                account.holds_slot = need_connect = True
-            account.state = polling
-            account.ordered_at = now
-            orders_out((now, account))
-            due_at = account.due_at
-            lag = now - due_at
-            lag_counts[bisect_left(LAG_BUCKETS, lag)] += 1
-            lag_sum += lag
-            append(Order(account.account_id, account.server, need_connect, due_at, lag))
-        self._lag_sum += lag_sum
-        if len(self._orders_out) > 2 * len(self._accounts) + 4096:
+            backlog.extend(fresh[room:].tolist())
+            fresh = fresh[:room]
+        # Every account the wheel hands out is in a wheel state, so it may go to polling.
+        need_connect = ~self._holds_slot[fresh]
+        if need_connect.any():
+            keep = self._admit_fresh(fresh, need_connect, now)
+            if keep is not None:
+                fresh, need_connect = fresh[keep], need_connect[keep]
+        if taken:
+            fresh = np.concatenate([np.array(taken, dtype=np.int64), fresh])
+            need_connect = np.concatenate([np.array(connects, dtype=bool), need_connect])
+        return self._issue(fresh, need_connect, now)
+
+    def _admit_fresh(self, fresh: np.ndarray, need_connect: np.ndarray, now: float) -> np.ndarray | None:
+        """Admit the fresh accounts that need a connection, server by server in order; the
+        refused ones wait. Returns the mask of accounts to order (None: all of them)."""
+        asking = np.flatnonzero(need_connect)
+        asking_servers = self._server[fresh[asking]]
+        per_server = np.bincount(asking_servers, minlength=len(self._server_names)).tolist()
+        refusals: list[tuple[int, int]] = []
+        for server, count in enumerate(per_server):
+            if count:
+                admitted = 0 if self._waiting_counts[server] else self._connections[server].admit_many(count, now)
+                if admitted < count:
+                    refusals.append((server, admitted))
+        if not refusals:
+            self._holds_slot[fresh[asking]] = True
+            return None
+        keep = np.ones(len(fresh), dtype=bool)
+        for server, admitted in refusals:
+            refused = asking[asking_servers == server][admitted:]
+            keep[refused] = False
+            for index in fresh[refused].tolist():
+                self._wait(index)
+        self._holds_slot[fresh[asking[keep[asking]]]] = True
+        return keep
+
+    def _issue(self, indexes: np.ndarray, need_connect: np.ndarray, now: float) -> OrderBatch:
+        """Mark the accounts polling, record their lag, and hand out the batch."""
+        if not len(indexes):
+            return _NO_ORDERS
+        self._state[indexes] = AccountState.POLLING
+        self._ordered_at[indexes] = now
+        due_at = self._due_at[indexes]
+        lag = now - due_at
+        self._orders_out.append((now, indexes))
+        self._orders_out_entries += len(indexes)
+        self._lag_counts += np.bincount(np.searchsorted(self._lag_bounds, lag), minlength=len(self._lag_counts))
+        self._lag_sum += float(lag.sum())
+        if self._orders_out_entries > 2 * len(self._index) + 4096:
             self._compact_orders_out()
-        return orders
+        return OrderBatch(indexes, need_connect, due_at, lag)
 
-    def _take(self, account: _Account, now: float, orders: list[Order]) -> None:
+    def _take(self, index: int, now: float, taken: list[int], connects: list[bool]) -> None:
         """A due account: order it on its open connection, or if its server admits a new one."""
-        if account.holds_slot:
-            self._issue(account, now, False, orders)
-            return
-        server = account.server
-        if not self._waiting_counts.get(server) and self.limits.admit(server, account.account_id, now):
-            account.holds_slot = True
-            self._issue(account, now, True, orders)
+        if self._holds_slot[index]:
+            need_connect = False
         else:
-            self._wait(account)
+            server = int(self._server[index])
+            if self._waiting_counts[server] or not self._connections[server].admit_many(1, now):
+                self._wait(index)
+                return
+            self._holds_slot[index] = need_connect = True
+        # Polling at once, so a second entry of the same account in a queue is skipped.
+        self._move(index, AccountState.POLLING)
+        taken.append(index)
+        connects.append(need_connect)
 
-    def _wait(self, account: _Account) -> None:
+    def _wait(self, index: int) -> None:
         """Due, but refused by its server (or queued behind accounts that were): wait in line."""
-        self._move(account, AccountState.WAITING)
-        queue = self._waiting.get(account.server)
+        self._move(index, AccountState.WAITING)
+        server = int(self._server[index])
+        queue = self._waiting.get(server)
         if queue is None:
-            queue = self._waiting[account.server] = deque()
-        queue.append(account)
+            queue = self._waiting[server] = deque()
+        queue.append(index)
 
-    def _admit_waiting(self, now: float, limit: int, orders: list[Order]) -> None:
-        limits = self.limits
+    def _admit_waiting(self, now: float, limit: int, taken: list[int], connects: list[bool]) -> None:
         for server, queue in list(self._waiting.items()):
-            rotations_left = len(queue)
-            while queue and len(orders) < limit:
-                account = queue[0]
-                if account.state != AccountState.WAITING or account.server != server:
+            connections = self._connections[server]
+            while queue and len(taken) < limit:
+                index = queue[0]
+                if self._state[index] != AccountState.WAITING or self._server[index] != server:
                     queue.popleft()
                     continue
-                if account.holds_slot:
-                    queue.popleft()
-                    self._issue(account, now, False, orders)
-                elif limits.admit(server, account.account_id, now):
-                    queue.popleft()
-                    account.holds_slot = True
-                    self._issue(account, now, True, orders)
-                elif rotations_left > 0 and limits.refusal(server, account.account_id, now) is Refusal.ACCOUNT_FULL:
-                    # Its own cap, not the server's: let the accounts behind it try.
-                    rotations_left -= 1
-                    queue.rotate(-1)
+                if self._holds_slot[index]:
+                    need_connect = False
+                elif connections.admit_many(1, now):
+                    self._holds_slot[index] = need_connect = True
                 else:
                     break
-            if not self._waiting_counts.get(server):
+                queue.popleft()
+                self._move(index, AccountState.POLLING)
+                taken.append(index)
+                connects.append(need_connect)
+            if not self._waiting_counts[server]:
                 del self._waiting[server]
-
-    def _issue(self, account: _Account, now: float, need_connect: bool, orders: list[Order]) -> None:
-        self._move(account, AccountState.POLLING)
-        account.ordered_at = now
-        self._orders_out.append((now, account))
-        lag = now - account.due_at
-        self._lag_counts[bisect_left(LAG_BUCKETS, lag)] += 1
-        self._lag_sum += lag
-        orders.append(Order(account.account_id, account.server, need_connect, account.due_at, lag))
 
     def next_wakeup(self, now: float) -> float | None:
         """When ``due`` may next have work: ``now`` if anything is due or waiting on a refilling
@@ -423,11 +541,11 @@ class Planner:
         if self._due_backlog:
             return now
         wakeup = self._wheel.next_due()
-        limits = self.limits
         for server in self._waiting:
-            server_full = limits.connections(server) >= (limits.limits_for(server).max_connections_per_server or 0)
-            if self._waiting_counts.get(server) and not server_full:
-                refill_at = now + limits.wait_time(server, now)
+            connections = self._connections[server]
+            server_full = connections.open_connections >= (connections.limits.max_connections_per_server or 0)
+            if self._waiting_counts[server] and not server_full:
+                refill_at = now + connections.connect_bucket.wait_time(now)
                 wakeup = refill_at if wakeup is None else min(wakeup, refill_at)
         return wakeup
 
@@ -436,101 +554,152 @@ class Planner:
     def on_result(self, account_id: str, now: float, *, ok: bool, new_messages: int = 0,
                   failure_kind: str | None = None, retry_after: float | None = None,
                   connected: bool, idling: bool) -> None:
-        """A worker finished an order. ``connected``: it keeps a connection open for the account;
-        ``idling``: that connection is in IDLE. Success resets backoff; ``failure_kind`` "auth"
-        counts toward ``auth_failure_limit``; other failures back off with jitter, never sooner
-        than ``retry_after`` seconds. A result for an account with no order out (expired,
-        requeued, disabled, removed) only updates the connection count."""
+        """One worker result (see ``on_results``); ``failure_kind`` "auth" counts toward
+        ``auth_failure_limit``. An unknown account is counted as a stale result."""
+        index = self._index.get(account_id)
+        if index is None:
+            self.results_total += 1
+            self.stale_results_total += 1
+            return
+        self.on_results(now, [index], [ok], [connected], [idling], [new_messages], [failure_kind == "auth"],
+                        [math.nan if retry_after is None else retry_after])
+
+    def on_results(self, now: float, indexes: Sequence[int] | np.ndarray, ok: Sequence[bool] | np.ndarray,
+                   connected: Sequence[bool] | np.ndarray, idling: Sequence[bool] | np.ndarray,
+                   new_messages: Sequence[int] | np.ndarray | None = None,
+                   auth_failure: Sequence[bool] | np.ndarray | None = None,
+                   retry_after: Sequence[float] | np.ndarray | None = None) -> None:
+        """Worker results for a batch of accounts (parallel sequences; ``retry_after`` NaN: none).
+
+        ``connected``: the worker keeps a connection open for the account; ``idling``: that
+        connection is in IDLE. Success resets backoff; an ``auth_failure`` counts toward
+        ``auth_failure_limit``; other failures back off with jitter, never sooner than
+        ``retry_after`` seconds. A result for an account with no order out (expired, requeued,
+        disabled, removed) only updates the connection count. An account appearing twice in
+        one batch is handled as two results in order.
+        """
         self._now = now
-        self.results_total += 1
-        account = self._accounts.get(account_id)
-        if account is None:
-            self.stale_results_total += 1
+        index = np.asarray(indexes, dtype=np.int64)
+        count = len(index)
+        if count == 0:
             return
-        if connected is not account.holds_slot:
-            if connected:
-                self.limits.occupy(account.server, account_id, now)
-                account.holds_slot = True
-            else:
-                self._release_slot(account)
-        if account.state is not AccountState.POLLING:
-            self.stale_results_total += 1
+        ok = np.asarray(ok, dtype=bool)
+        connected = np.asarray(connected, dtype=bool)
+        idling = np.asarray(idling, dtype=bool)
+        mail = np.zeros(count, dtype=np.int64) if new_messages is None else np.asarray(new_messages, dtype=np.int64)
+        auth = np.zeros(count, dtype=bool) if auth_failure is None else np.asarray(auth_failure, dtype=bool)
+        wait = np.full(count, math.nan) if retry_after is None else np.asarray(retry_after, dtype=float)
+        marks = self._marks
+        marks[index] = np.arange(count)
+        if count > 1 and (marks[index] != np.arange(count)).any():
+            for position in range(count):
+                self.on_results(now, index[position:position + 1], ok[position:position + 1],
+                                connected[position:position + 1], idling[position:position + 1],
+                                mail[position:position + 1], auth[position:position + 1],
+                                wait[position:position + 1])
             return
-        if ok:
-            if account.failures or account.auth_failures:
-                account.failures = account.auth_failures = 0
-            priority = account.priority
-            if new_messages:
-                priority.observe(new_messages, now)
-            if idling and connected:
-                self._schedule(account, AccountState.IDLING, now + self.config.idle_safety_interval)
+        self.results_total += count
+        live = self._live[index]
+        if not live.all():
+            self.stale_results_total += count - int(np.count_nonzero(live))
+            index, ok, connected, idling, mail, auth, wait = (
+                part[live] for part in (index, ok, connected, idling, mail, auth, wait))
+        holds = self._holds_slot[index]
+        changed = connected != holds
+        if changed.any():
+            self._recount_slots(index[changed], connected[changed])
+        polling = self._state[index] == AccountState.POLLING
+        if not polling.all():
+            self.stale_results_total += len(index) - int(np.count_nonzero(polling))
+            index, ok, connected, idling, mail, auth, wait = (
+                part[polling] for part in (index, ok, connected, idling, mail, auth, wait))
+        if not ok.all():
+            failed = ~ok
+            for account, auth_failed, retry in zip(index[failed].tolist(), auth[failed].tolist(),
+                                                    wait[failed].tolist()):
+                self._on_failure(account, now, auth_failed, None if math.isnan(retry) else retry)
+            index, connected, idling, mail = index[ok], connected[ok], idling[ok], mail[ok]
+        self._failures[index] = 0
+        self._auth_failures[index] = 0
+        with_mail = mail > 0
+        if with_mail.any():
+            priorities = self._priority
+            for account, messages in zip(index[with_mail].tolist(), mail[with_mail].tolist()):
+                priorities[account].observe(messages, now)
+        idle = idling & connected
+        if idle.any():
+            idle_index = index[idle]
+            self._state[idle_index] = AccountState.IDLING
+            self._set_due(idle_index, np.full(len(idle_index), now + self.config.idle_safety_interval))
+            index = index[~idle]
+        # Polling -> scheduled (allowed), never due at once.
+        intervals = self._fixed_interval[index]
+        adaptive = np.isnan(intervals)
+        if adaptive.any():
+            priorities = self._priority
+            intervals[adaptive] = [priorities[account].interval(now) for account in index[adaptive].tolist()]
+        jitter = self.config.jitter
+        intervals *= (1.0 - jitter) + (2.0 * jitter) * self._np_rng.random(len(index))
+        self._state[index] = AccountState.SCHEDULED
+        self._set_due(index, intervals + now)
+
+    def _on_failure(self, index: int, now: float, auth_failed: bool, retry_after: float | None) -> None:
+        if auth_failed:
+            self._auth_failures[index] += 1
+            if self._auth_failures[index] >= self.config.auth_failure_limit:
+                self._move(index, AccountState.AUTH_FAILED)
                 return
-            # The hot path, inlined: polling -> scheduled (allowed), never due at once.
-            interval = priority.fixed_interval or priority.interval(now)
-            due_at = now + interval * (self._jitter_low + self._jitter_span * self._random())
-            account.state = AccountState.SCHEDULED
-            account.due_at = due_at
-            self._wheel.schedule(account, due_at)
-            return
-        if failure_kind == "auth":
-            account.auth_failures += 1
-            if account.auth_failures >= self.config.auth_failure_limit:
-                self._move(account, AccountState.AUTH_FAILED)
-                return
-        self._back_off(account, now, retry_after)
+        self._back_off(index, now, retry_after)
 
     def on_idle(self, account_id: str, now: float, idling: bool) -> None:
         """The worker entered (True) or lost (False) IDLE for the account. Idling needs only the
         safety poll; losing IDLE puts the account back on its tier's schedule, due at once."""
-        account = self._accounts.get(account_id)
-        if account is None:
+        index = self._index.get(account_id)
+        if index is None:
             return
         self._now = now
-        state = account.state
+        state = self._state[index]
         if idling:
-            if state in (AccountState.SCHEDULED, AccountState.BACKOFF) and account.holds_slot:
-                self._schedule(account, AccountState.IDLING, now + self.config.idle_safety_interval)
+            if state in (AccountState.SCHEDULED, AccountState.BACKOFF) and self._holds_slot[index]:
+                self._schedule(index, AccountState.IDLING, now + self.config.idle_safety_interval)
         elif state == AccountState.IDLING:
-            self._schedule(account, AccountState.SCHEDULED, now)
+            self._schedule(index, AccountState.SCHEDULED, now)
 
     def on_new_mail(self, account_id: str, now: float, count: int) -> None:
         """Mail seen through IDLE: feeds the account's rate and promotion."""
-        account = self._accounts.get(account_id)
-        if account is not None:
-            account.priority.observe(count, now)
+        index = self._index.get(account_id)
+        if index is not None:
+            self._priority[index].observe(count, now)
 
     def on_connection_closed(self, account_id: str, now: float | None = None) -> None:
         """The account's connection closed: its slot is released. An idling account has lost
         IDLE with it and is due at once (``now`` defaults to the latest time the planner saw)."""
-        account = self._accounts.get(account_id)
-        if account is None:
+        index = self._index.get(account_id)
+        if index is None:
             return
-        if account.holds_slot:
-            self._release_slot(account)
-        if account.state == AccountState.IDLING:
-            self._schedule(account, AccountState.SCHEDULED, self._now if now is None else now)
+        if self._holds_slot[index]:
+            self._release_slot(index)
+        if self._state[index] == AccountState.IDLING:
+            self._schedule(index, AccountState.SCHEDULED, self._now if now is None else now)
 
     def expire_orders(self, now: float, timeout: float) -> list[str]:
         """Orders out for ``timeout`` seconds or more with no result: their worker is presumed
         dead. Each counts as a failure (backoff, in case the account is what kills workers) and
         its connection slot is released. Returns the account ids."""
         self._now = now
-        expired = []
+        expired: list[int] = []
         orders_out = self._orders_out
-        while orders_out:
-            ordered_at, account = orders_out[0]
-            current = account.state is AccountState.POLLING and account.ordered_at == ordered_at
-            if current and ordered_at + timeout > now:
-                break
-            orders_out.popleft()
-            if current and self._accounts.get(account.account_id) is account:
-                expired.append(account)
-        for account in expired:
-            if account.holds_slot:
-                self._release_slot(account)
-            self._back_off(account, now, None)
+        while orders_out and orders_out[0][0] + timeout <= now:
+            ordered_at, indexes = orders_out.popleft()
+            self._orders_out_entries -= len(indexes)
+            current = (self._state[indexes] == AccountState.POLLING) & (self._ordered_at[indexes] == ordered_at)
+            expired += indexes[current & self._live[indexes]].tolist()
+        for index in expired:
+            if self._holds_slot[index]:
+                self._release_slot(index)
+            self._back_off(index, now, None)
         self.expired_total += len(expired)
-        return [account.account_id for account in expired]
+        return [self._ids[index] for index in expired]
 
     def requeue(self, account_ids: list[str], now: float) -> int:
         """Take back the orders of these accounts (their worker slot died): slots released,
@@ -539,12 +708,12 @@ class Planner:
         self._now = now
         requeued = 0
         for account_id in account_ids:
-            account = self._accounts.get(account_id)
-            if account is None or account.state != AccountState.POLLING:
+            index = self._index.get(account_id)
+            if index is None or self._state[index] != AccountState.POLLING:
                 continue
-            if account.holds_slot:
-                self._release_slot(account)
-            self._schedule(account, AccountState.SCHEDULED, now)
+            if self._holds_slot[index]:
+                self._release_slot(index)
+            self._schedule(index, AccountState.SCHEDULED, now)
             requeued += 1
         return requeued
 
@@ -554,23 +723,21 @@ class Planner:
         """Counts by state and tier, per-server connections/limits/waiting, and the lag histogram."""
         now = self._now if now is None else now
         servers = []
-        for server in sorted(set(self._server_accounts) | set(self.limits.servers())):
-            status = self.limits.status(server, now)
+        for name in sorted(set(self._server_names) | set(self.limits.servers())):
+            status = self.limits.status(name, now)
+            server = self._server_ids.get(name)
             servers.append(ServerSnapshot(
-                server=server, accounts=self._server_accounts.get(server, 0),
+                server=name, accounts=self._server_accounts[server] if server is not None else 0,
                 connections=status.connections, max_connections=status.max_connections,
                 max_connections_per_account=status.max_connections_per_account,
                 connects_per_minute=status.connects_per_minute, connect_tokens=status.connect_tokens,
-                waiting=self._waiting_counts.get(server, 0)))
-        # The census is counted here, not kept on every transition: one pass per status request
-        # is cheaper than two list updates per scheduling decision.
-        state_counts = [0] * len(AccountState)
-        auto_accounts = 0
-        for account in self._accounts.values():
-            state_counts[account.state] += 1
-            auto_accounts += account.priority.adaptive
+                waiting=self._waiting_counts[server] if server is not None else 0))
+        count = len(self._ids)
+        live = self._live[:count]
+        state_counts = np.bincount(self._state[:count][live], minlength=len(AccountState)).tolist()
+        auto_accounts = int(np.count_nonzero(np.isnan(self._fixed_interval[:count][live])))
         return PlannerSnapshot(
-            accounts=len(self._accounts),
+            accounts=len(self._index),
             states={state.name.lower(): state_counts[state] for state in AccountState},
             tiers={tier.name.lower(): self.rules.tier_counts[tier] for tier in Tier},
             auto_accounts=auto_accounts,
@@ -578,60 +745,119 @@ class Planner:
             due_backlog=len(self._due_backlog),
             servers=servers,
             lag=self._lag_histogram(),
-            orders_total=sum(self._lag_counts),
+            orders_total=int(self._lag_counts.sum()),
             results_total=self.results_total,
             stale_results_total=self.stale_results_total,
             expired_total=self.expired_total,
         )
 
+    def census(self) -> dict[str, int]:
+        """Accounts by ``state/tier`` (for the labelled accounts metric); one pass over the accounts."""
+        counts: dict[str, int] = {}
+        state_names = [state.name.lower() for state in AccountState]
+        tier_names = [tier.name.lower() for tier in Tier]
+        for index in self._index.values():
+            key = f"{state_names[self._state[index]]}/{tier_names[self._priority[index].tier]}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def _lag_histogram(self) -> LagHistogram:
-        counts = list(self._lag_counts)
+        counts = self._lag_counts.tolist()
         total = sum(counts)
         return LagHistogram(bounds=list(LAG_BUCKETS), counts=counts, count=total, sum=self._lag_sum,
                             p50=_bucket_quantile(0.5, counts, total), p99=_bucket_quantile(0.99, counts, total))
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _move(self, account: _Account, state: AccountState) -> None:
-        """The one place a state changes: guard, census, wait-queue counts."""
-        old = account.state
+    def _reserve(self, capacity: int) -> None:
+        """Grow the per-account arrays (by doubling) to hold ``capacity`` accounts."""
+        if capacity <= len(self._state):
+            return
+        size = max(capacity, 2 * len(self._state), 64)
+        for name in ("_live", "_state", "_server", "_due_at", "_ordered_at", "_holds_slot", "_failures",
+                     "_auth_failures", "_fixed_interval", "_marks"):
+            old = getattr(self, name)
+            grown = np.zeros(size, dtype=old.dtype)
+            grown[:len(old)] = old
+            setattr(self, name, grown)
+        self._wheel.reserve(size)
+
+    def _server_index(self, name: str, now: float) -> int:
+        server = self._server_ids.get(name)
+        if server is None:
+            server = self._server_ids[name] = len(self._server_names)
+            self._server_names.append(name)
+            self._connections.append(self.limits.server(name, now))
+            self._server_accounts.append(0)
+            self._waiting_counts.append(0)
+        return server
+
+    def _set_priority(self, index: int, priority: FixedPriority | AdaptivePriority) -> None:
+        fixed = priority.fixed_interval
+        self._fixed_interval[index] = math.nan if fixed is None else fixed
+
+    def _move(self, index: int, state: AccountState) -> None:
+        """The one place a single state changes: guard and wait-queue counts."""
+        old = int(self._state[index])
         if not (_ALLOWED_MASK[old] >> state) & 1:
-            raise InvalidTransition(f"account {account.account_id}: {old.name} -> {state.name}")
+            raise InvalidTransition(f"account {self._ids[index]}: {AccountState(old).name} -> {state.name}")
         if old == state:
             return
-        account.state = state
+        self._state[index] = state
         if old == AccountState.WAITING:
-            self._waiting_counts[account.server] -= 1
+            self._waiting_counts[self._server[index]] -= 1
         elif state == AccountState.WAITING:
-            self._waiting_counts[account.server] = self._waiting_counts.get(account.server, 0) + 1
+            self._waiting_counts[self._server[index]] += 1
 
-    def _schedule(self, account: _Account, state: AccountState, due_at: float) -> None:
-        self._move(account, state)
-        account.due_at = due_at
+    def _schedule(self, index: int, state: AccountState, due_at: float) -> None:
+        self._move(index, state)
+        self._due_at[index] = due_at
         if due_at <= self._now:
             # Due already: straight to the backlog, not to the wheel's next tick boundary.
-            self._wheel.cancel(account)
-            self._due_backlog.append(account)
+            self._wheel.cancel(index)
+            self._due_backlog.append(index)
         else:
-            self._wheel.schedule(account, due_at)
+            self._wheel.schedule(index, due_at)
 
-    def _cancel(self, account: _Account) -> None:
-        """Out of the wheel (wait-queue, backlog and orders-out entries go stale by the state change)."""
-        self._wheel.cancel(account)
+    def _set_due(self, indexes: np.ndarray, due_ats: np.ndarray) -> None:
+        """Batch ``_schedule`` for accounts whose state is already set: all due after now."""
+        self._due_at[indexes] = due_ats
+        self._wheel.schedule_many(indexes, due_ats)
 
-    def _back_off(self, account: _Account, now: float, retry_after: float | None) -> None:
-        account.failures += 1
+    def _back_off(self, index: int, now: float, retry_after: float | None) -> None:
+        self._failures[index] += 1
         config = self.config
-        delay = retry_delay(account.failures, config.backoff_base, config.backoff_max, self.rng, retry_after)
-        self._schedule(account, AccountState.BACKOFF, now + delay)
+        delay = retry_delay(int(self._failures[index]), config.backoff_base, config.backoff_max, self.rng,
+                            retry_after)
+        self._schedule(index, AccountState.BACKOFF, now + delay)
 
     def _compact_orders_out(self) -> None:
-        self._orders_out = deque(entry for entry in self._orders_out
-                                 if entry[1].state is AccountState.POLLING and entry[1].ordered_at == entry[0])
+        compacted: deque[tuple[float, np.ndarray]] = deque()
+        entries = 0
+        for ordered_at, indexes in self._orders_out:
+            polling = self._state[indexes] == AccountState.POLLING
+            current = indexes[polling & (self._ordered_at[indexes] == ordered_at)]
+            if len(current):
+                compacted.append((ordered_at, current))
+                entries += len(current)
+        self._orders_out = compacted
+        self._orders_out_entries = entries
 
-    def _release_slot(self, account: _Account) -> None:
-        self.limits.release(account.server, account.account_id)
-        account.holds_slot = False
+    def _recount_slots(self, indexes: np.ndarray, connected: np.ndarray) -> None:
+        """Results that disagree with the planner's slot: count found connections, release lost ones."""
+        servers = self._server[indexes]
+        found = np.bincount(servers[connected], minlength=len(self._server_names)).tolist()
+        lost = np.bincount(servers[~connected], minlength=len(self._server_names)).tolist()
+        for server, connections in enumerate(self._connections):
+            if found[server]:
+                connections.occupy_many(found[server])
+            if lost[server]:
+                connections.release_many(lost[server])
+        self._holds_slot[indexes] = connected
+
+    def _release_slot(self, index: int) -> None:
+        self._connections[self._server[index]].release_many(1)
+        self._holds_slot[index] = False
 
 
 def wheel_slots(config: SchedulerConfig) -> int:

@@ -84,6 +84,28 @@ class ServerConnections:
         self.open_connections = 0
         self.open_by_account: dict[str, int] = {}
 
+    def admit_many(self, count: int, now: float) -> int:
+        """Admit up to ``count`` new connections, each for an account with none open (the planner's
+        accounts hold at most one): as many as the server cap and the bucket allow, in one step."""
+        limits = self.limits
+        if count <= 0 or (limits.max_connections_per_account or 0) < 1:
+            return 0
+        room = (limits.max_connections_per_server or 0) - self.open_connections
+        bucket = self.connect_bucket
+        bucket.wait_time(now)  # refills
+        admitted = max(0, min(count, room, int(bucket.tokens)))
+        bucket.tokens -= admitted
+        self.open_connections += admitted
+        return admitted
+
+    def occupy_many(self, count: int) -> None:
+        """Count connections that exist without having been admitted (found open after a restart)."""
+        self.open_connections += count
+
+    def release_many(self, count: int) -> None:
+        """Connections closed (never below zero)."""
+        self.open_connections = max(0, self.open_connections - count)
+
 
 def connect_burst(connects_per_minute: float, burst_seconds: float) -> float:
     """The bucket depth: ``burst_seconds`` of the rate, at least one token when the rate is not 0."""

@@ -260,7 +260,7 @@ def test_no_account_is_lost_or_ordered_twice_and_caps_hold(actions: list, seed: 
             seen.add(order.account_id)
             planner.on_result(order.account_id, now, ok=True, connected=False, idling=False)
         check_invariants(planner, out)
-    expected = {a for a in planner._accounts
+    expected = {a for a in planner.account_ids()
                 if planner.state_of(a) not in (AccountState.DISABLED, AccountState.AUTH_FAILED)}
     assert expected <= seen
 
@@ -273,19 +273,18 @@ def check_invariants(planner: Planner, out: set[str]) -> None:
     snapshot = planner.snapshot()
     assert sum(snapshot.states.values()) == snapshot.accounts == len(planner)
     assert sum(snapshot.tiers.values()) == snapshot.accounts
-    polling = {a for a in planner._accounts if planner.state_of(a) is AccountState.POLLING}
-    assert polling == out and snapshot.in_flight == len(out)
+    accounts = [(a, planner.state_of(a), planner.server_of(a), planner.holds_slot(a)) for a in planner.account_ids()]
+    assert {a for a, state, _, _ in accounts if state is AccountState.POLLING} == out
+    assert snapshot.in_flight == len(out)
     in_wheel_states = {AccountState.NEW, AccountState.SCHEDULED, AccountState.IDLING, AccountState.BACKOFF}
-    backlog = {account.account_id for account in planner._due_backlog}
-    for account_id, account in planner._accounts.items():
-        in_wheel = account in planner._wheel
-        if account.state in in_wheel_states:
-            assert in_wheel or account_id in backlog, (account_id, account.state)
+    for account_id, state, _, _ in accounts:
+        in_wheel = planner.in_wheel(account_id)
+        if state in in_wheel_states:
+            assert in_wheel or planner.in_due_backlog(account_id), (account_id, state)
         else:
-            assert not in_wheel, (account_id, account.state)
+            assert not in_wheel, (account_id, state)
     for server in snapshot.servers:
         assert server.connections <= server.max_connections
-        assert server.waiting == sum(1 for account in planner._accounts.values()
-                                     if account.state is AccountState.WAITING and account.server == server.server)
-        assert server.connections == sum(1 for account in planner._accounts.values()
-                                         if account.holds_slot and account.server == server.server)
+        on_server = [(state, holds) for _, state, name, holds in accounts if name == server.server]
+        assert server.waiting == sum(1 for state, _ in on_server if state is AccountState.WAITING)
+        assert server.connections == sum(1 for _, holds in on_server if holds)
