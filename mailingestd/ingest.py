@@ -90,17 +90,19 @@ def to_stored(uid: int, fetched: imap.Fetched) -> StoredMessage:
                          references=headers.references)
 
 
-def open_mailbox(store: Store, account_id: str, folder: str, state: imap.FolderState) -> tuple[MailboxState, bool]:
-    """The folder's checkpoint under the server's current UIDVALIDITY; True if it changed."""
+def open_mailbox(store: Store, account_id: str, folder: str,
+                 state: imap.FolderState) -> tuple[MailboxState, bool, bool]:
+    """The folder's checkpoint under the server's current UIDVALIDITY, whether UIDVALIDITY changed,
+    and whether the folder is new to the store (its first sync)."""
     mailbox = store.get_mailbox(account_id, folder)
     if mailbox is None:
-        return store.start_mailbox(account_id, folder, state.uidvalidity), False
+        return store.start_mailbox(account_id, folder, state.uidvalidity), False, True
     if mailbox.uidvalidity != state.uidvalidity:
         log.warning("event=uidvalidity_changed account=%s folder=%s old=%s new=%s action=resync",
                     account_id, folder, mailbox.uidvalidity, state.uidvalidity)
         resync_below = state.uidnext or 0
-        return store.start_mailbox(account_id, folder, state.uidvalidity, resync_below=resync_below), True
-    return mailbox, False
+        return store.start_mailbox(account_id, folder, state.uidvalidity, resync_below=resync_below), True, False
+    return mailbox, False, False
 
 
 def sync_folder(client: object, store: Store, account_id: str, folder: str, settings: ImapConfig, *,
@@ -114,9 +116,9 @@ def sync_folder(client: object, store: Store, account_id: str, folder: str, sett
     """
     if state is None:
         state = imap.examine(client, folder)
-    mailbox, changed = open_mailbox(store, account_id, folder, state)
+    mailbox, changed, fresh = open_mailbox(store, account_id, folder, state)
     result = SyncResult(folder=folder, uidvalidity_changed=changed, settled_uid=mailbox.last_uid,
-                        first_sync=mailbox.last_uid == 0)
+                        first_sync=fresh or changed)
     if state.uidnext is not None and state.uidnext <= mailbox.last_uid + 1 and not changed:
         return result  # UIDNEXT says nothing is newer; a hint only, the next poll searches again
     pending = pending_sizes(client, mailbox.last_uid + 1)
