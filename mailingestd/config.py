@@ -181,6 +181,14 @@ class LimitsConfig(_Section):
         )
 
 
+class ClusterConfig(_Section):
+    """Scale-out over PostgreSQL leases (leases.py); ignored on the embedded SQLite store."""
+
+    lease_time: Duration = Duration(30)
+    capacity: float = 1.0
+    release_per_round: int = 50
+
+
 class MetricsConfig(_Section):
     textfile: str = "/var/lib/prometheus/node-exporter/mailingestd.prom"
     interval: Duration = Duration(15)
@@ -233,6 +241,7 @@ class Config(_Section):
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
     blobs: BlobsConfig = msgspec.field(default_factory=BlobsConfig)
@@ -315,6 +324,9 @@ def _validate(config: Config, where: str) -> None:
         problems.append("blobs.bucket: required when blobs.kind = \"s3\"")
     if config.imap.batch_messages < 1:
         problems.append("imap.batch_messages: expected at least 1")
+    cluster = config.cluster
+    if cluster.lease_time < 3 or cluster.capacity < 0 or cluster.release_per_round < 1:
+        problems.append("cluster: expected lease_time of at least 3s, capacity >= 0 and release_per_round >= 1")
     sched = config.scheduler
     if not sched.high_interval <= sched.medium_interval <= sched.low_interval:
         problems.append("scheduler: expected high_interval <= medium_interval <= low_interval")

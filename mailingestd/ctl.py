@@ -82,6 +82,25 @@ def _mib(value: float | None) -> str:
     return f"{(value or 0) / 1048576:.0f} MiB"
 
 
+def format_cluster(cluster: dict[str, Any] | None) -> list[str]:
+    """The CLUSTER block: the mode and, with PostgreSQL leases, every node as this node sees it."""
+    if not cluster:
+        return ["CLUSTER  -"]
+    if not cluster.get("nodes") and "held" not in cluster:
+        return [f"CLUSTER  {cluster['mode']}"]
+    age = cluster.get("last_renewal_age")
+    lines = [f"CLUSTER  {cluster['mode']}  node {cluster['node_id']}  holds {cluster.get('held', 0)} of "
+             f"{cluster.get('accounts', 0)} accounts (fair share {cluster.get('target', 0)})  lease "
+             f"{cluster.get('lease_time', 0):g}s  renewed {'-' if age is None else f'{age:.1f}s ago'}  "
+             f"renewal failures {cluster.get('renewal_failures', 0)}",
+             f"  {'node':<24} {'state':<10} {'capacity':>8} {'leases':>7} {'heartbeat':>10}"]
+    for n in cluster.get("nodes", []):
+        state = n["state"] if n["live"] else "lost"
+        lines.append(f"  {n['node_id']:<24} {state:<10} {n['capacity']:>8g} {n['leases']:>7} "
+                     f"{n['heartbeat_age']:>9.1f}s")
+    return lines
+
+
 def format_status(data: dict[str, Any]) -> str:
     sup = data["supervisor"]
     lines = [f"mailingestd {sup['version']}  pid {sup['pid']}  {sup['state']}  up {sup['uptime']:.0f}s  "
@@ -103,6 +122,7 @@ def format_status(data: dict[str, Any]) -> str:
     for server, s in data["servers"].items():
         lines.append(f"  {server:<32} {int(s['connections']):>11} {'-' if s['limit'] is None else int(s['limit']):>6} "
                      f"{int(s['waiting']):>8}")
+    lines += ["", *format_cluster(data.get("cluster"))]
     t = data["traffic"]
     lag = ("-" if t["lag_p99"] is None else f"p50 <= {t['lag_p50']:g}s, p99 <= {t['lag_p99']:g}s")
     lines += ["", "TRAFFIC",

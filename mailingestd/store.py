@@ -223,6 +223,30 @@ CREATE TABLE uidvalidity_changes (
     # message key in message_keys (partitions.py explains why); both: a blob column for raw bytes
     # kept in S3 (blobs.py).
     (3, partitions.MIGRATION_3),
+    # 4: scale-out (leases.py explains the design). Nodes heartbeat in ``nodes``; each account has
+    # one narrow ``leases`` row, apart from ``accounts`` so that renewals never touch the settings
+    # rows or their triggers. Times are the database clock. SQLite runs single-node: nothing to add.
+    (4, {
+        "sqlite": [],
+        "postgresql": [
+            """CREATE TABLE nodes (
+                   node_id TEXT PRIMARY KEY,
+                   capacity DOUBLE PRECISION NOT NULL DEFAULT 1,
+                   state TEXT NOT NULL DEFAULT 'running',
+                   host TEXT,
+                   pid INTEGER,
+                   lease_time DOUBLE PRECISION NOT NULL,
+                   started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                   heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now())""",
+            """CREATE TABLE leases (
+                   account_id TEXT PRIMARY KEY REFERENCES accounts (id) ON DELETE CASCADE,
+                   owner TEXT,
+                   expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+                   acquired_at TIMESTAMPTZ,
+                   renewed_at TIMESTAMPTZ)""",
+            "CREATE INDEX leases_owner ON leases (owner)",
+        ],
+    }),
 ]
 
 
@@ -435,6 +459,8 @@ class Store:
         """
         now = time.time()
         with self.transaction() as cur:
+            if self.fence is not None:
+                self.fence.check(cur, account_id)
             old = self._exec(cur, "SELECT uidvalidity FROM mailboxes WHERE account_id = ? AND folder = ?",
                              (account_id, folder)).fetchone()
             if old is not None and old[0] != uidvalidity:
@@ -465,6 +491,8 @@ class Store:
                                                        m.uid), m.raw) for m in messages])
                     if self.blobs is not None else [blobs_mod.prepare_inline(m.raw) for m in messages])
         with self.transaction() as cur:
+            if self.fence is not None:
+                self.fence.check(cur, mailbox.account_id)  # a node that lost the lease commits nothing
             current = self._exec(cur, "SELECT uidvalidity, last_uid FROM mailboxes WHERE account_id = ? AND "
                                       "folder = ?" + self._for_update, (mailbox.account_id, mailbox.folder)).fetchone()
             if current is None or current[0] != mailbox.uidvalidity:
@@ -494,6 +522,7 @@ class Store:
 
     _for_update = ""
     blobs: Any = None  # blobs.S3Blobs when [blobs] kind = "s3" (set by the process that ingests)
+    fence: Any = None  # leases.Fence in cluster mode (set by the process that ingests)
 
     def _insert_message(self, cur: Any, values: tuple) -> int:
         """One message row (columns as in partitions._COLUMNS, then blob); 1 if new, 0 if the key exists."""

@@ -35,6 +35,7 @@ from . import __version__, child, config as config_mod, control, frames, logs, m
 from .child import bind_pull, connect_push, ipc_path, send
 from .config import Config, ConfigError
 from .histogram import Histogram
+from .leases import cluster_status, lease_counts
 from .planner import LAG_BUCKETS
 from .store import Store, StoreError, open_store
 from .sysexits import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
@@ -690,6 +691,7 @@ class Supervisor:
             "idle_connections": sum(b.stats.get("idle_connections", 0) for b in beats if b.role == "worker"),
             "outbox_depth": pub_beat.stats.get("outbox_depth", 0) if pub_beat else 0,
             "high_interval": self.config.scheduler.high_interval,
+            "leases": lease_counts(self.config, sched_beat.detail if sched_beat else None),
         }
 
     def status(self) -> dict[str, Any]:
@@ -752,6 +754,7 @@ class Supervisor:
                       if sched_beat else 0,
                       "in_flight_messages": int(sched_beat.stats.get("drain_in_flight_messages", 0))
                       if sched_beat else 0},
+            "cluster": cluster_status(self.config, sched_beat.detail if sched_beat else None),
             "errors": errors[:10],
         }
 

@@ -46,6 +46,7 @@ from .child import Child, bind_pull, connect_push, ipc_path, send
 from .config import AccountConfig, Config, ConfigError, read_secret
 from .histogram import Histogram
 from .ingest import sync_folder
+from .leases import fence_for
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class Worker:
         self.to_scheduler = connect_push(self.child.ctx, ipc_path(config, "scheduler.sock"))
         self.store: Store = open_store(config.store_url, config.store.pool_min, config.store.pool_max)
         self.store.blobs = open_blobs(config.blobs)  # [blobs] kind = "s3": raw bytes to S3 before each commit
+        self.store.fence = fence_for(config)  # cluster: commit only while this node holds the lease
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.imap.threads,
                                                           thread_name_prefix=f"worker{slot}")
         self.max_jobs = config.imap.threads
