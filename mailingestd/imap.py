@@ -559,13 +559,25 @@ def authenticate(client: imapclient.IMAPClient, account: Account, secret: str) -
     """Log in as ``account.username`` with the password ``secret``.
 
     Sends ``LOGIN``, or ``AUTHENTICATE PLAIN`` when the server advertises LOGINDISABLED or the
-    credentials are not ASCII (LOGIN cannot carry them). This is the seam for OAuth2: an account
-    with ``auth == "oauth2"`` will send XOAUTH2/OAUTHBEARER here with ``secret`` as the access
-    token. Raises :class:`ImapError` (``AUTH`` for refused credentials).
+    credentials are not ASCII (LOGIN cannot carry them). An account with ``auth == "oauth2"``
+    sends OAUTHBEARER or XOAUTH2 with ``secret`` as the access token. Raises :class:`ImapError`
+    (``AUTH`` for refused credentials).
     """
     auth = getattr(account, "auth", "password") or "password"
+    if auth == "oauth2":
+        # SASL OAUTHBEARER (RFC 7628) when offered, else Google/Microsoft's XOAUTH2; the secret
+        # is the access token.
+        if client.has_capability("AUTH=OAUTHBEARER"):
+            client.oauthbearer_login(account.username, secret)
+            client.login_mechanism = "OAUTHBEARER"
+        elif client.has_capability("AUTH=XOAUTH2"):
+            client.oauth2_login(account.username, secret)
+            client.login_mechanism = "XOAUTH2"
+        else:
+            raise ImapError(FailureKind.AUTH, "server offers neither AUTH=OAUTHBEARER nor AUTH=XOAUTH2")
+        return
     if auth != "password":
-        raise ImapError(FailureKind.AUTH, f"auth method {auth!r} is not supported yet")
+        raise ImapError(FailureKind.AUTH, f"auth method {auth!r} is not supported")
     ascii_only = account.username.isascii() and secret.isascii()
     if client.has_capability("LOGINDISABLED") or not ascii_only:
         if not client.has_capability("AUTH=PLAIN"):
@@ -576,8 +588,10 @@ def authenticate(client: imapclient.IMAPClient, account: Account, secret: str) -
                 else "non-ASCII credentials need AUTH=PLAIN, which the server does not offer",
             )
         client.plain_login(account.username, secret)
+        client.login_mechanism = "AUTHENTICATE PLAIN"
     else:
         client.login(account.username, secret)
+        client.login_mechanism = "LOGIN"
 
 
 @_raises_imap_error

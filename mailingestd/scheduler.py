@@ -15,10 +15,12 @@ import logging
 import os
 import time
 
+from typing import Any
+
 import msgspec
 import zmq
 
-from . import frames, leases, retention
+from . import frames, retention
 from .child import Child, bind_pull, connect_push, ipc_path, send
 from .config import AccountConfig, Config
 from .planner import AccountPlan, AccountState, Planner
@@ -40,8 +42,8 @@ def owner_slot(account_id: str, workers: int) -> int:
     return max(range(workers), key=weight)
 
 
-def credentials_version(account: AccountConfig) -> str:
-    """Changes when anything about the credentials changes, including the secret file's mtime."""
+def credentials_version(account: AccountConfig, secrets: dict[str, str] | None = None) -> str:
+    """Changes when anything about the credentials changes: settings, stored secrets, the file's mtime."""
     mtime = 0.0
     if account.password_file:
         try:
@@ -49,7 +51,8 @@ def credentials_version(account: AccountConfig) -> str:
         except OSError:
             pass
     parts = (account.host, account.username, account.auth, account.password_file, account.password_env,
-             msgspec.json.encode(account.oauth2).decode() if account.oauth2 else "", str(mtime))
+             msgspec.json.encode(account.oauth2).decode() if account.oauth2 else "", str(mtime),
+             msgspec.json.encode(secrets or {}).decode())
     return hashlib.blake2b("\0".join(p or "" for p in parts).encode(), digest_size=8).hexdigest()
 
 
@@ -66,9 +69,12 @@ class Scheduler:
         self.credits_used: dict[int, int] = {}
         self.next_order_id = 1
         self.store: Store = open_store(config.store_url, 1, 2)
-        self.leases = leases.manager_for(config, self.store)  # only accounts this node holds are planned
         self.planner = Planner(config.scheduler, config.limits, time.monotonic())
         self.accounts: dict[str, AccountConfig] = {}
+        self.secrets: dict[str, dict[str, str]] = {}
+        self.reauth: set[str] = set()
+        self.worker_pids: dict[int, int] = {}
+        self.listener: Any = None
         self.owner: dict[str, int] = {}
         self.accounts_version = ""
         self.next_accounts_check = 0.0
@@ -96,7 +102,8 @@ class Scheduler:
 
     def assign(self, slot: int) -> None:
         accounts = [a for a in self.accounts.values() if self.owner.get(a.id) == slot and a.enabled]
-        self.send_to(slot, frames.Assign(accounts=accounts))
+        self.send_to(slot, frames.Assign(accounts=accounts,
+                                         secrets={a.id: self.secrets[a.id] for a in accounts if self.secrets.get(a.id)}))
 
     # --- accounts ---------------------------------------------------------------------------------
     def load_accounts(self, now: float, force: bool = False) -> None:
@@ -105,31 +112,41 @@ class Scheduler:
             version = self.store.accounts_version()
             if version == self.accounts_version and not force:
                 return
-            rows = [row for row in self.store.list_accounts() if self.leases.holds(row.account.id)]
+            rows = self.store.list_accounts()
         except StoreError as exc:
             self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
             return
         self.accounts_version = version
         fresh = {row.account.id: row.account for row in rows}
+        fresh_secrets = {row.account.id: row.secrets for row in rows}
         touched: set[int] = set()
         for account_id in list(self.accounts):
             if account_id not in fresh:
                 self.planner.remove(account_id)
                 touched.add(self.owner.pop(account_id))
                 del self.accounts[account_id]
+                self.secrets.pop(account_id, None)
+                self.reauth.discard(account_id)
                 log.info("event=account_removed account=%s", account_id)
         for account_id, account in fresh.items():
             plan = AccountPlan(account_id=account_id, server=account.host, priority=account.priority,
                                idle=account.idle, enabled=account.enabled,
-                               credentials_version=credentials_version(account))
+                               credentials_version=credentials_version(account, fresh_secrets[account_id]))
             old = self.accounts.get(account_id)
+            secrets_changed = self.secrets.get(account_id, {}) != fresh_secrets[account_id]
+            self.secrets[account_id] = fresh_secrets[account_id]
             slot = owner_slot(account_id, self.workers)
             if old is None:
                 self.planner.add(plan, now)
                 log.info("event=account_added account=%s server=%s worker=%d", account_id, account.host, slot)
-            elif old != account:
+            elif old != account or secrets_changed or self.planner.plan_of(account_id) != plan:
+                # The plan also changes when only the secret file did (its mtime is in the
+                # credentials version): that must lift auth_failed on a reload.
                 self.planner.update(plan, now)
                 log.info("event=account_changed account=%s", account_id)
+                if account_id in self.reauth:
+                    self.reauth.discard(account_id)  # changed credentials: try again
+                    self.planner.enable(account_id, now)
             else:
                 continue
             self.accounts[account_id] = account
@@ -199,6 +216,9 @@ class Scheduler:
                 self.planner.on_connection_closed(account_id, now)
                 self.planner.requeue([account_id], now)
                 return
+            if result.failure_kind == "reauth":
+                self.park_for_reauth(account_id, now, result)
+                return
             before = self.planner.state_of(account_id)
             self.planner.on_result(account_id, now, ok=result.ok, new_messages=result.new_messages,
                                    failure_kind=result.failure_kind, retry_after=result.retry_after,
@@ -211,6 +231,20 @@ class Scheduler:
             self.planner.on_idle(account_id, now, True)
         elif not result.connected:
             self.planner.on_connection_closed(account_id, now)
+
+    def park_for_reauth(self, account_id: str, now: float, result: frames.Result) -> None:
+        """The provider refused the refresh token: only a person can fix that, so no retries (no
+        backoff loop against the token endpoint) until the account's credentials change."""
+        self.planner.on_result(account_id, now, ok=False, failure_kind="reauth", connected=result.connected,
+                               idling=False)
+        self.planner.disable(account_id)
+        self.reauth.add(account_id)
+        log.error("event=account_state account=%s state=reauth_required error=%s", account_id, result.detail)
+        self.child.errors.add(f"account={account_id} state=reauth_required error={result.detail}")
+        try:
+            self.store.set_account_state(account_id, "reauth_required", result.detail)
+        except StoreError as exc:
+            self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
 
     def note_state(self, account_id: str, before: AccountState | None, result: frames.Result) -> None:
         after = self.planner.state_of(account_id)
@@ -225,16 +259,27 @@ class Scheduler:
             self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
 
     def on_worker_ready(self, ready: frames.WorkerReady, now: float) -> None:
-        """A worker (re)started: take back its orders, forget its connections, give it its accounts."""
-        stale = [oid for oid, (_, slot) in self.in_flight.items() if slot == ready.slot]
+        """A worker (re)started: take back its orders, forget its connections, give it its accounts.
+
+        The first WorkerReady of a slot after this scheduler started is not a restart: orders sent
+        before it are queued by ZeroMQ and will be delivered, so they are not taken back.
+        """
+        known = self.worker_pids.get(ready.slot)
+        restarted = known != ready.pid if known is not None else ready.incarnation > 0
+        self.worker_pids[ready.slot] = ready.pid
+        stale = [oid for oid, (_, slot) in self.in_flight.items() if slot == ready.slot] if restarted else []
         for order_id in stale:
             account_id = self.in_flight[order_id][0]
             self.forget_order(order_id)
             self.planner.requeue([account_id], now)
-        for account_id, slot in self.owner.items():
+        # Only a restarted worker has lost its connections: a first WorkerReady can come after the
+        # worker already connected for orders sent before it, and forgetting those slots would
+        # let the planner admit past max_connections_per_server (seen in the integration test).
+        for account_id, slot in self.owner.items() if restarted else ():
             if slot == ready.slot:
                 self.planner.on_connection_closed(account_id, now)
-        self.credits_used[ready.slot] = 0
+        if restarted:
+            self.credits_used[ready.slot] = 0
         self.drained_slots.discard(ready.slot)
         self.assign(ready.slot)
         if self.draining:
@@ -298,8 +343,10 @@ class Scheduler:
     def heartbeat(self, now: float) -> None:
         snap = self.planner.snapshot(now)
         by_state_priority: dict[str, float] = {}
-        for account in self.planner._accounts.values():
-            key = f"{account.state.name.lower()}/{account.priority.tier.name.lower()}"
+        planner = self.planner
+        for account_id in planner.account_ids():
+            state = "reauth_required" if account_id in self.reauth else planner.state_of(account_id).name.lower()
+            key = f"{state}/{planner.tier_of(account_id).name.lower()}"
             by_state_priority[key] = by_state_priority.get(key, 0) + 1
         lag = snap.lag
         self.child.heartbeat(self.state_name(), now, stats={
@@ -309,12 +356,37 @@ class Scheduler:
             "accounts": by_state_priority,
             "connection_limit": {s.server: s.max_connections for s in snap.servers},
             "waiting": {s.server: s.waiting for s in snap.servers},
-        }, histograms={"scheduler_lag_seconds": [*lag.counts, lag.sum, lag.count]}, detail=self.leases.detail())
+        }, histograms={"scheduler_lag_seconds": [*lag.counts, lag.sum, lag.count]})
 
     # --- the loop -----------------------------------------------------------------------------------
+    def listen_for_account_changes(self, poller: zmq.Poller) -> None:
+        """On PostgreSQL, LISTEN for the accounts trigger's NOTIFY so that a row written by the user's
+        own backend takes effect at once; the periodic revision check stays as the safety net."""
+        if not self.config.store_url.startswith(("postgresql://", "postgres://")):
+            return
+        try:
+            import psycopg
+
+            self.listener = psycopg.connect(self.config.store_url, autocommit=True, connect_timeout=10)
+            self.listener.execute("LISTEN mailingestd_accounts")
+            poller.register(self.listener.fileno(), zmq.POLLIN)
+        except Exception as exc:  # the revision check still catches every change, a little later
+            self.listener = None
+            self.child.errors.add(f"role=scheduler event=listen_failed error={str(exc).splitlines()[0]}")
+
+    def account_notifications(self) -> bool:
+        if self.listener is None:
+            return False
+        try:
+            return bool(list(self.listener.notifies(timeout=0)))
+        except Exception:
+            self.listener = None
+            return True
+
     def run(self) -> int:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
+        self.listen_for_account_changes(poller)
         self.load_accounts(time.monotonic(), force=True)
         for slot in range(self.workers):
             self.assign(slot)
@@ -328,16 +400,13 @@ class Scheduler:
             poller.poll(wait * 1000)
             now = time.monotonic()
             self.read_frames(now)
-            if self.leases.tick(now, self.state_name()):
-                self.load_accounts(now, force=True)
-            if now >= self.next_accounts_check:
+            if self.account_notifications() or now >= self.next_accounts_check:
                 self.next_accounts_check = now + ACCOUNTS_CHECK_INTERVAL
                 self.load_accounts(now)
             self.send_orders(now)
             self.expire_orders(now)
             if self.child.heartbeat_due(now):
                 self.heartbeat(now)
-        self.leases.close()
         self.store.close()
         self.child.close()
         return 0

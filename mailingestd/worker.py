@@ -40,13 +40,13 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import frames, imap
+from . import child as child_mod, frames, imap
 from .blobs import open_blobs
 from .child import Child, bind_pull, connect_push, ipc_path, send
-from .config import AccountConfig, Config, ConfigError, read_secret
+from .config import AccountConfig, Config, ConfigError
+from .credentials import Credentials, ReauthRequired, TokenEndpointError
 from .histogram import Histogram
 from .ingest import sync_folder
-from .leases import fence_for
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ class Worker:
         self.to_scheduler = connect_push(self.child.ctx, ipc_path(config, "scheduler.sock"))
         self.store: Store = open_store(config.store_url, config.store.pool_min, config.store.pool_max)
         self.store.blobs = open_blobs(config.blobs)  # [blobs] kind = "s3": raw bytes to S3 before each commit
-        self.store.fence = fence_for(config)  # cluster: commit only while this node holds the lease
+        self.credentials = Credentials(config.secrets.key_file, self.store)
+        self.secrets: dict[str, dict[str, str]] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.imap.threads,
                                                           thread_name_prefix=f"worker{slot}")
         self.max_jobs = config.imap.threads
@@ -199,7 +200,7 @@ class Worker:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> int:
-        send(self.to_scheduler, frames.WorkerReady(slot=self.slot, pid=self.child.pid))
+        send(self.to_scheduler, frames.WorkerReady(slot=self.slot, pid=self.child.pid, incarnation=child_mod.INCARNATION))
         deadline = None
         while True:
             now = time.monotonic()
@@ -235,7 +236,7 @@ class Worker:
             if isinstance(frame, frames.Poll):
                 self.on_poll(frame)
             elif isinstance(frame, frames.Assign):
-                self.on_assign(frame.accounts)
+                self.on_assign(frame.accounts, frame.secrets)
             elif isinstance(frame, frames.Drain):
                 self.start_drain()
             elif isinstance(frame, frames.Resume):
@@ -244,7 +245,11 @@ class Worker:
             elif frame is not None:
                 self.child.frames_dropped += 1
 
-    def on_assign(self, accounts: list[AccountConfig]) -> None:
+    def on_assign(self, accounts: list[AccountConfig], secrets: dict[str, dict[str, str]]) -> None:
+        for account_id, fields in secrets.items():
+            if self.secrets.get(account_id) != fields:
+                self.credentials.forget(account_id)  # new credentials: no cached token from the old ones
+        self.secrets = secrets
         wanted = {a.id: a for a in accounts}
         for account_id in list(self.sessions):
             if account_id not in wanted:
@@ -429,9 +434,7 @@ class Worker:
                     outcome.failure_kind = "disconnected"
                     outcome.detail = "no open connection; waiting for a connect grant"
                     return outcome
-                client = imap.connect(account, read_secret(account), timeout=timeout,
-                                      max_line=self.config.imap.max_line,
-                                      max_literal=self.config.imap.max_message_size + 65536)
+                client = self.login(account)
                 outcome.connected_now = True
             elif was_idling:
                 imap.idle_stop(client, timeout)
@@ -441,6 +444,11 @@ class Worker:
             if self.draining or self.child.stop_requested:
                 outcome.ok = True
                 return outcome
+            if account.auth == "oauth2":
+                # Keep the token fresh ahead of expiry: by the next renewal it must still be valid,
+                # for a provider that ends the session when its token expires makes us log in again.
+                self.credentials.access_token(account, self.secrets.get(account.id, {}),
+                                              valid_for=self.config.imap.idle_renew)
             if outcome.idle_capable:
                 imap.examine(client, "INBOX")
                 imap.idle_start(client)
@@ -448,6 +456,10 @@ class Worker:
             outcome.ok = True
         except ConfigError as exc:
             outcome.failure_kind, outcome.detail = "auth", str(exc)
+        except ReauthRequired as exc:
+            outcome.failure_kind, outcome.detail = "reauth", str(exc)
+        except TokenEndpointError as exc:
+            outcome.failure_kind, outcome.detail = "network", str(exc)
         except Exception as exc:
             failure = exc if isinstance(exc, imap.ImapError) else imap.classify(exc)
             outcome.failure_kind = str(getattr(failure.kind, "value", failure.kind))
@@ -462,6 +474,23 @@ class Worker:
             outcome.idling = False
         return outcome
 
+    def login(self, account: AccountConfig) -> Any:
+        """Connect and log in; an OAuth2 token the server rejects is refreshed once and retried once."""
+        secrets = self.secrets.get(account.id, {})
+
+        def attempt(force_refresh: bool) -> Any:
+            return imap.connect(account, self.credentials.secret_for_login(account, secrets, force_refresh),
+                                timeout=self.config.imap.timeout, max_line=self.config.imap.max_line,
+                                max_literal=self.config.imap.max_message_size + 65536)
+
+        try:
+            return attempt(False)
+        except imap.ImapError as exc:
+            if account.auth != "oauth2" or exc.kind != imap.FailureKind.AUTH:
+                raise
+            self.credentials.forget(account.id)
+            return attempt(True)
+
     def check_folders(self, client: Any, account: AccountConfig, outcome: Outcome, ordered: bool) -> None:
         """STATUS every folder; fetch those with news. INBOX last, so it stays selected for IDLE.
 
@@ -470,6 +499,11 @@ class Worker:
         folders = sorted(account.folders, key=lambda f: f.upper() == "INBOX") if ordered else ["INBOX"]
         if ordered:
             imap.unselect(client)  # so that STATUS sees the folder afresh (see imap.unselect)
+        if ordered and not outcome.connected_now:
+            # INBOX is still selected from the last check, and STATUS on the selected mailbox
+            # reports that (unsynced) view: Dovecot answered an unchanged UIDNEXT after new mail
+            # until a NOOP let the session see it (found polling without IDLE). NOOP first.
+            imap.noop(client)
         for folder in folders:
             if self.draining or self.child.stop_requested:
                 return
