@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import frames, retention
+from . import frames, leases, retention
 from .child import Child, bind_pull, connect_push, ipc_path, send
 from .config import AccountConfig, Config
 from .planner import AccountPlan, AccountState, Planner
@@ -69,6 +69,7 @@ class Scheduler:
         self.credits_used: dict[int, int] = {}
         self.next_order_id = 1
         self.store: Store = open_store(config.store_url, 1, 2)
+        self.leases = leases.manager_for(config, self.store)  # only accounts this node holds are planned
         self.planner = Planner(config.scheduler, config.limits, time.monotonic())
         self.accounts: dict[str, AccountConfig] = {}
         self.secrets: dict[str, dict[str, str]] = {}
@@ -112,7 +113,7 @@ class Scheduler:
             version = self.store.accounts_version()
             if version == self.accounts_version and not force:
                 return
-            rows = self.store.list_accounts()
+            rows = [row for row in self.store.list_accounts() if self.leases.holds(row.account.id)]
         except StoreError as exc:
             self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
             return
@@ -356,7 +357,7 @@ class Scheduler:
             "accounts": by_state_priority,
             "connection_limit": {s.server: s.max_connections for s in snap.servers},
             "waiting": {s.server: s.waiting for s in snap.servers},
-        }, histograms={"scheduler_lag_seconds": [*lag.counts, lag.sum, lag.count]})
+        }, histograms={"scheduler_lag_seconds": [*lag.counts, lag.sum, lag.count]}, detail=self.leases.detail())
 
     # --- the loop -----------------------------------------------------------------------------------
     def listen_for_account_changes(self, poller: zmq.Poller) -> None:
@@ -400,6 +401,8 @@ class Scheduler:
             poller.poll(wait * 1000)
             now = time.monotonic()
             self.read_frames(now)
+            if self.leases.tick(now, self.state_name()):
+                self.load_accounts(now, force=True)
             if self.account_notifications() or now >= self.next_accounts_check:
                 self.next_accounts_check = now + ACCOUNTS_CHECK_INTERVAL
                 self.load_accounts(now)
@@ -407,6 +410,7 @@ class Scheduler:
             self.expire_orders(now)
             if self.child.heartbeat_due(now):
                 self.heartbeat(now)
+        self.leases.close()
         self.store.close()
         self.child.close()
         return 0

@@ -47,6 +47,7 @@ from .config import AccountConfig, Config, ConfigError
 from .credentials import Credentials, ReauthRequired, TokenEndpointError
 from .histogram import Histogram
 from .ingest import sync_folder
+from .leases import fence_for
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class Worker:
         self.to_scheduler = connect_push(self.child.ctx, ipc_path(config, "scheduler.sock"))
         self.store: Store = open_store(config.store_url, config.store.pool_min, config.store.pool_max)
         self.store.blobs = open_blobs(config.blobs)  # [blobs] kind = "s3": raw bytes to S3 before each commit
+        self.store.fence = fence_for(config)  # cluster: commit only while this node holds the lease
         self.credentials = Credentials(config.secrets.key_file, self.store)
         self.secrets: dict[str, dict[str, str]] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.imap.threads,
