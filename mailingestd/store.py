@@ -663,6 +663,7 @@ class PostgresStore(Store):
         self._pool: Any = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._unreachable_until = 0.0
 
     def _get_pool(self) -> Any:
         with self._lock:
@@ -686,12 +687,18 @@ class PostgresStore(Store):
         import psycopg
         import psycopg_pool
 
+        # Once a wait for a connection has timed out, calls fail at once for the next POOL_WAIT
+        # seconds: a loop making several store calls in a turn (scheduler: leases, accounts,
+        # states) waits once per outage interval, not once per call, and keeps heartbeating.
+        if time.monotonic() < self._unreachable_until:
+            raise StoreError("PostgreSQL store unreachable (a connection wait just timed out)")
         try:
             with self._get_pool().connection() as conn:
                 with conn.transaction():
                     with conn.cursor() as cur:
                         yield cur
         except psycopg_pool.PoolTimeout as exc:
+            self._unreachable_until = time.monotonic() + self.timeout
             raise StoreError(f"PostgreSQL store unreachable: {exc}") from None
         except psycopg.OperationalError as exc:
             raise StoreError(f"PostgreSQL store: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

@@ -9,8 +9,9 @@ import pytest
 from harness import Daemon
 
 from mailingestd.config import QueueConfig
+from mailingestd.devservers import free_port
 from mailingestd.publisher import STEP_SECONDS, Publisher
-from mailingestd.store import StoredMessage, open_store
+from mailingestd.store import PostgresStore, StoredMessage, StoreError, open_store
 
 pytestmark = pytest.mark.reliability
 
@@ -71,3 +72,22 @@ def test_silent_control_clients_do_not_stall_the_supervisor(tmp_path):
         assert all(c["restarts"] == 0 for c in daemon.status()["children"]), daemon.log_tail()
         for sock in silent:
             sock.close()
+
+
+def test_an_unreachable_postgres_costs_one_wait_per_interval_not_one_per_call():
+    """Found by PostgreSQL stopped (immediate) in the long suite: the scheduler makes several store
+    calls per turn (lease round, accounts revision, account states); each waited the full pool
+    timeout, the turn took over 15 s, and the supervisor killed the scheduler as stuck."""
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing", timeout=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            store.get_mailbox("acct", "INBOX")
+        assert time.monotonic() - started >= 0.9
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(StoreError):
+                store.get_mailbox("acct", "INBOX")
+        assert time.monotonic() - started < 0.5, "later calls fail at once while the outage is fresh"
+    finally:
+        store.close()
