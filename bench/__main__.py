@@ -1,0 +1,126 @@
+"""``python -m bench quick|full [--only SCENARIO,...] [--keep]``: run the benchmarks, write the report.
+
+Scenarios in order: hold (+ latency on the same daemon), quiet, status, backlog, polling, scheduler.
+Results: bench/results/<date>/report.json (one entry per mode) and PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import backlog, idle, plots, polling
+from bench.common import BENCH_DIR, SCALES, Report, Scale, raise_fd_limit
+from mailingestd.devservers import Dovecot, MotoServer, Postgres
+
+SCENARIOS = ("hold", "quiet", "status", "backlog", "polling", "scheduler")
+
+
+def run_scheduler(scale: Scale, report: Report) -> dict[str, Any]:
+    path = report.directory / "scheduler.json"
+    subprocess.run([sys.executable, str(BENCH_DIR / "scheduler_bench.py"), "--accounts", str(scale.scheduler_accounts),
+                    "--json", str(path)], check=True, timeout=3600)
+    return json.loads(path.read_text())[f"accounts={scale.scheduler_accounts},hours=1"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=sorted(SCALES), nargs="?", default="quick")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)} (hold includes latency)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="directory for report.json and plots (default bench/results/<date>)")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' files (printed at the end)")
+    args = parser.parse_args(argv)
+    wanted = [name for name in args.only.split(",") if name]
+    unknown = set(wanted) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    scale = SCALES[args.mode]
+    raise_fd_limit()
+    report = Report(scale, args.results)
+    root = Path(tempfile.mkdtemp(prefix=f"mailingestd-bench-{scale.mode}-"))
+    drawn: dict[str, Any] = {}
+    started = time.monotonic()
+    print(f"bench {scale.mode}: {', '.join(wanted)}; servers under {root}; report {report.path}", flush=True)
+    servers: list[Any] = []
+
+    def server(instance: Any) -> Any:
+        instance.start()
+        servers.append(instance)
+        return instance
+
+    lazy: dict[str, Any] = {}
+
+    def get(name: str, make: Callable[[], Any]) -> Any:
+        if name not in lazy:
+            lazy[name] = server(make())
+        return lazy[name]
+
+    def dovecot() -> Dovecot:
+        return get("dovecot", lambda: Dovecot(root / "dovecot", users=[], password=idle.PASSWORD))
+
+    def postgres() -> Postgres:
+        return get("postgres", lambda: Postgres(root / "postgres"))
+
+    def moto() -> MotoServer:
+        return get("moto", lambda: MotoServer(root / "moto"))
+
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "hold": lambda: idle.run_hold_and_latency(scale, root, dovecot(), postgres(), moto(), drawn),
+        "quiet": lambda: idle.run_quiet(scale, root, dovecot(), postgres()),
+        "status": lambda: idle.run_status(scale, root, dovecot(), postgres()),
+        "backlog": lambda: backlog.run_backlog(scale, root, dovecot(), postgres(), moto(), drawn),
+        "polling": lambda: polling.run_polling(scale, root, get("dovecot_noidle", lambda: Dovecot(
+            root / "dovecot-noidle", users=[], password=idle.PASSWORD, idle=False,
+            extra_conf=polling.COMMAND_METRIC)), postgres(), drawn),
+        "scheduler": lambda: run_scheduler(scale, report),
+    }
+    failed = []
+    try:
+        for name in SCENARIOS:
+            if name not in wanted:
+                continue
+            step_started = time.monotonic()
+            try:
+                result = steps[name]()
+            except Exception as exc:  # noqa: BLE001 (one broken scenario must not lose the others)
+                traceback.print_exc()
+                failed.append(name)
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            if name == "hold" and "hold" in result:
+                for part, value in result.items():
+                    value["scenario_seconds"] = round(time.monotonic() - step_started, 1)
+                    report.add(part, value)
+            else:
+                result["scenario_seconds"] = round(time.monotonic() - step_started, 1)
+                report.add(name, result)
+            if name == "hold" and "dovecot" in lazy:
+                # The Dovecot that held N sessions is restarted so later scenarios start from a clean server.
+                lazy["dovecot"].restart()
+    finally:
+        for instance in reversed(servers):
+            instance.stop()
+        report.data["plots"] = plots.render(drawn, report.directory, scale.mode)
+        report.data["total_seconds"] = round(time.monotonic() - started, 1)
+        report.save()
+        if args.keep:
+            print(f"servers' files kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"bench {scale.mode}: done in {report.data['total_seconds']:.0f} s; {report.path}; plots "
+          f"{', '.join(report.data['plots'])}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""backlog: mailboxes full of mail, pulled by the daemon into PostgreSQL, by mbsync and by a bare loop.
+
+The three pull the very same mailboxes in the same run, one after the other, each with one process
+per CPU (the daemon: its workers; mbsync: one process per share of the channels; the bare loop: one
+imapclient process per share of the accounts). The mail sits in the page cache for all three: it was
+just APPENDed, and the machine has memory to spare.
+
+- daemon: PostgreSQL store with the outbox (queue.kind = "sqs" on moto, publisher running). Rate =
+  messages / (last row's ``ingested_at`` - the moment ``mailingestd`` was spawned, start-up
+  included); read from the store, not from the daemon's counters.
+- mbsync (isync): ``Sync Pull`` into Maildir, ``FSync no`` (the PostgreSQL here runs fsync = off too).
+- bare loop: LOGIN, EXAMINE, UID SEARCH ALL, ``UID FETCH (BODY.PEEK[] RFC822.SIZE)`` in batches of
+  100, nothing stored: the floor any client in Python pays.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import imapclient
+import psycopg
+
+from bench.common import (
+    PASSWORD,
+    BenchDaemon,
+    Scale,
+    accounts_toml,
+    cpu_during,
+    fill_mailboxes,
+    process_tree,
+    rnd,
+)
+from bench.idle import HOST, SqsReceiver, limits_for
+from mailingestd.devservers import Dovecot, MotoServer, Postgres
+
+
+def _bare_fetch(args: tuple[int, list[str]]) -> tuple[int, int]:
+    port, users = args
+    messages = size = 0
+    for user in users:
+        with imapclient.IMAPClient(HOST, port=port, ssl=False, timeout=120) as imap:
+            imap.login(user, PASSWORD)
+            imap.select_folder("INBOX", readonly=True)
+            uids = imap.search("ALL")
+            for start in range(0, len(uids), 100):
+                for data in imap.fetch(uids[start:start + 100], [b"BODY.PEEK[]", b"RFC822.SIZE"]).values():
+                    messages += 1
+                    size += len(data[b"BODY[]"])
+    return messages, size
+
+
+def shares(users: list[str], parts: int) -> list[list[str]]:
+    return [users[index::parts] for index in range(parts) if users[index::parts]]
+
+
+def run_bare(port: int, users: list[str]) -> dict[str, Any]:
+    cpus = len(os.sched_getaffinity(0))
+    started = time.monotonic()
+    machine = cpu_during({})
+    with multiprocessing.get_context("fork").Pool(cpus) as pool:
+        parts = pool.map(_bare_fetch, [(port, share) for share in shares(users, cpus)])
+    seconds = time.monotonic() - started
+    cpu = machine()
+    messages, size = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return {"machine_cores_busy": cpu["machine_cores"], "processes": cpus, "messages": messages, "bytes": size, "seconds": rnd(seconds, 2),
+            "messages_per_second": rnd(messages / seconds, 1), "mb_per_second": rnd(size / seconds / 1e6, 1)}
+
+
+def mbsync_config(path: Path, maildir: Path, port: int, users: list[str]) -> None:
+    blocks = ["FSync no\n"]
+    for user in users:
+        blocks.append(f"""
+IMAPAccount {user}
+Host {HOST}
+Port {port}
+User {user}
+Pass {PASSWORD}
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore {user}-far
+Account {user}
+
+MaildirStore {user}-near
+Path {maildir}/{user}/
+Inbox {maildir}/{user}/INBOX
+SubFolders Verbatim
+
+Channel {user}
+Far :{user}-far:
+Near :{user}-near:
+Patterns INBOX
+Sync Pull
+Create Near
+SyncState *
+""")
+    path.write_text("".join(blocks))
+
+
+def run_mbsync(root: Path, port: int, users: list[str]) -> dict[str, Any]:
+    cpus = len(os.sched_getaffinity(0))
+    maildir = root / "maildir"
+    shutil.rmtree(maildir, ignore_errors=True)
+    maildir.mkdir(parents=True)
+    for user in users:
+        (maildir / user).mkdir()  # mbsync creates the folders (Create Near), not the store's root
+    configs = []
+    for index, share in enumerate(shares(users, cpus)):
+        config = root / f"mbsyncrc.{index}"
+        mbsync_config(config, maildir, port, share)
+        configs.append(config)
+    started = time.monotonic()
+    machine = cpu_during({})
+    procs = [subprocess.Popen(["mbsync", "-q", "-c", str(config), "-a"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for config in configs]
+    outputs = [proc.communicate(timeout=3600)[0].decode(errors="replace") for proc in procs]
+    seconds = time.monotonic() - started
+    cpu = machine()
+    codes = [proc.returncode for proc in procs]
+    files = [path for path in maildir.rglob("*") if path.is_file() and path.parent.name in ("cur", "new")]
+    size = sum(path.stat().st_size for path in files)
+    result = {"machine_cores_busy": cpu["machine_cores"], "processes": len(procs), "exit_codes": codes, "messages": len(files), "bytes": size,
+              "seconds": rnd(seconds, 2), "messages_per_second": rnd(len(files) / seconds, 1),
+              "mb_per_second": rnd(size / seconds / 1e6, 1), "fsync": False}
+    if any(codes):
+        result["output_tail"] = "\n".join(outputs)[-2000:]
+    shutil.rmtree(maildir, ignore_errors=True)
+    return result
+
+
+def run_daemon(root: Path, dovecot: Dovecot, postgres: Postgres, moto: MotoServer, users: list[str],
+               total: int, plots: dict[str, Any]) -> dict[str, Any]:
+    store_url = postgres.create_database(f"backlog_{int(time.time())}")
+    queue_url = moto.create_queue(f"backlog-{int(time.time())}")
+    daemon = BenchDaemon(root / "daemon", store_url=store_url, env=moto.env,
+                         accounts=accounts_toml(users, dovecot.port), sections=f"""
+[scheduler]
+first_poll_spread = "100ms"
+
+[queue]
+kind = "sqs"
+url = "{queue_url}"
+endpoint_url = "{moto.endpoint_url}"
+region = "{moto.region}"
+{limits_for(len(users))}
+""")
+    samples: list[tuple[float, int, int]] = []
+    # A consumer drains the queue as downstream would: moto's SendMessageBatch slows down as its
+    # queue grows (seconds per call at a few thousand messages), which real SQS does not.
+    receiver = SqsReceiver(moto, queue_url).start()
+    try:
+        daemon.start()
+        running_at = time.time()
+        machine = cpu_during({"daemon": process_tree(daemon.pid), "dovecot": process_tree(dovecot.master_pid or 0)})
+        deadline = running_at + max(600, total / 20)
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            count = 0
+            while count < total and time.time() < deadline:
+                count, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+                samples.append((round(time.time() - running_at, 2), int(count), int(size)))
+                time.sleep(0.5)
+            count, size, first, last = conn.execute(
+                "SELECT count(*), sum(size), min(ingested_at), max(ingested_at) FROM messages").fetchone()
+            cpu = machine()
+            raw_bytes = conn.execute("SELECT sum(length(raw)) FROM messages").fetchone()[0]
+            stored_at = time.time()
+            outbox = 0
+            while time.time() < stored_at + 120:
+                outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+                if outbox == 0:
+                    break
+                time.sleep(0.5)
+            outbox_drained_after = time.time() - running_at if outbox == 0 else None
+        plots["backlog_rows_over_time"] = samples
+        status = daemon.try_status() or {}
+        # From spawning the daemon (start-up included): status may say "running" only after ingest
+        # began when the machine is busy, so that moment is no fair start.
+        seconds = float(last) - daemon.spawned_at
+        result = {"cpu_until_stored": cpu, "messages": int(count), "bytes": int(size), "raw_bytes_stored": int(raw_bytes or 0),
+                  "seconds_from_running_to_last_commit": rnd(seconds, 2),
+                  "seconds_from_spawn_to_last_commit": rnd(float(last) - daemon.spawned_at, 2),
+                  "seconds_first_to_last_commit": rnd(float(last) - float(first), 2),
+                  "messages_per_second": rnd(int(count) / seconds, 1),
+                  "mb_per_second": rnd(int(size) / seconds / 1e6, 1),
+                  "outbox_empty_after_seconds": rnd(outbox_drained_after, 1),
+                  "published_total_reported": status.get("outbox", {}).get("published_total"),
+                  "envelopes_received_from_sqs": len(receiver.arrivals),
+                  "publisher_restarts": next((c["restarts"] for c in status.get("children", [])
+                                              if c["role"] == "publisher"), None),
+                  "daemon_errors_logged": daemon.errors_logged(),
+                  "drain_and_exit": daemon.stop()}
+    finally:
+        receiver.close()
+        daemon.kill()
+    return result
+
+
+def run_backlog(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, moto: MotoServer,
+                plots: dict[str, Any]) -> dict[str, Any]:
+    users = [f"backlog{index}" for index in range(1, scale.backlog_accounts + 1)]
+    per_user = scale.backlog_messages // len(users)
+    filled = fill_mailboxes(dovecot, {user: per_user for user in users}, seed=5)
+    print(f"backlog: {filled['messages']} messages ({filled['bytes'] / 1e6:.0f} MB) appended to {len(users)} "
+          f"mailboxes in {filled['seconds']} s", flush=True)
+    bare = run_bare(dovecot.port, users)
+    mbsync = run_mbsync(root / "mbsync", dovecot.port, users)
+    daemon = run_daemon(root, dovecot, postgres, moto, users, filled["messages"], plots)
+    result = {"accounts": len(users), "mail": filled, "daemon": daemon, "mbsync": mbsync, "bare_loop": bare,
+              "ratio_to_mbsync": rnd(daemon["messages_per_second"] / mbsync["messages_per_second"], 2)
+              if mbsync["messages_per_second"] else None,
+              "ratio_to_bare_loop": rnd(daemon["messages_per_second"] / bare["messages_per_second"], 2),
+              "target": "daemon >= 1.5x mbsync and >= 0.6x the bare loop (messages per second)"}
+    result["meets_target"] = bool(result["ratio_to_mbsync"] and result["ratio_to_mbsync"] >= 1.5
+                                  and result["ratio_to_bare_loop"] >= 0.6
+                                  and daemon["messages"] == filled["messages"])
+    print(f"backlog: daemon {daemon['messages']} msgs at {daemon['messages_per_second']}/s "
+          f"({daemon['mb_per_second']} MB/s) into PostgreSQL+outbox | mbsync {mbsync['messages_per_second']}/s "
+          f"({mbsync['mb_per_second']} MB/s) | bare loop {bare['messages_per_second']}/s ({bare['mb_per_second']} MB/s)"
+          f" | ratios {result['ratio_to_mbsync']}x mbsync, {result['ratio_to_bare_loop']}x bare -> "
+          f"{'met' if result['meets_target'] else 'MISSED'} (1.5x / 0.6x)", flush=True)
+    return result

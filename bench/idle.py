@@ -1,0 +1,433 @@
+"""Scenarios on IDLE accounts: hold (time to idle, memory, quiet CPU), latency, quiet CPU, status time.
+
+hold + latency share one daemon: N accounts idle on the local Dovecot (empty mailboxes), then a load
+generator APPENDs realistic mail at a fixed rate to random accounts while (a) the store is read for
+each message's ``ingested_at``, (b) a receiver thread takes the envelopes off SQS (moto) and
+timestamps them, and (c) a bare imapclient IDLE watcher in its own process timestamps the EXISTS
+Dovecot sends for a sample of the same mailboxes: the server's own notification floor.
+
+Every time here is ``time.time()`` on this one host; it is compared across processes (the daemon's
+``ingested_at``, the load generator, the watcher, the SQS receiver), which is sound on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import random
+import selectors
+import statistics
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import imapclient
+import psycopg
+
+from bench.common import (
+    BIN,
+    PASSWORD,
+    PASSWORD_ENV,
+    BenchDaemon,
+    Scale,
+    accounts_toml,
+    cpu_during,
+    cpu_of_tree_over,
+    generate_messages,
+    process_tree,
+    pss_bytes,
+    raise_fd_limit,
+    rnd,
+    summary,
+)
+from mailingestd import control
+from mailingestd.config import AccountConfig
+from mailingestd.devservers import Dovecot, MotoServer, Postgres
+from mailingestd.store import open_store
+
+HOST = "127.0.0.1"
+
+
+def limits_for(accounts: int) -> str:
+    """Limits raised for the local server so the bucket is not what is measured."""
+    return f"""
+[limits.servers."{HOST}"]
+max_connections_per_server = {max(100, 2 * accounts + 100)}
+connects_per_minute = {max(200, 60 * accounts)}
+"""
+
+
+def wait_all_idle(daemon: BenchDaemon, accounts: int, timeout: float) -> tuple[float | None, list[tuple[float, int]]]:
+    """Poll ``mailingestctl status --json`` until every account idles; return (seconds, samples)."""
+    samples: list[tuple[float, int]] = []
+    started = daemon.spawned_at
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = daemon.try_status()
+        idle = int(status["traffic"]["idle_connections"]) if status else 0
+        samples.append((round(time.time() - started, 2), idle))
+        if idle >= accounts:
+            return time.time() - started, samples
+        time.sleep(0.5)
+    return None, samples
+
+
+def time_status(daemon: BenchDaemon, runs: int = 5) -> dict[str, Any]:
+    """Wall time of ``mailingestctl status`` (the text screen a person runs), process start included."""
+    times = []
+    for _ in range(runs):
+        started = time.monotonic()
+        result = subprocess.run([str(BIN / "mailingestctl"), "--config", str(daemon.config_path), "status"],
+                                env=daemon.env, capture_output=True, text=True, timeout=30, check=False)
+        times.append(time.monotonic() - started)
+        if result.returncode != 0:
+            raise RuntimeError(f"mailingestctl status exited {result.returncode}: {result.stderr}")
+    # The daemon's share: the control-socket round trip alone, without starting mailingestctl.
+    replies = []
+    for _ in range(runs):
+        started = time.monotonic()
+        control.call(str(daemon.root / "run"), control.Status(), timeout=30)
+        replies.append(time.monotonic() - started)
+    return {"runs": runs, "median_seconds": rnd(statistics.median(times)), "max_seconds": rnd(max(times)),
+            "daemon_reply_median_seconds": rnd(statistics.median(replies)),
+            "daemon_reply_max_seconds": rnd(max(replies)),
+            "target_seconds": 1.0, "meets_target": max(times) < 1.0}
+
+
+# --- the bare IDLE watcher (the floor) -------------------------------------------------------------
+
+def _watch(port: int, users: list[str], ready: Any, stop: Any, results: Any) -> None:
+    """Own process: log every user in, SELECT INBOX, IDLE; timestamp each new UID's EXISTS."""
+    raise_fd_limit()
+
+    def open_one(user: str) -> tuple[str, imapclient.IMAPClient, int, int]:
+        client = imapclient.IMAPClient(HOST, port=port, ssl=False, timeout=30)
+        client.login(user, PASSWORD)
+        info = client.select_folder("INBOX", readonly=True)
+        client.idle()
+        return user, client, int(info[b"EXISTS"]), int(info[b"UIDNEXT"])
+
+    selector = selectors.DefaultSelector()
+    with ThreadPoolExecutor(32) as pool:
+        for user, client, exists, uidnext in pool.map(open_one, users):
+            # [user, client, EXISTS at SELECT, UIDNEXT at SELECT, messages seen so far]
+            selector.register(client.socket(), selectors.EVENT_READ, [user, client, exists, uidnext, exists])
+    ready.set()
+    seen: list[tuple[str, int, float]] = []
+    while not stop.is_set():
+        for key, _ in selector.select(0.2):
+            now = time.time()
+            state = key.data
+            user, client, exists_at_select, uidnext, _ = state
+            for response in client.idle_check(timeout=0):
+                if len(response) >= 2 and response[1] == b"EXISTS" and response[0] > state[4]:
+                    # Mailboxes only grow during the run: sequence number n is UID uidnext + n - exists - 1.
+                    for seq in range(state[4] + 1, response[0] + 1):
+                        seen.append((user, uidnext + seq - exists_at_select - 1, now))
+                    state[4] = response[0]
+    results.put(seen)
+
+
+# --- the SQS receiver ---------------------------------------------------------------------------
+
+class SqsReceiver:
+    """Threads that long-poll the queue, timestamp each envelope on arrival and delete it."""
+
+    def __init__(self, moto: MotoServer, queue_url: str, threads: int = 2) -> None:
+        self.moto, self.queue_url = moto, queue_url
+        self.arrivals: dict[tuple[str, int], float] = {}
+        self.duplicates = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self) -> SqsReceiver:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def _run(self) -> None:
+        sqs = self.moto.client("sqs")
+        while not self.stop.is_set():
+            reply = sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+            now = time.time()
+            messages = reply.get("Messages", [])
+            for message in messages:
+                body = json.loads(message["Body"])
+                key = (body["account_id"], int(body["uid"]))
+                if key in self.arrivals:
+                    self.duplicates += 1
+                else:
+                    self.arrivals[key] = now
+            if messages:
+                sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=[
+                    {"Id": str(index), "ReceiptHandle": m["ReceiptHandle"]} for index, m in enumerate(messages)])
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+# --- the load generator -------------------------------------------------------------------------
+
+def append_load(port: int, users: list[str], messages: list[bytes], rate: float, seed: int,
+                threads: int = 32) -> list[dict[str, Any]]:
+    """APPEND ``messages`` to random ``users`` at ``rate`` per second; one login per APPEND.
+
+    Returns one record per message: user, uid (APPENDUID), size, and ``acked`` = the wall time
+    Dovecot answered OK (the message exists from then on; latencies are measured from it).
+    """
+    rng = random.Random(seed)
+    plan = [(rng.choice(users), raw) for raw in messages]
+    jobs: queue.Queue[tuple[float, str, bytes] | None] = queue.Queue()
+    records: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while (job := jobs.get()) is not None:
+            due, user, raw = job
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            sent = time.time()
+            with imapclient.IMAPClient(HOST, port=port, ssl=False, timeout=60) as imap:
+                imap.login(user, PASSWORD)
+                reply = imap.append("INBOX", raw)
+                acked = time.time()
+            uid = int(reply.split(b"APPENDUID ")[1].split(b" ")[1].rstrip(b"]"))
+            with lock:
+                records.append({"user": user, "uid": uid, "size": len(raw), "due": due, "sent": sent,
+                                "acked": acked})
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    started = time.time() + 0.5
+    for index, (user, raw) in enumerate(plan):
+        jobs.put((started + index / rate, user, raw))
+    for _ in pool:
+        jobs.put(None)
+    for thread in pool:
+        thread.join()
+    return records
+
+
+# --- scenarios ------------------------------------------------------------------------------------
+
+def run_hold_and_latency(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, moto: MotoServer,
+                         plots: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    accounts = scale.hold_accounts
+    users = [f"hold{index}" for index in range(1, accounts + 1)]
+    store_url = postgres.create_database(f"hold_{int(time.time())}")
+    queue_url = moto.create_queue(f"hold-{int(time.time())}")
+    messages = generate_messages(int(scale.latency_rate * scale.latency_seconds), seed=7)
+    daemon = BenchDaemon(root / "hold", store_url=store_url, env=moto.env,
+                         accounts=accounts_toml(users, dovecot.port), sections=f"""
+[imap]
+threads = {scale.hold_threads}
+
+[queue]
+kind = "sqs"
+url = "{queue_url}"
+endpoint_url = "{moto.endpoint_url}"
+region = "{moto.region}"
+{limits_for(accounts)}
+""")
+    logins_before = dovecot.login_count()
+    try:
+        connect_cpu = cpu_during({"dovecot": process_tree(dovecot.master_pid or 0)})
+        daemon.start()
+        seconds, samples = wait_all_idle(daemon, accounts, timeout=max(120, accounts / 20))
+        connect_cpu = connect_cpu()
+        plots["hold_idle_over_time"] = samples
+        sessions = dovecot.connected_sessions()
+        tree = process_tree(daemon.pid)
+        pss = pss_bytes(tree)
+        status = daemon.try_status() or {}
+        time.sleep(5)  # let the last logins' bookkeeping settle before the quiet window
+        machine_quiet = cpu_during({})
+        quiet = cpu_of_tree_over(daemon.pid, scale.quiet_seconds)
+        quiet["machine_cores_busy_meanwhile"] = machine_quiet()["machine_cores"]
+        status_time = time_status(daemon)
+        hold = {
+            "cpu_while_connecting": connect_cpu,
+            "accounts": accounts, "imap_threads": scale.hold_threads,
+            "seconds_until_all_idle": rnd(seconds, 1), "target_seconds": 60,
+            "idle_connections_reported": samples[-1][1] if samples else 0,
+            "dovecot_sessions": sessions, "dovecot_logins": dovecot.login_count() - logins_before,
+            "processes": len(tree), "pss_mib": round(pss / 2**20, 1), "target_pss_mib": 512,
+            "daemon_reported_memory_mib": round(status.get("supervisor", {}).get("memory_bytes", 0) / 2**20, 1),
+            "quiet_cpu": quiet, "target_core_fraction": 0.05,
+            "status_time": status_time,
+        }
+        hold["meets_target"] = bool(seconds is not None and seconds < 60 and pss < 512 * 2**20
+                                    and quiet["core_fraction"] < 0.05 and sessions >= accounts)
+        print(f"hold: {accounts} accounts idle in {hold['seconds_until_all_idle']} s (Dovecot sessions {sessions}), "
+              f"PSS {hold['pss_mib']} MiB over {len(tree)} processes, quiet CPU "
+              f"{quiet['core_fraction'] * 100:.2f}% of a core, status {status_time['max_seconds']} s (machine busy "
+              f"{connect_cpu['machine_cores']:.1f} cores while connecting, {quiet['machine_cores_busy_meanwhile']:.1f} "
+              f"while quiet) "
+              f"-> {'met' if hold['meets_target'] else 'MISSED'} (60 s / 512 MiB / 5%)", flush=True)
+        latency = measure_latency(scale, daemon, dovecot, moto, queue_url, users, messages, plots,
+                                  rate=scale.latency_rate)
+        latency["daemon_errors_logged"] = daemon.errors_logged()
+        # The same at a tenth of the rate, every message to a watched mailbox: the daemon's own
+        # latency when the two cores are not saturated by the load generator and Dovecot.
+        light = measure_latency(scale, daemon, dovecot, moto, queue_url, users,
+                                messages[:int(scale.latency_rate * scale.latency_seconds / 10)], plots,
+                                rate=scale.latency_rate / 10, name="latency_light", only_watched=True)
+        hold["drain_and_exit"] = daemon.stop()
+    finally:
+        daemon.kill()
+    return {"hold": hold, "latency": latency, "latency_light": light}
+
+
+def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, moto: MotoServer, queue_url: str,
+                    users: list[str], messages: list[bytes], plots: dict[str, Any], *, rate: float,
+                    name: str = "latency", only_watched: bool = False) -> dict[str, Any]:
+    """Append ``messages`` at ``rate``; with ``only_watched`` every message goes to a watched mailbox."""
+    sample = random.Random(3).sample(users, min(scale.watcher_sample, len(users)))
+    context = multiprocessing.get_context("fork")
+    ready, stop, results = context.Event(), context.Event(), context.Queue()
+    watcher = context.Process(target=_watch, args=(dovecot.port, sample, ready, stop, results), daemon=True)
+    watcher.start()
+    if not ready.wait(120):
+        raise RuntimeError("the bare IDLE watcher did not log in within 120 s")
+    receiver = SqsReceiver(moto, queue_url).start()
+    cpu_stop = cpu_during({"daemon": process_tree(daemon.pid), "dovecot": process_tree(dovecot.master_pid or 0),
+                           "bench": process_tree(os.getpid())})
+    records = append_load(dovecot.port, sample if only_watched else users, messages, rate, seed=11)
+    append_seconds = max(r["acked"] for r in records) - min(r["due"] for r in records)
+    cpu_under_load = cpu_stop()
+    # Everything appended must reach the store and the queue; give stragglers (10 MB messages) time.
+    keys = {(r["user"], r["uid"]) for r in records}
+    committed: dict[tuple[str, int], float] = {}
+    deadline = time.time() + 60
+    with psycopg.connect(daemon.store_url) as conn:
+        while time.time() < deadline:
+            rows = conn.execute("SELECT account_id, uid, ingested_at FROM messages").fetchall()
+            conn.commit()
+            committed = {(a, int(u)): float(t) for a, u, t in rows}
+            if keys <= committed.keys() and keys <= receiver.arrivals.keys():
+                break
+            time.sleep(0.5)
+    time.sleep(1)
+    receiver.close()
+    stop.set()
+    floor_events = results.get(timeout=30)
+    watcher.join(10)
+    floor_seen = {(user, uid): t for user, uid, t in floor_events}
+    store_lat = [committed[(r["user"], r["uid"])] - r["acked"] for r in records if (r["user"], r["uid"]) in committed]
+    sqs_lat = [receiver.arrivals[(r["user"], r["uid"])] - r["acked"] for r in records
+               if (r["user"], r["uid"]) in receiver.arrivals]
+    sampled = [r for r in records if (r["user"], r["uid"]) in floor_seen]
+    floor_lat = [floor_seen[(r["user"], r["uid"])] - r["acked"] for r in sampled]
+    store_on_sample = [committed[(r["user"], r["uid"])] - r["acked"] for r in sampled
+                       if (r["user"], r["uid"]) in committed]
+    small = [committed[(r["user"], r["uid"])] - r["acked"] for r in records
+             if r["size"] < 1_000_000 and (r["user"], r["uid"]) in committed]
+    plots[name] = {"store": store_lat, "sqs": sqs_lat, "floor": floor_lat}
+    plots[f"{name}_timeline"] = [(r["acked"] - records[0]["due"], committed[(r["user"], r["uid"])] - r["acked"])
+                                 for r in records if (r["user"], r["uid"]) in committed]
+    result = {
+        "rate_target_per_second": rate, "appended": len(records),
+        "cpu_during_load": cpu_under_load,
+        "append_rate_achieved": rnd(len(records) / append_seconds, 1),
+        "bytes_appended": sum(r["size"] for r in records),
+        "large_messages": sum(1 for r in records if r["size"] >= 1_000_000),
+        "stored": len(store_lat), "announced_on_sqs": len(sqs_lat), "sqs_duplicates": receiver.duplicates,
+        "append_to_store_seconds": summary(store_lat),
+        "append_to_store_small_only_seconds": summary(small),
+        "append_to_sqs_seconds": summary(sqs_lat),
+        "watched_accounts": len(sample),
+        "floor_append_to_idle_exists_seconds": summary(floor_lat),
+        "append_to_store_on_watched_messages_seconds": summary(store_on_sample),
+    }
+    floor_p99 = result["floor_append_to_idle_exists_seconds"]["p99"]
+    store_p99 = result["append_to_store_seconds"]["p99"]
+    result["p99_minus_floor_p99"] = rnd(store_p99 - floor_p99) if store_p99 is not None and floor_p99 is not None else None
+    result["target"] = "store p99 within 0.5 s of the floor's p99"
+    result["meets_target"] = bool(result["p99_minus_floor_p99"] is not None and result["p99_minus_floor_p99"] <= 0.5
+                                  and len(store_lat) == len(records))
+    s, q, f = result["append_to_store_seconds"], result["append_to_sqs_seconds"], result["floor_append_to_idle_exists_seconds"]
+    print(f"{name}: {len(records)} appends at {result['append_rate_achieved']}/s; append->store p50 {s['p50']} "
+          f"p99 {s['p99']} max {s['max']} s; append->SQS p50 {q['p50']} p99 {q['p99']} max {q['max']} s; "
+          f"bare IDLE floor p50 {f['p50']} p99 {f['p99']} s ({f['count']} msgs); stored {len(store_lat)}/{len(records)}; "
+          f"machine busy {cpu_under_load['machine_cores']:.1f} cores -> "
+          f"{'met' if result['meets_target'] else 'MISSED'} (p99 within 0.5 s of floor)", flush=True)
+    return result
+
+
+def run_quiet(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres) -> dict[str, Any]:
+    """1,000 idling accounts with the default imap.threads: time to idle and the daemon's quiet CPU."""
+    accounts = scale.quiet_accounts
+    users = [f"quiet{index}" for index in range(1, accounts + 1)]
+    daemon = BenchDaemon(root / "quiet", store_url=postgres.create_database(f"quiet_{int(time.time())}"),
+                         accounts=accounts_toml(users, dovecot.port), sections=limits_for(accounts))
+    try:
+        daemon.start()
+        seconds, _ = wait_all_idle(daemon, accounts, timeout=180)
+        time.sleep(5)
+        machine_quiet = cpu_during({})
+        quiet = cpu_of_tree_over(daemon.pid, scale.quiet_seconds)
+        quiet["machine_cores_busy_meanwhile"] = machine_quiet()["machine_cores"]
+        result = {"accounts": accounts, "imap_threads": 16, "seconds_until_all_idle": rnd(seconds, 1),
+                  "pss_mib": round(pss_bytes(process_tree(daemon.pid)) / 2**20, 1), "quiet_cpu": quiet,
+                  "target_core_fraction": 0.02, "meets_target": quiet["core_fraction"] < 0.02 and seconds is not None,
+                  "drain_and_exit": daemon.stop()}
+    finally:
+        daemon.kill()
+    print(f"quiet: {accounts} idle accounts (imap.threads 16) idle in {result['seconds_until_all_idle']} s; "
+          f"CPU {quiet['core_fraction'] * 100:.2f}% of a core over {quiet['wall_seconds']:.0f} s (machine busy "
+          f"{quiet['machine_cores_busy_meanwhile']:.1f} cores) "
+          f"-> {'met' if result['meets_target'] else 'MISSED'} (< 2%)", flush=True)
+    return result
+
+
+def run_status(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres) -> dict[str, Any]:
+    """``mailingestctl status`` with 10,000 accounts (default limits: most wait for a connection slot).
+
+    Twice: the accounts as ``[[accounts]]`` in the file (mailingestctl reads the whole file to find
+    the control socket), and the accounts in the store (as ``mailingestctl account add`` puts them,
+    here written through the store API in one go) with a file that has none.
+    """
+    accounts = scale.status_accounts
+    users = [f"conf{index}" for index in range(1, accounts + 1)]
+    result: dict[str, Any] = {"accounts_configured": accounts, "target_seconds": 1.0}
+    for where in ("config_file", "store"):
+        store_url = postgres.create_database(f"status_{where}_{int(time.time())}")
+        if where == "store":
+            store = open_store(store_url, 1, 2)
+            for user in users:
+                store.upsert_account(AccountConfig(id=user, host=HOST, username=user, port=dovecot.port, tls="none",
+                                                   password_env=PASSWORD_ENV), source="store")
+            store.close()
+        daemon = BenchDaemon(root / f"status-{where}", store_url=store_url,
+                             accounts=accounts_toml(users, dovecot.port) if where == "config_file" else "")
+        try:
+            startup = daemon.start()
+            time.sleep(10)
+            status = daemon.try_status() or {}
+            machine = cpu_during({})
+            timing = time_status(daemon)
+            timing["machine_cores_busy_meanwhile"] = machine()["machine_cores"]
+            result[f"accounts_in_{where}"] = {
+                "accounts_in_status": status.get("accounts", {}).get("total"),
+                "daemon_startup_seconds": rnd(startup, 2), "status_time": timing,
+                "drain_and_exit": daemon.stop()}
+        finally:
+            daemon.kill()
+        print(f"status: {accounts} accounts in the {where.replace('_', ' ')} "
+              f"({result[f'accounts_in_{where}']['accounts_in_status']} in status), mailingestctl status median "
+              f"{timing['median_seconds']} s max {timing['max_seconds']} s, daemon's reply alone median "
+              f"{timing['daemon_reply_median_seconds']} s (machine busy "
+              f"{timing['machine_cores_busy_meanwhile']:.1f} cores) -> {'met' if timing['meets_target'] else 'MISSED'} "
+              f"(< 1 s)", flush=True)
+    result["meets_target"] = all(result[f"accounts_in_{w}"]["status_time"]["meets_target"]
+                                 for w in ("config_file", "store"))
+    return result
