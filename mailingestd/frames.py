@@ -37,11 +37,14 @@ class Assign(Frame):
 
 
 class Poll(Frame):
-    """Check the account now. ``may_connect``: a connection slot and a token were granted."""
+    """Check the account now. ``may_connect``: a connection slot and a token were granted.
+    ``release``: others wait on this server's connection cap, so log out after this poll
+    (connections are time-shared instead of held by the first accounts forever)."""
 
     account_id: str
     order_id: int
     may_connect: bool
+    release: bool = False
 
 
 class Drain(Frame):

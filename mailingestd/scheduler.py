@@ -317,8 +317,9 @@ class Scheduler:
                 continue
             order_id = self.next_order_id
             self.next_order_id += 1
+            release = self.planner.waiting_on(order.server) > 0
             if not self.send_to(slot, frames.Poll(account_id=order.account_id, order_id=order_id,
-                                                  may_connect=order.need_connect)):
+                                                  may_connect=order.need_connect, release=release)):
                 refused.append(order.account_id)
                 continue
             self.in_flight[order_id] = (order.account_id, slot)

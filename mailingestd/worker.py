@@ -274,7 +274,7 @@ class Worker:
         if session.busy:
             session.pending_order = order
             return
-        self.start_job(session, order.order_id, order.may_connect)
+        self.start_job(session, order.order_id, order.may_connect, release=order.release)
 
     def on_readable(self, session: Session, now: float) -> None:
         if session.busy or not session.idling:
@@ -315,7 +315,7 @@ class Worker:
 
     # --- handing sessions to the pool ---------------------------------------------------------
     def start_job(self, session: Session, order_id: int, may_connect: bool, notified: float | None = None,
-                  failure: imap.ImapError | None = None, all_folders: bool = False) -> None:
+                  failure: imap.ImapError | None = None, all_folders: bool = False, release: bool = False) -> None:
         if session.fd is not None:
             self.selector.unregister(session.fd)
             session.fd = None
@@ -323,7 +323,7 @@ class Worker:
         session.probe_deadline = None
         was_idling, session.idling = session.idling, False
         self.submit(self.job, session.account, session.client, order_id, may_connect, was_idling, notified,
-                    failure, all_folders)
+                    failure, all_folders, release)
 
     def submit(self, function: Callable[..., Outcome | None], *args: Any) -> None:
         """Run ``function(*args)`` on the pool, or queue it while ``max_jobs`` are running."""
@@ -419,12 +419,14 @@ class Worker:
 
     # --- the blocking work (pool threads) -----------------------------------------------------
     def job(self, account: AccountConfig, client: Any, order_id: int, may_connect: bool, was_idling: bool,
-            notified: float | None, failure: imap.ImapError | None, all_folders: bool) -> Outcome:
+            notified: float | None, failure: imap.ImapError | None, all_folders: bool,
+            release: bool = False) -> Outcome:
         """Connect if granted, check the folders, ingest what is new, and re-enter IDLE.
 
         An IDLE notification checks INBOX only; an order, a renewal (``all_folders``) or a
         connection not idling checks every folder with STATUS first. ``failure``: the loop found
-        the connection broken; report it and close.
+        the connection broken; report it and close. ``release``: others wait for this server's
+        connection cap, so LOGOUT instead of keeping the connection (time-sharing the cap).
         """
         outcome = Outcome(account_id=account.id, order_id=order_id, ok=False, notified_at=notified)
         timeout = self.config.imap.timeout
@@ -444,6 +446,11 @@ class Worker:
             outcome.idle_capable = account.idle and "IDLE" in imap.capabilities(client)
             self.check_folders(client, account, outcome, ordered=order_id > 0 or not was_idling or all_folders)
             if self.draining or self.child.stop_requested:
+                outcome.ok = True
+                return outcome
+            if release:
+                imap.logout(client, min(timeout, 5.0))
+                outcome.client = None
                 outcome.ok = True
                 return outcome
             if account.auth == "oauth2":

@@ -136,7 +136,7 @@ connects_per_minute = {B_RATE}
         started = time.time()
         # Connect rate and cap, sampled while everyone connects (a loaded machine takes a while);
         # auth failures and backoff meanwhile.
-        b_sessions, states_seen = [], set()
+        b_sessions, states_seen, waiting_seen = [], set(), 0
         metrics_file = daemon.metrics_dir / "mailingestd.prom"
         while True:
             b_sessions.append(server.connected_sessions(f"{tag}lh*"))
@@ -145,15 +145,16 @@ connects_per_minute = {B_RATE}
                                           re.MULTILINE))
             status = daemon.status()
             localhost = status["servers"].get("localhost", {})
-            if time.time() - started > 15 and localhost.get("connections") == B_CAP and \
-                    status["accounts"]["by_state"].get("auth_failed"):
+            waiting_seen = max(waiting_seen, localhost.get("waiting", 0))
+            if time.time() - started > 15 and waiting_seen and status["accounts"]["by_state"].get("auth_failed"):
                 break
             assert time.time() - started < 60, status
             time.sleep(0.3)
-        assert status["servers"]["localhost"]["waiting"] == ON_B - B_CAP, status["servers"]
-        # Lag: most polls go out within a tick or two; the tail is the accounts waiting on localhost.
+        assert 0 < waiting_seen <= ON_B - 1, "accounts held back by the cap are visible in status"
+        # Lag is measured and shown: the accounts time-sharing localhost's capped, rate-limited
+        # connections run late (each of their polls needs a new connection), so the tail is long.
         traffic = status["traffic"]
-        assert 0 < traffic["lag_p50"] <= 1.0 and traffic["lag_p99"] >= 5.0, traffic
+        assert 0 < traffic["lag_p50"] <= traffic["lag_p99"] and traffic["lag_p99"] >= 5.0, traffic
 
         # The wrong password: exactly auth_failure_limit tries, then auth_failed, in status and metrics.
         assert len(log_events(server, "auth failed", bad)) == 3, server.log_path.read_text()[-2000:]
@@ -171,7 +172,7 @@ connects_per_minute = {B_RATE}
         assert tier_counts()["low"] == PER_TIER + QUIET_AUTO + 1
         assert metric_value(daemon, "mailingestd_accounts", 'priority="low"') == PER_TIER + QUIET_AUTO + 1
         server.append_many(burst, [f"Subject: burst {n}\r\n\r\nbody\r\n".encode() for n in range(4)])
-        wait_until(lambda: tier_counts().get("medium") == PER_TIER + 1, 15, 0.3, "the burst account to be promoted")
+        wait_until(lambda: tier_counts().get("medium") == PER_TIER + 1, 30, 0.3, "the burst account to be promoted")
 
         # Poll rates per fixed tier, over a window after everyone connected, from the rawlog.
         window_start = time.time()
@@ -205,4 +206,7 @@ connects_per_minute = {B_RATE}
         # Any W seconds: at most the burst plus the rate over W (+1 s for the log's resolution).
         assert max_in_window(a_times, seconds) <= A_BURST + A_RATE * (seconds + 1) / 60, (seconds, a_times)
         assert max_in_window(b_logins, seconds) <= B_RATE / 6 + B_RATE * (seconds + 1) / 60
-    assert len(b_logins) >= B_CAP
+    # The cap is time-shared, not held by the first accounts forever: every account got its turn.
+    starved = [name for name in on_b if not status_commands(server, name, 0, time.time())]
+    assert not starved, f"{len(starved)} of {ON_B} accounts on the capped server were never polled"
+    assert len(b_logins) > B_CAP
