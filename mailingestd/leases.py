@@ -79,12 +79,20 @@ def clustered(config: Config) -> bool:
 
 
 class Fence:
-    """Checks, inside a store transaction, that this node holds an account's unexpired lease."""
+    """Checks, inside a store transaction, that this node holds an account's unexpired lease.
 
-    def __init__(self, node: str) -> None:
+    The transaction also gets an ``idle_in_transaction_session_timeout`` of a third of the lease:
+    a process paused in the middle of a commit would otherwise keep the lease row (and the mailbox
+    row) locked for as long as it is paused, and no other node could take the account over. The
+    server ends such a session; the paused process finds its connection gone when it resumes.
+    """
+
+    def __init__(self, node: str, lease_time: float) -> None:
         self.node = node
+        self.idle_timeout_ms = max(1000, int(lease_time * 1000 / 3))
 
     def check(self, cur: Any, account_id: str) -> None:
+        cur.execute(f"SET LOCAL idle_in_transaction_session_timeout = {self.idle_timeout_ms}")
         cur.execute("SELECT owner, expires_at > now() FROM leases WHERE account_id = %s FOR SHARE", (account_id,))
         row = cur.fetchone()
         if row is None or row[0] != self.node or not row[1]:
@@ -96,7 +104,7 @@ class Fence:
 
 def fence_for(config: Config) -> Fence | None:
     """The fence a process that commits checkpoints installs on its store (None on SQLite)."""
-    return Fence(node_id(config)) if clustered(config) else None
+    return Fence(node_id(config), config.cluster.lease_time) if clustered(config) else None
 
 
 class SingleNode:
