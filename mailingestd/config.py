@@ -151,6 +151,7 @@ class SchedulerConfig(_Section):
     demote_after: Duration = Duration(3600)
     tick: Duration = Duration(0.1)
     first_poll_spread: Duration = Duration(10)
+    order_timeout: Duration = Duration(1800)
 
 
 class ServerLimits(_Section):
@@ -163,6 +164,7 @@ class LimitsConfig(_Section):
     max_connections_per_server: int = 100
     connects_per_minute: int = 200
     max_connections_per_account: int = 2
+    connect_burst: Duration = Duration(10)
     servers: dict[str, ServerLimits] = {}
 
     def for_server(self, host: str) -> ServerLimits:

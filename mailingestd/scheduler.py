@@ -22,6 +22,7 @@ import zmq
 
 from . import frames, leases, retention
 from .child import Child, bind_pull, connect_push, ipc_path, send
+from . import config as config_mod
 from .config import AccountConfig, Config
 from .planner import AccountPlan, AccountState, Planner
 from .store import Store, StoreError, open_store
@@ -29,7 +30,6 @@ from .store import Store, StoreError, open_store
 log = logging.getLogger(__name__)
 
 ACCOUNTS_CHECK_INTERVAL = 2.0
-ORDER_TIMEOUT = 1800.0
 MAX_WAIT = 0.5
 STORE_STATES = {AccountState.AUTH_FAILED: "auth_failed", AccountState.DISABLED: "disabled"}
 
@@ -70,7 +70,8 @@ class Scheduler:
         self.next_order_id = 1
         self.store: Store = open_store(config.store_url, 1, 2)
         self.leases = leases.manager_for(config, self.store)  # only accounts this node holds are planned
-        self.planner = Planner(config.scheduler, config.limits, time.monotonic())
+        self.planner = Planner(config.scheduler, config.limits, time.monotonic(),
+                               burst_seconds=config.limits.connect_burst)
         self.accounts: dict[str, AccountConfig] = {}
         self.secrets: dict[str, dict[str, str]] = {}
         self.reauth: set[str] = set()
@@ -299,9 +300,20 @@ class Scheduler:
             for slot in range(self.workers):
                 self.send_to(slot, frames.Resume())
         elif command.command == "reload":
+            self.reconfigure(now)
             if command.workers and command.workers != self.workers:
                 self.redeal(command.workers, now)
             self.load_accounts(now, force=True)
+
+    def reconfigure(self, now: float) -> None:
+        """Intervals, thresholds and limits from the reloaded file (the supervisor validated it)."""
+        try:
+            fresh = config_mod.load(self.config.path or None)
+        except config_mod.ConfigError as exc:
+            self.child.errors.add(f"role=scheduler event=reload_failed error={exc}")
+            return
+        self.planner.reconfigure(fresh.scheduler, fresh.limits, now, burst_seconds=fresh.limits.connect_burst)
+        self.config = msgspec.structs.replace(self.config, scheduler=fresh.scheduler, limits=fresh.limits)
 
     # --- orders -------------------------------------------------------------------------------------
     def send_orders(self, now: float) -> None:
@@ -330,11 +342,12 @@ class Scheduler:
             self.starved = True
 
     def expire_orders(self, now: float) -> None:
-        for account_id in self.planner.expire_orders(now, ORDER_TIMEOUT):
+        timeout = self.config.scheduler.order_timeout
+        for account_id in self.planner.expire_orders(now, timeout):
             order_id = self.order_by_account.get(account_id)
             if order_id is not None:
                 self.forget_order(order_id)
-            self.child.errors.add(f"account={account_id} event=order_expired after={ORDER_TIMEOUT:.0f}s")
+            self.child.errors.add(f"account={account_id} event=order_expired after={timeout:.0f}s")
 
     # --- heartbeat ----------------------------------------------------------------------------------
     def state_name(self) -> str:
