@@ -26,9 +26,9 @@ SCENARIOS = ("hold", "quiet", "status", "backlog", "polling", "scheduler")
 
 
 def run_scheduler(scale: Scale, report: Report) -> dict[str, Any]:
-    path = report.directory / "scheduler.json"
+    path = report.directory / f"scheduler-{scale.mode}.json"  # not scheduler_bench's own default file
     subprocess.run([sys.executable, str(BENCH_DIR / "scheduler_bench.py"), "--accounts", str(scale.scheduler_accounts),
-                    "--json", str(path)], check=True, timeout=3600)
+                    "--json", str(path)], check=True, timeout=1800)
     return json.loads(path.read_text())[f"accounts={scale.scheduler_accounts},hours=1"]
 
 

@@ -88,6 +88,7 @@ class Report:
             self.data["scenarios"] = earlier.get("scenarios", {})
 
     def add(self, name: str, result: dict[str, Any]) -> None:
+        result["commit"] = self.data["machine"]["commit"]  # passes with --only may differ
         self.data["scenarios"][name] = result
         self.save()
 
