@@ -352,11 +352,31 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
-def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+_TABLE_HEADER = re.compile(rb"^\s*\[\[?\s*([A-Za-z0-9_.\"-]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def _without_accounts(text: bytes) -> bytes:
+    """The file minus its ``[[accounts]]`` tables (and their sub-tables), line by line.
+
+    A control command needs runtime_dir, not 10,000 account tables; TOML parsing is pure Python
+    and costs about a second for those. The line scan keeps every other table wherever it is.
+    """
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        header = _TABLE_HEADER.match(line)
+        if header:
+            skipping = header.group(1) == b"accounts" or header.group(1).startswith(b"accounts.")
+        if not skipping:
+            kept.append(line)
+    return b"".join(kept)
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None, accounts: bool = True) -> Config:
     """Read, override from the environment, decode and validate the configuration.
 
     ``path`` None means ``$MAILINGESTD_CONFIG`` or the default path; a missing default file is an
-    empty configuration, a missing file that was asked for is an error.
+    empty configuration, a missing file that was asked for is an error. ``accounts`` False skips
+    the ``[[accounts]]`` tables (for commands that only talk to the running daemon).
     """
     environ = os.environ if environ is None else environ
     explicit = path is not None or "MAILINGESTD_CONFIG" in environ
@@ -364,13 +384,14 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     data: dict[str, Any] = {}
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            text = handle.read()
+        data = tomllib.loads((text if accounts else _without_accounts(text)).decode("utf-8"))
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{path}: no such file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if "path" in data:
         raise ConfigError(f"{path}: path: unknown key")

@@ -33,7 +33,9 @@ def fail(code: int, message: str) -> NoReturn:
 def load_config(ctx: click.Context) -> Config:
     if ctx.obj is None:
         try:
-            ctx.obj = config_mod.load(ctx.find_root().params.get("config_path"))
+            # Accounts live in the store for every command here; skipping the file's [[accounts]]
+            # keeps `status` fast with thousands of them configured.
+            ctx.obj = config_mod.load(ctx.find_root().params.get("config_path"), accounts=False)
         except config_mod.ConfigError as exc:
             fail(EX_CONFIG, str(exc))
     return ctx.obj

@@ -157,6 +157,7 @@ class Outcome(msgspec.Struct):
     detail: str | None = None
     retry_after: float | None = None
     uidvalidity_changed: bool = False
+    news_pending: bool = False
     backlog: int = 0
     connected_now: bool = False
     notified_at: float | None = None
@@ -416,6 +417,8 @@ class Worker:
         elif session.pending_order is not None:
             order, session.pending_order = session.pending_order, None
             self.on_poll(order)
+        elif outcome.news_pending and session.idling and not session.busy:
+            self.start_job(session, 0, False, notified=now)  # mail announced as IDLE began
 
     # --- the blocking work (pool threads) -----------------------------------------------------
     def job(self, account: AccountConfig, client: Any, order_id: int, may_connect: bool, was_idling: bool,
@@ -459,9 +462,11 @@ class Worker:
                 self.credentials.access_token(account, self.secrets.get(account.id, {}),
                                               valid_for=self.config.imap.idle_renew)
             if outcome.idle_capable:
-                imap.examine(client, "INBOX")
-                imap.idle_start(client)
+                self.catch_up_inbox(client, account, outcome)
+                early = imap.idle_start(client)
                 outcome.idling = True
+                # Mail that arrived between the last EXAMINE and IDLE is announced as IDLE starts.
+                outcome.news_pending = imap.has_new_mail(early)
             outcome.ok = True
         except ConfigError as exc:
             outcome.failure_kind, outcome.detail = "auth", str(exc)
@@ -527,6 +532,22 @@ class Worker:
             outcome.uidvalidity_changed |= result.uidvalidity_changed
             if result.first_sync:
                 outcome.backlog += result.new_messages
+
+    def catch_up_inbox(self, client: Any, account: AccountConfig, outcome: Outcome) -> None:
+        """EXAMINE INBOX right before IDLE and ingest what arrived during the sync just done: a
+        message appended in that gap would otherwise wait for the next safety poll."""
+        for _ in range(3):
+            state = imap.examine(client, "INBOX")
+            mailbox = self.store.get_mailbox(account.id, "INBOX")
+            if (mailbox is not None and mailbox.uidvalidity == state.uidvalidity
+                    and (state.uidnext is None or state.uidnext <= mailbox.last_uid + 1)):
+                return
+            result = sync_folder(client, self.store, account.id, "INBOX", self.config.imap,
+                                 announce=self.config.queue.kind != "none", state=state,
+                                 should_stop=lambda: self.child.fast_stop)
+            outcome.new_messages += result.new_messages
+            outcome.new_bytes += result.new_bytes
+            outcome.fetch_seconds += result.fetch_seconds
 
     def folder_has_news(self, client: Any, account_id: str, folder: str) -> bool:
         state = imap.status(client, folder)

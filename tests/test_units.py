@@ -132,3 +132,13 @@ def test_frames_roundtrip_and_garbage_is_none():
     assert decode(encode(beat)) == beat
     for garbage in (b"", b"\xc1", b"\x92\x01\x02", json.dumps({"type": "Poll"}).encode()):
         assert decode(garbage) is None
+
+
+def test_control_commands_skip_account_tables_but_keep_the_rest(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\nruntime_dir = "/r"\n[[accounts]]\nid = "a"\nhost = "h"\nusername = "u"\n'
+                    'password_env = "P"\n[accounts.oauth2]\nprovider = "google"\n[metrics]\ninterval = "7s"\n'
+                    '[[accounts]]\nid = "b"\nhost = "h"\nusername = "u"\npassword_env = "P"\n')
+    light = cfg.load(str(path), environ={}, accounts=False)
+    assert light.accounts == [] and light.daemon.runtime_dir == "/r" and light.metrics.interval == 7
+    assert [a.id for a in cfg.load(str(path), environ={}).accounts] == ["a", "b"]
