@@ -79,7 +79,8 @@ class ChildSlot:
         self.last_heartbeat: float | None = None
         self.beat: frames.Heartbeat | None = None
         self.restarts = 0
-        self.failures = 0
+        self.failures = 0  # consecutive short runs: the restart backoff
+        self.crashes = 0  # the same, but not counting exits for an unreachable store: the crash-loop fatal
         self.start_after = 0.0
         self.retired = False
         self.last_exit = ""
@@ -297,18 +298,20 @@ class Supervisor:
             now = time.monotonic()
             ran_for = now - slot.started_at
             slot.failures = 1 if ran_for > HEALTHY_AFTER else slot.failures + 1
+            # A child that could not reach the store keeps being restarted (backoff capped at
+            # MAX_RESTART_DELAY) for as long as the outage lasts: giving up would turn a database
+            # restart into a dead daemon. Such exits never count toward the crash loop.
+            unavailable = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EX_UNAVAILABLE
+            slot.crashes = 0 if ran_for > HEALTHY_AFTER else slot.crashes
+            slot.crashes += 0 if unavailable else 1
             slot.restarts += 1
             delay = 0.0 if slot.failures == 1 else min(MAX_RESTART_DELAY, 0.5 * 2 ** (slot.failures - 2))
             slot.start_after = now + delay
             log.error("event=child_exited role=%s slot=%d pid=%d how=%s ran_for=%.1fs restart_in=%.1fs",
                       slot.role, slot.slot, pid, slot.last_exit, ran_for, delay)
-            # A child that could not reach the store keeps being restarted (backoff capped at
-            # MAX_RESTART_DELAY) for as long as the outage lasts: giving up would turn a database
-            # restart into a dead daemon.
-            unavailable = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EX_UNAVAILABLE
-            if slot.failures >= CRASH_LOOP_LIMIT and not unavailable:
+            if slot.crashes >= CRASH_LOOP_LIMIT:
                 log.critical("event=fatal reason=crash_loop role=%s slot=%d failures=%d last=%s: giving up; "
-                             "see the errors above", slot.role, slot.slot, slot.failures, slot.last_exit)
+                             "see the errors above", slot.role, slot.slot, slot.crashes, slot.last_exit)
                 self.exit_code = EX_SOFTWARE
                 self.begin_stop(fast=True)
 
