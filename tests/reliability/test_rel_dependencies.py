@@ -287,7 +287,7 @@ def test_disk_full_on_the_embedded_store(dovecot, users, tmp_path):
             daemon.wait_stored(4)
             free = shutil.disk_usage(state).free
             ballast.write_bytes(b"\0" * max(0, free - 600_000))
-            ledger.append(pick(40, 80))
+            ledger.append(40)  # 4 MB: fits the 8 MB filesystem once the ballast is gone
             wait_until(lambda: "full" in daemon.log_path.read_text(errors="replace"), 60, 0.5,
                        "a disk-full error in the log\n" + daemon.log_tail())
             time.sleep(3)
