@@ -214,7 +214,7 @@ class Worker:
                 break
             if not self.child.parent_alive():
                 break
-            for key, _ in self.selector.select(timeout=LOOP_TICK):
+            for key, _ in self.selector.select(timeout=self.select_timeout(now)):
                 if key.data is not None:
                     self.on_readable(key.data, now)
             self.read_frames()
@@ -293,6 +293,15 @@ class Worker:
             self.start_job(session, 0, False, notified=notified, all_folders=True)
         elif notified is not None:
             self.start_job(session, 0, False, notified=notified)
+
+    def select_timeout(self, now: float) -> float:
+        """Sleep until the next renewal, probe or probe deadline is due, at most LOOP_TICK."""
+        due = [LOOP_TICK]
+        if self.timers.heap and not self.job_backlog:
+            due.append(self.timers.heap[0][0] - now)
+        if self.probes:
+            due.append(self.probes[0][0] - now)
+        return max(0.0, min(due))
 
     def service_timers(self, now: float) -> None:
         """Declare dead the connections that left our DONE unanswered; send DONE to those due for
@@ -513,11 +522,6 @@ class Worker:
         folders = sorted(account.folders, key=lambda f: f.upper() == "INBOX") if ordered else ["INBOX"]
         if ordered:
             imap.unselect(client)  # so that STATUS sees the folder afresh (see imap.unselect)
-        if ordered and not outcome.connected_now:
-            # INBOX is still selected from the last check, and STATUS on the selected mailbox
-            # reports that (unsynced) view: Dovecot answered an unchanged UIDNEXT after new mail
-            # until a NOOP let the session see it (found polling without IDLE). NOOP first.
-            imap.noop(client)
         for folder in folders:
             if self.draining or self.child.stop_requested:
                 return

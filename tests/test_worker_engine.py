@@ -145,8 +145,9 @@ def test_mail_appended_to_an_idling_mailbox_is_stored_well_under_2s(idle_dovecot
             latencies.append(stored_at(daemon, f"fast-{n}", 10) - appended_at)
         assert max(latencies) < 1.5, latencies
         assert statistics.median(latencies) < 1.0, latencies
-        [session] = daemon_sessions(idle_dovecot, user)  # one connection did it all
-        assert len(commands(session, "IDLE")) >= 6  # entered IDLE, and again after each message
+        # Entered IDLE, and again after each message (the last re-entry may follow the commit).
+        wait_until(lambda: len(commands(daemon_sessions(idle_dovecot, user)[0], "IDLE")) >= 6, 5, 0.1,
+                   "IDLE re-entered after each message")
         assert len(daemon_sessions(idle_dovecot, user)) == 1  # one login (the test's APPENDs log in too)
 
 
@@ -162,7 +163,7 @@ def test_idle_is_renewed_on_its_timer_and_mail_still_arrives(idle_dovecot, tmp_p
         assert len(dones) >= len(idles) - 1  # each renewal ended the previous IDLE with DONE
         gaps = [later - earlier for earlier, later in pairwise(idles)]
         # Renewed within the last RENEW_JITTER of idle_renew, never later than it (+ the job's time).
-        assert all(2.0 * (1 - RENEW_JITTER) - 0.05 <= gap <= 2.0 + 0.5 for gap in gaps), gaps
+        assert all(2.0 * (1 - RENEW_JITTER) <= gap <= 2.0 + 0.3 for gap in gaps), gaps
         appended_at = time.time()
         idle_dovecot.append(user, message("after-renewals"))
         assert stored_at(daemon, "after-renewals", 10) - appended_at < 1.5
@@ -181,7 +182,7 @@ def test_dead_connection_is_detected_and_replaced_without_a_worker_restart(idle_
             wait_until(lambda: "no reply to DONE" in daemon.log_path.read_text(), 15, 0.1,
                        "the keepalive probe to declare the connection dead\n" + daemon.log_tail())
             # At most keepalive (3 s, jittered down) of silence, then timeout (3 s) for the reply.
-            assert time.monotonic() - paused_at < 3 + 3 + 1.5
+            assert time.monotonic() - paused_at < 3 + 3 + 1.0
             wait_until(lambda: daemon.status()["traffic"]["idle_connections"] == 0, 5, 0.2, "IDLE given up")
         finally:
             idle_dovecot.resume()
