@@ -110,6 +110,9 @@ def fence_for(config: Config) -> Fence | None:
 class SingleNode:
     """The embedded store: this node holds every account."""
 
+    def hurry(self) -> None:
+        """Nothing to claim: this node holds every account."""
+
     def tick(self, now: float, state: str) -> bool:
         return False
 
@@ -150,6 +153,10 @@ class LeaseManager:
     # --- the scheduler's view --------------------------------------------------------------------
     def holds(self, account_id: str) -> bool:
         return account_id in self.held
+
+    def hurry(self) -> None:
+        """Run the next lease round at the next tick (accounts changed: claim new ones now)."""
+        self.next_round = 0.0
 
     def tick(self, now: float, state: str) -> bool:
         """Run a round when due; True when the set of held accounts changed."""

@@ -285,8 +285,9 @@ class Planner:
         index = self._index.get(account_id)
         return index is not None and index in self._due_backlog
 
-    def add(self, plan: AccountPlan, now: float) -> None:
-        """Start scheduling an account; its first poll falls at a random point of first_poll_spread."""
+    def add(self, plan: AccountPlan, now: float, spread: bool = True) -> None:
+        """Start scheduling an account; its first poll falls at a random point of first_poll_spread
+        (``spread`` False: due at once, for one account added to a running daemon)."""
         if plan.account_id in self._index:
             raise ValueError(f"account {plan.account_id!r} is already planned")
         self._now = now
@@ -308,8 +309,8 @@ class Planner:
             return
         # New accounts (a start, a reload, 10,000 added at once) are spread over first_poll_spread,
         # not over a whole interval: a new mailbox should be connected in seconds, not minutes.
-        spread = min(self.config.first_poll_spread, priority.interval(now))
-        self._schedule(index, AccountState.NEW, now + self.rng.random() * spread)
+        window = min(self.config.first_poll_spread, priority.interval(now)) if spread else 0.0
+        self._schedule(index, AccountState.NEW, now + self.rng.random() * window)
 
     def update(self, plan: AccountPlan, now: float) -> None:
         """Apply a changed definition: server, priority, idle, enabled, credentials_version.

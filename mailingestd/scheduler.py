@@ -76,6 +76,7 @@ class Scheduler:
         self.secrets: dict[str, dict[str, str]] = {}
         self.reauth: set[str] = set()
         self.worker_pids: dict[int, int] = {}
+        self.loaded = False  # the first load spreads first polls; later additions are polled at once
         self.listener: Any = None
         self.owner: dict[str, int] = {}
         self.accounts_version = ""
@@ -120,6 +121,8 @@ class Scheduler:
             return
         self.accounts_version = version
         fresh = {row.account.id: row.account for row in rows}
+        bulk = not self.loaded or len(fresh.keys() - self.accounts.keys()) > 10
+        self.loaded = True
         fresh_secrets = {row.account.id: row.secrets for row in rows}
         touched: set[int] = set()
         for account_id in list(self.accounts):
@@ -139,7 +142,9 @@ class Scheduler:
             self.secrets[account_id] = fresh_secrets[account_id]
             slot = owner_slot(account_id, self.workers)
             if old is None:
-                self.planner.add(plan, now)
+                # At start (or a reload adding many) first polls are spread; an account added to
+                # a running daemon is polled at once, so its mail arrives within seconds.
+                self.planner.add(plan, now, spread=bulk)
                 log.info("event=account_added account=%s server=%s worker=%d", account_id, account.host, slot)
             elif old != account or secrets_changed or self.planner.plan_of(account_id) != plan:
                 # The plan also changes when only the secret file did (its mtime is in the
@@ -426,9 +431,12 @@ class Scheduler:
             poller.poll(wait * 1000)
             now = time.monotonic()
             self.read_frames(now)
+            notified = self.account_notifications()
+            if notified:
+                self.leases.hurry()  # a new account is claimed this turn, not at the next round
             if self.leases.tick(now, self.state_name()):
                 self.load_accounts(now, force=True)
-            if self.account_notifications() or now >= self.next_accounts_check:
+            if notified or now >= self.next_accounts_check:
                 self.next_accounts_check = now + ACCOUNTS_CHECK_INTERVAL
                 self.load_accounts(now)
             self.send_orders(now)

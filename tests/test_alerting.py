@@ -4,8 +4,8 @@
   firing and a not-firing case there, and an idle install fires nothing);
 - every PromQL expression of the dashboard and of the rules, evaluated by a real Prometheus that
   scrapes a real node_exporter reading a metrics textfile. The textfile's source is a parameter
-  (:data:`TEXTFILE_SOURCES`): today a writer of realistic values for every series the daemon
-  exposes; the daemon itself can be added as a second source.
+  (:data:`TEXTFILE_SOURCES`): a writer of realistic values for every series the daemon exposes,
+  and the real daemon itself against Dovecot and moto_server.
 
 Processes are started here directly because ``mailingestd.devservers`` had not landed when this
 was written and its Prometheus takes no rule files; the rules must be loaded so that alerts built
@@ -212,9 +212,42 @@ def realistic_textfile_writer(textfile_dir: Path) -> Iterator[None]:
         writer.join()
 
 
+@contextlib.contextmanager
+def daemon_textfile(textfile_dir: Path) -> Iterator[None]:
+    """The real daemon writes the textfile: a Dovecot with mail, an account with a wrong password
+    (auth_failed), one on a closed port (backoff), and a FIFO queue on moto (the publisher)."""
+    from harness import PASSWORD_ENV, Daemon, account_toml, wait_until
+    from mailingestd.devservers import Dovecot, MotoServer, free_port
+
+    root = textfile_dir.parent / "daemon-source"
+    root.mkdir()
+    root.chmod(0o755)
+    with Dovecot(root / "dovecot", users=2) as dovecot, MotoServer(root / "moto") as moto:
+        queue = moto.create_queue("alerts.fifo", fifo=True)
+        accounts = "".join(account_toml(user, dovecot.host, dovecot.port) for user in dovecot.users)
+        accounts += (f'\n[[accounts]]\nid = "wrongpw"\nhost = "{dovecot.host}"\nport = {dovecot.port}\ntls = "none"\n'
+                     f'username = "nobody"\npassword_env = "WRONG_PASSWORD"\n'
+                     f'\n[[accounts]]\nid = "closed"\nhost = "localhost"\nport = {free_port()}\ntls = "none"\n'
+                     f'username = "nobody"\npassword_env = "{PASSWORD_ENV}"\n')
+        sections = (f'[queue]\nkind = "sqs"\nurl = "{queue}"\nendpoint_url = "{moto.endpoint_url}"\n'
+                    '[limits]\nconnects_per_minute = 600\n')
+        daemon = Daemon(root / "daemon", accounts=accounts, password=dovecot.password, sections=sections,
+                        env={**moto.env, "WRONG_PASSWORD": "not-the-password"})
+        text = daemon.config_path.read_text()
+        daemon.config_path.write_text(text.replace(str(daemon.metrics_dir / TEXTFILE_NAME),
+                                                   str(textfile_dir / TEXTFILE_NAME)))
+        with daemon:
+            for n, user in enumerate(dovecot.users * 3):
+                dovecot.append(user, f"Message-ID: <alert-{n}@t>\r\nSubject: {n}\r\n\r\nbody\r\n".encode())
+            daemon.wait_stored(6, timeout=30)
+            wait_until(lambda: daemon.status()["accounts"]["by_state"].get("auth_failed"), 30, 0.5, "auth_failed")
+            yield
+
+
 # A source keeps TEXTFILE_NAME in the directory it is given up to date while its context is open.
 TEXTFILE_SOURCES: dict[str, Callable[[Path], AbstractContextManager[None]]] = {
     "realistic": realistic_textfile_writer,
+    "daemon": daemon_textfile,
 }
 
 

@@ -51,7 +51,8 @@ def test_children_pinned_and_status_reports_everything(dovecot, users, tmp_path)
             assert child["cpu"] in usable and child["heartbeat_age"] < 3 and child["rss_bytes"] > 0
         assert {c["cpu"] for c in workers} == set(usable[:2])
         assert status["accounts"]["total"] == 4
-        assert status["accounts"]["by_state"].get("idling") == 4
+        wait_until(lambda: daemon.status()["accounts"]["by_state"].get("idling") == 4, 10,
+                   what="the scheduler to see all 4 idling")
         server = status["servers"][dovecot.host]
         assert server["connections"] == 4 and server["limit"] == 100
         assert status["traffic"]["messages_total"] == 4
