@@ -29,6 +29,7 @@ import concurrent.futures
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import random
@@ -68,8 +69,8 @@ class Session:
     ``generation`` counts IDLE entries (timer entries of older ones are stale).
     """
 
-    __slots__ = ("account", "busy", "client", "fd", "generation", "heard_at", "idle_capable", "idling",
-                 "keepalive_after", "pending_order", "probe_deadline", "renew_at")
+    __slots__ = ("account", "busy", "checked_at", "client", "fd", "generation", "heard_at", "idle_capable",
+                 "idling", "keepalive_after", "pending_order", "probe_deadline", "renew_at")
 
     def __init__(self, account: AccountConfig) -> None:
         self.account = account
@@ -84,6 +85,7 @@ class Session:
         self.generation = 0
         self.pending_order: frames.Poll | None = None
         self.fd: int | None = None
+        self.checked_at = -math.inf  # when every folder was last checked (a poll or a renewal)
 
 
 class IdleTimers:
@@ -158,6 +160,7 @@ class Outcome(msgspec.Struct):
     retry_after: float | None = None
     uidvalidity_changed: bool = False
     news_pending: bool = False
+    checked_all: bool = False
     backlog: int = 0
     connected_now: bool = False
     notified_at: float | None = None
@@ -275,6 +278,14 @@ class Worker:
         if session.busy:
             session.pending_order = order
             return
+        if (session.idling and not order.release
+                and time.monotonic() - session.checked_at < self.config.imap.idle_renew):
+            # The safety poll of an idling account whose IDLE renewal checked every folder since:
+            # that renewal was the poll; answering without IMAP work halves a quiet daemon's CPU.
+            self.polls["ok"] = self.polls.get("ok", 0) + 1
+            send(self.to_scheduler, frames.Result(slot=self.slot, account_id=order.account_id,
+                                                  order_id=order.order_id, ok=True, connected=True, idling=True))
+            return
         self.start_job(session, order.order_id, order.may_connect, release=order.release)
 
     def on_readable(self, session: Session, now: float) -> None:
@@ -381,6 +392,8 @@ class Worker:
                 self.submit(imap.logout, outcome.client, min(self.config.imap.timeout, 10.0))
             return
         session.busy = False
+        if outcome.ok and outcome.checked_all:
+            session.checked_at = now
         session.client = outcome.client
         session.idle_capable = outcome.idle_capable
         server = session.account.host
@@ -456,7 +469,8 @@ class Worker:
                 imap.idle_stop(client, timeout)
             outcome.client = client
             outcome.idle_capable = account.idle and "IDLE" in imap.capabilities(client)
-            self.check_folders(client, account, outcome, ordered=order_id > 0 or not was_idling or all_folders)
+            outcome.checked_all = order_id > 0 or not was_idling or all_folders
+            self.check_folders(client, account, outcome, ordered=outcome.checked_all)
             if self.draining or self.child.stop_requested:
                 outcome.ok = True
                 return outcome
