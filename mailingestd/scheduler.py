@@ -373,12 +373,13 @@ class Scheduler:
 
     def heartbeat(self, now: float) -> None:
         snap = self.planner.snapshot(now)
-        by_state_priority: dict[str, float] = {}
-        planner = self.planner
-        for account_id in planner.account_ids():
-            state = "reauth_required" if account_id in self.reauth else planner.state_of(account_id).name.lower()
-            key = f"{state}/{planner.tier_of(account_id).name.lower()}"
-            by_state_priority[key] = by_state_priority.get(key, 0) + 1
+        by_state_priority: dict[str, float] = dict(self.planner.census())
+        for account_id in self.reauth:  # parked as disabled in the planner; shown as what they are
+            tier = self.planner.tier_of(account_id)
+            if tier is not None:
+                key = f"{tier.name.lower()}"
+                by_state_priority[f"disabled/{key}"] = by_state_priority.get(f"disabled/{key}", 1) - 1
+                by_state_priority[f"reauth_required/{key}"] = by_state_priority.get(f"reauth_required/{key}", 0) + 1
         lag = snap.lag
         self.child.heartbeat(self.state_name(), now, stats={
             "accounts": snap.accounts, "in_flight": snap.in_flight, "uidvalidity_changes": self.uidvalidity_changes,

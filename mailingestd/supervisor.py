@@ -42,7 +42,7 @@ from .sysexits import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
-LOOP_TICK = 0.2
+LOOP_TICK = 0.5  # events (heartbeats, control, signals, SIGCHLD) wake the loop at once
 CRASH_LOOP_LIMIT = 8
 HEALTHY_AFTER = 30.0
 MAX_RESTART_DELAY = 30.0
@@ -83,6 +83,7 @@ class ChildSlot:
         self.crashes = 0  # the same, but not counting exits for an unreachable store: the crash-loop fatal
         self.start_after = 0.0
         self.retired = False
+        self.killed = False  # SIGKILLed as stuck, not yet reaped
         self.last_exit = ""
 
     @property
@@ -251,6 +252,7 @@ class Supervisor:
         pid = os.fork()
         if pid:
             slot.pid = pid
+            slot.killed = False
             slot.started_at = time.monotonic()
             slot.last_heartbeat = None
             log.info("event=child_started role=%s slot=%d pid=%d cpu=%s", slot.role, slot.slot, pid, slot.cpu)
@@ -319,7 +321,7 @@ class Supervisor:
         """A child that stops heartbeating is as good as dead: kill it, reap_children restarts it."""
         timeout = self.config.daemon.heartbeat_timeout
         for slot in self.slots:
-            if slot.pid is None:
+            if slot.pid is None or slot.killed:
                 continue
             since = slot.last_heartbeat if slot.last_heartbeat is not None else slot.started_at
             grace = timeout if slot.last_heartbeat is not None else max(timeout, 30.0)
@@ -327,7 +329,7 @@ class Supervisor:
                 log.error("event=child_stuck role=%s slot=%d pid=%d silent_for=%.1fs action=kill",
                           slot.role, slot.slot, slot.pid, now - since)
                 self.kill(slot, signal.SIGKILL)
-                slot.last_heartbeat = now  # once; reap_children takes it from here
+                slot.killed = True  # once; reap_children takes it from here (it is not healthy)
 
     def manage_children(self, now: float) -> None:
         if self.state == State.STOPPING:
@@ -538,7 +540,8 @@ class Supervisor:
         for slot in self.slots:
             if slot.role == "publisher" or slot.retired:
                 continue
-            if slot.last_heartbeat is None or now - slot.last_heartbeat > min(timeout, 3 * self.config.daemon.heartbeat_interval + 1):
+            if (slot.killed or slot.last_heartbeat is None
+                    or now - slot.last_heartbeat > min(timeout, 3 * self.config.daemon.heartbeat_interval + 1)):
                 return False
         return True
 
@@ -588,7 +591,10 @@ class Supervisor:
         poller.register(self.sig_r, zmq.POLLIN)
         while True:
             try:
-                poller.poll(LOOP_TICK * 1000)
+                wait = LOOP_TICK
+                if self.watchdog_every:  # keep-alives on time, not a loop tick late
+                    wait = min(wait, max(0.0, self.next_watchdog - time.monotonic()))
+                poller.poll(wait * 1000)
             except zmq.ZMQError as exc:
                 if exc.errno != errno.EINTR:
                     raise
@@ -619,7 +625,7 @@ class Supervisor:
 
     def write_metrics(self, now: float) -> None:
         if now >= self.next_memory:
-            self.next_memory = now + 5.0
+            self.next_memory = now + 15.0  # PSS makes the kernel walk every mapping: not too often
             self.memory = pss_bytes(self.pid) + sum(pss_bytes(s.pid) for s in self.slots if s.pid)
         if now < self.next_metrics:
             return
@@ -646,6 +652,8 @@ class Supervisor:
             if self.healthy():
                 self.next_watchdog = now + self.watchdog_every
                 notify.notify("WATCHDOG=1")
+            else:  # withheld; look again shortly (systemd acts if it stays withheld)
+                self.next_watchdog = now + min(0.5, self.watchdog_every)
 
     # --- views ------------------------------------------------------------------------------------------
     def beats(self) -> list[frames.Heartbeat]:
