@@ -61,21 +61,37 @@ def test_children_pinned_and_status_reports_everything(dovecot, users, tmp_path)
         assert "PROCESSES" in text and "worker" in text and dovecot.host in text
 
 
-@pytest.mark.parametrize("role", ["worker", "scheduler"])
-def test_sigkill_of_a_child_restarts_it_and_loses_nothing(dovecot, users, tmp_path, role):
-    with Daemon(tmp_path, accounts=accounts_for(dovecot, users), password=dovecot.password) as daemon:
+def process_started_at(pid: int) -> float:
+    """When the process started, on the CLOCK_BOOTTIME scale (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("role", ["worker", "scheduler", "publisher"])
+def test_sigkill_of_a_child_restarts_it_and_loses_nothing(dovecot, users, tmp_path, role, request):
+    sections = ""
+    if role == "publisher":
+        moto = request.getfixturevalue("moto")
+        queue = request.getfixturevalue("sqs_fifo_queue")
+        sections = f'[queue]\nkind = "sqs"\nurl = "{queue}"\nendpoint_url = "{moto.endpoint_url}"\n'
+    with Daemon(tmp_path, accounts=accounts_for(dovecot, users), password=dovecot.password,
+                sections=sections) as daemon:
         append_numbered(dovecot, users, 0, 8, role)
         daemon.wait_stored(8)
         victim = daemon.children(role)[0]
         os.kill(victim["pid"], signal.SIGKILL)
-        killed_at = time.monotonic()
+        killed_at = time.clock_gettime(time.CLOCK_BOOTTIME)
         append_numbered(dovecot, users, 8, 8, role)
         replaced = wait_until(lambda: [c for c in daemon.children(role) if c["slot"] == victim["slot"]
                                        and c["pid"] not in (None, victim["pid"])], 5, 0.05, f"a new {role}")
-        assert time.monotonic() - killed_at < 2.5, "restart within 2 s"
+        # Measured on the kernel's clock: when the new process started, not when status was read.
+        assert process_started_at(replaced[0]["pid"]) - killed_at < 2.0, "restart within 2 s"
         assert replaced[0]["restarts"] == 1
         daemon.wait_stored(16, timeout=40)
         assert message_ids(daemon) == {f"<{role}-{n}@t>" for n in range(16)}
+        if role == "publisher":
+            wait_until(lambda: daemon.status()["outbox"]["depth"] == 0, 30, 0.5, "the outbox to drain")
 
 
 def test_stuck_child_is_detected_and_replaced(dovecot, users, tmp_path):
