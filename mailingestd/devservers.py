@@ -31,6 +31,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.parse
@@ -398,6 +399,11 @@ class Dovecot(_Server):
         self.config_path = self.root / "dovecot.conf"
         self.mail_root = self.root / "mail"
         self.base_dir = self.root / "run"
+        if len(str(self.base_dir)) > 48:
+            # Dovecot's deepest socket (run/token-login/imap-urlauth) must fit in sun_path (108
+            # bytes): a deep pytest tmp_path does not, so the sockets go to a short directory.
+            self.base_dir = Path(tempfile.mkdtemp(prefix="dovecot-run-", dir="/tmp"))
+            os.chmod(self.base_dir, 0o755)
         self.ca_file: Path | None = None
         self._paused = False
 

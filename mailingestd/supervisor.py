@@ -179,6 +179,10 @@ class Supervisor:
 
     def prepare_runtime_dir(self) -> None:
         path = Path(self.config.daemon.runtime_dir)
+        longest = path / "supervisor.sock"
+        if len(str(longest).encode()) > 100:  # sun_path holds 108 bytes; ZeroMQ ipc a little less
+            raise ConfigError(f"daemon.runtime_dir: {path} is too long for Unix sockets "
+                              f"({len(str(longest).encode())} bytes to {longest.name}; at most 100)")
         group = self.config.daemon.control_group
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,12 +45,13 @@ class Daemon:
 
     def __init__(self, root: Path, *, accounts: str = "", store_url: str = "", workers: int = 2,
                  password: str = "secret", sections: str = "", env: dict[str, str] | None = None,
-                 heartbeat_timeout: str = "5s") -> None:
+                 heartbeat_timeout: str = "5s", runtime_dir: Path | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "mailingestd.toml"
         self.metrics_dir = root / "metrics"
-        self.runtime_dir = root / "run"
+        # Unix socket paths must fit in 108 bytes; a deep pytest tmp_path may not.
+        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="mi-run-"))
         self.store_url = store_url or f"sqlite:///{root / 'state' / 'mailingestd.sqlite3'}"
         self.config_path.write_text(f"""
 [daemon]

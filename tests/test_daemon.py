@@ -157,7 +157,7 @@ def test_sighup_reload_picks_up_a_new_account_without_restart(dovecot, users, tm
 
 def test_second_daemon_on_same_runtime_dir_refuses(tmp_path):
     with Daemon(tmp_path) as first:
-        second = Daemon(tmp_path)
+        second = Daemon(tmp_path / "second", runtime_dir=first.runtime_dir)
         second.start(wait=False)
         assert second.proc.wait(20) == 78
         assert "another mailingestd" in second.log_tail()
