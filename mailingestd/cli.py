@@ -10,7 +10,7 @@ import click
 
 from . import __version__, config as config_mod, logs, sysexits
 from .store import StoreError, open_store
-from .sysexits import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
+from .sysexits import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 
 def fail(code: int, message: str) -> NoReturn:
     sysexits.fail("mailingestd", code, message)
@@ -64,10 +64,4 @@ def command(config_path: str | None, check_config: bool) -> None:
 
 
 def main() -> None:
-    try:
-        command.main(standalone_mode=False)
-    except click.UsageError as exc:
-        exc.show()
-        sys.exit(EX_USAGE)
-    except click.exceptions.Abort:
-        sys.exit(1)
+    sysexits.run(command)

@@ -520,11 +520,6 @@ def store_stats(ctx: click.Context, as_json: bool) -> None:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
-    except click.UsageError as exc:
-        exc.show()
-        sys.exit(EX_USAGE)
-    except click.exceptions.Abort:
-        sys.exit(1)
+        sysexits.run(cli)
     except StoreError as exc:
         fail(EX_UNAVAILABLE, f"store: {exc}")

@@ -18,3 +18,14 @@ def fail(program: str, code: int, message: str) -> NoReturn:
     """One clear line on stderr, then exit: never a traceback for an operator's mistake."""
     click.echo(f"{program}: {message}", err=True)
     sys.exit(code)
+
+
+def run(command: click.Command) -> None:
+    """Run a click command with sysexits: a usage error exits 64 (click's own default is 2)."""
+    try:
+        command.main(standalone_mode=False)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(EX_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(1)
