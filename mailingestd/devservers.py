@@ -245,6 +245,11 @@ class _Server:
         return LOOPBACK
 
     @property
+    def pid(self) -> int | None:
+        """PID of the server's main process (None when not started)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def log_path(self) -> Path:
         """The file the server writes its log to; its tail ends every start error."""
         return self.root / f"{self.name}.log"

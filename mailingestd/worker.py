@@ -488,7 +488,10 @@ class Worker:
                 self.catch_up_inbox(client, account, outcome)
                 early = imap.idle_start(client)
                 outcome.idling = True
-                # Mail that arrived between the last EXAMINE and IDLE is announced as IDLE starts.
+                # Mail that arrived between the last EXAMINE and IDLE is announced as IDLE starts,
+                # often in the continuation's own segment: those lines already sit in our buffer,
+                # where the selector cannot see them, so read them now.
+                early += imap.idle_read(client)
                 outcome.news_pending = imap.has_new_mail(early)
             outcome.ok = True
         except ConfigError as exc:

@@ -23,7 +23,7 @@ from typing import Any, Self
 
 import pytest
 from harness import Daemon, account_toml, wait_until
-from hostile_imap import HostileServer, Session
+from hostile_imap import HostileServer, Session, fetch_response
 
 from mailingestd.devservers import Dovecot
 from mailingestd.worker import RENEW_JITTER, IdleTimers
@@ -389,6 +389,58 @@ def test_throttling_replies_are_surfaced_and_the_suggested_backoff_is_honoured(t
         gaps = [b - a for a, b in pairwise(office.accepted_at)]
         assert gaps and min(gaps) >= 3.0, gaps
         no_restarts(daemon)
+
+
+def mail_announced_with_the_continuation(session: Session) -> None:
+    """Dovecot's race, on demand: a message delivered between the client's last EXAMINE and its
+    IDLE is announced at once, in the same segment as the ``+`` continuation. A client that reads
+    the continuation and then waits for its socket to become readable never sees it."""
+    session.greet()
+    exists, idles = 1, 0
+    while True:
+        tag, name, rest = session.read_command()
+        if name == b"IDLE":
+            idles += 1
+            if idles == 1:
+                exists = 2
+                session.send(b"+ idling\r\n* 2 EXISTS\r\n")
+            else:
+                session.send(b"+ idling\r\n")
+            session.read_line()  # DONE
+            session.send(tag + b" OK Idle completed\r\n")
+        elif name in (b"SELECT", b"EXAMINE"):
+            session.send(b"* FLAGS (\\Seen)\r\n* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+                         b"* OK [UIDNEXT %d] next\r\n%s OK [READ-ONLY] done\r\n" % (exists, exists + 1, tag))
+        elif name == b"STATUS":
+            folder = rest.split(b" (", 1)[0]
+            session.send(b"* STATUS %s (UIDVALIDITY 7 UIDNEXT %d MESSAGES %d)\r\n%s OK done\r\n"
+                         % (folder, exists + 1, exists, tag))
+        elif name == b"UID SEARCH":
+            first = int(rest.split(b"UID ", 1)[-1].split(b":", 1)[0]) if b":" in rest else 1
+            uids = b" ".join(b"%d" % uid for uid in range(max(first, 1), exists + 1))
+            session.send(b"* SEARCH " + uids + b"\r\n" + tag + b" OK done\r\n")
+        elif name == b"UID FETCH":
+            wanted = {int(uid) for uid in rest.split(b" ", 1)[0].split(b",") if uid.isdigit()}
+            replies = b"".join(fetch_response(uid, message(f"race{uid}")) for uid in sorted(wanted)
+                               if uid <= exists)
+            session.send(replies + tag + b" OK done\r\n")
+        else:
+            session.answer(tag, name, rest)
+
+
+@pytest.mark.timeout(60)
+def test_mail_announced_with_the_idle_continuation_is_fetched_at_once(tmp_path):
+    server = HostileServer(mail_announced_with_the_continuation)
+    server.start()
+    try:
+        with Daemon(tmp_path, accounts=account_toml("race", server.host, server.port, id="race"),
+                    password="pw") as daemon:
+            stored_at(daemon, "race1", 20)
+            # Renewal is 10 minutes away: only reading what came with the continuation finds it.
+            stored_at(daemon, "race2", 5)
+            no_restarts(daemon)
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
