@@ -4,7 +4,8 @@ Each daemon is a node (``daemon.node_id``, default the host name). The scheduler
 node runs a :class:`LeaseManager` round every third of ``cluster.lease_time``, one short
 transaction on the database clock (``now()``), never on the hosts' clocks:
 
-1. heartbeat: the node's row in ``nodes`` (capacity, state, ``heartbeat_at``);
+1. heartbeat: the node's row in ``nodes`` (capacity, state, ``heartbeat_at``); a node's first
+   round stops after the survey (step 3) and its second, the first to claim, follows 1 s later;
 2. renew: every lease this node owns gets ``expires_at = now() + lease_time``, in one UPDATE;
 3. balance: the fair share is ``ceil(accounts * capacity / sum of live capacities)`` over the
    nodes that are running and heartbeated within one lease time. Below it, the node claims free
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 SINGLE_NODE = "single-node (sqlite)"
 LEASED = "postgresql leases"
 NODE_FORGET_AFTER = 3600.0  # a dead node's row stays visible in status this long (seconds)
+# The first round only heartbeats and surveys (so nodes started together see each other before
+# claiming); the second, which claims, follows this soon rather than a whole renew_every later.
+FIRST_CLAIM_AFTER = 1.0
 
 def fair_share(accounts: int, capacity: float, other_capacity: float) -> int:
     """This node's target: its capacity's share of the accounts, rounded up so that the live
@@ -164,6 +168,8 @@ class LeaseManager:
         if now >= self.next_round:
             self.next_round = now + self.renew_every
             self.round(now, state)
+            if self.rounds == 1:
+                self.next_round = now + min(self.renew_every, FIRST_CLAIM_AFTER)
         if self.held and now >= self.valid_until:
             log.error("event=leases_dropped node=%s count=%d reason=renewal_overdue", self.node, len(self.held))
             self.held = set()
