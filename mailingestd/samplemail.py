@@ -10,6 +10,7 @@ message back, so a test can compare what was stored with what was appended byte 
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import random
 from email.message import EmailMessage
@@ -121,20 +122,35 @@ def corpus() -> list[tuple[str, bytes]]:
 
 
 def _with_attachment(subject: str, body_size: int, attachment_size: int, rng: random.Random) -> bytes:
-    """A text message of about ``body_size`` bytes plus an optional random binary attachment."""
-    message = _base(subject, sender=f"Sender {rng.randrange(10_000)} <sender@example.org>")
-    del message["Message-ID"]
-    message["Message-ID"] = f"<{rng.getrandbits(128):032x}@{_DOMAIN}>"
-    line = "The quick brown fox jumps over the lazy dog. 0123456789\n"
-    message.set_content(line * max(1, body_size // len(line)))
-    if attachment_size:
-        message.add_attachment(
-            rng.randbytes(attachment_size),
-            maintype="application",
-            subtype="octet-stream",
-            filename="attachment.bin",
-        )
-    return message.as_bytes()
+    """A text message of about ``body_size`` bytes plus an optional random binary attachment.
+
+    Written out by hand rather than through ``EmailMessage`` (which was the benchmarks' bottleneck
+    at ~18 MB/s a core): the same MIME shape (text/plain, or multipart/mixed with a base64
+    application/octet-stream part), CRLF line ends, base64 lines of 76 characters.
+    """
+    line = b"The quick brown fox jumps over the lazy dog. 0123456789\r\n"
+    text = line * max(1, body_size // (len(line) - 1))
+    headers = (
+        f"From: Sender {rng.randrange(10_000)} <sender@example.org>\r\n"
+        "To: Bob Example <bob@example.net>\r\n"
+        f"Subject: {subject}\r\n"
+        f"Date: {_DATE}\r\n"
+        f"Message-ID: <{rng.getrandbits(128):032x}@{_DOMAIN}>\r\n"
+        "MIME-Version: 1.0\r\n"
+    ).encode()
+    plain = b'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: 7bit\r\n'
+    if not attachment_size:
+        return headers + plain + b"\r\n" + text
+    boundary = f"=============={rng.getrandbits(64):016x}==".encode()
+    encoded = base64.encodebytes(rng.randbytes(attachment_size)).replace(b"\n", b"\r\n")
+    return b"".join([
+        headers, b'Content-Type: multipart/mixed; boundary="', boundary, b'"\r\n\r\n',
+        b"--", boundary, b"\r\n", plain, b"\r\n", text, b"\r\n",
+        b"--", boundary, b"\r\n",
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="attachment.bin"\r\n\r\n',
+        encoded, b"\r\n--", boundary, b"--\r\n",
+    ])
 
 
 def make_large(size_bytes: int, rng: random.Random | None = None) -> bytes:
