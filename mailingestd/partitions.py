@@ -163,7 +163,8 @@ def ensure_partitions(store: Any, interval: str = "day", ahead: int = 3, now: fl
         name = _name(start)
         with store.transaction() as cur:
             store._exec(cur, f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            store._exec(cur, f'CREATE TABLE "{name}" (LIKE messages INCLUDING DEFAULTS INCLUDING CONSTRAINTS)')
+            store._exec(cur, f'CREATE TABLE "{name}" (LIKE messages INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
+                             f'INCLUDING COMPRESSION)')
             store._exec(cur, f'INSERT INTO "{name}" SELECT * FROM messages_default WHERE ingested_at >= ? '
                              f'AND ingested_at < ?', (start, end))
             store._exec(cur, "DELETE FROM messages_default WHERE ingested_at >= ? AND ingested_at < ?", (start, end))

@@ -247,6 +247,28 @@ CREATE TABLE uidvalidity_changes (
             "CREATE INDEX leases_owner ON leases (owner)",
         ],
     }),
+    # 5: raw bytes compressed with lz4 instead of pglz (PostgreSQL 14+ built with lz4, as Debian's
+    # and the PGDG packages are). pglz made PostgreSQL the bottleneck of a backlog: measured here,
+    # 3,000 realistic messages stored at 301/s with pglz (9.3 s of server CPU) and 1,107/s with lz4
+    # (2.1 s), the table the same size. Applies to new rows; a server without lz4 keeps pglz.
+    # Partitions created later copy the column's compression (partitions.create_ahead).
+    (5, {
+        "sqlite": [],
+        "postgresql": [
+            """DO $$
+               DECLARE part regclass;
+               BEGIN
+                   ALTER TABLE messages ALTER COLUMN raw SET COMPRESSION lz4;
+                   -- not inherited by existing partitions: each its own
+                   FOR part IN SELECT inhrelid::regclass FROM pg_inherits
+                               WHERE inhparent = 'messages'::regclass LOOP
+                       EXECUTE 'ALTER TABLE ' || part::text || ' ALTER COLUMN raw SET COMPRESSION lz4';
+                   END LOOP;
+               EXCEPTION WHEN feature_not_supported OR invalid_parameter_value THEN
+                   RAISE NOTICE 'lz4 not available: raw stays compressed with pglz';
+               END $$""",
+        ],
+    }),
 ]
 
 

@@ -72,6 +72,11 @@ def test_partitions_are_created_ahead_and_contiguous(pg_url):
     # Rows land in their partition, not in DEFAULT.
     commit(st, "acct", range(1, 4))
     assert rows(st, "SELECT COUNT(*) FROM messages_default") == [(0,)]
+    # Raw bytes are compressed with lz4 (migration 5) in every partition, those made later included.
+    compression = rows(st, "SELECT c.relname, a.attcompression FROM pg_attribute a JOIN pg_class c ON "
+                           "c.oid = a.attrelid WHERE a.attname = 'raw' AND left(c.relname, 8) = 'messages' "
+                           "AND c.relkind IN ('r', 'p')")
+    assert len(compression) == len(parts) + 2 and all(method == "l" for _, method in compression), compression
     st.close()
 
 
