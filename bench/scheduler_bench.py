@@ -22,21 +22,21 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import os
 import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mailingestd.config import LimitsConfig, SchedulerConfig  # noqa: E402
-from mailingestd.planner import AccountPlan, Planner  # noqa: E402
-from mailingestd.wheel import TimingWheel  # noqa: E402
+from mailingestd.config import LimitsConfig, SchedulerConfig
+from mailingestd.planner import AccountPlan, Planner
+from mailingestd.wheel import TimingWheel
 
 SERVERS = [f"imap{index}.example" for index in range(20)]
 PRIORITY_MIX = ["high"] * 10 + ["medium"] * 30 + ["low"] * 40 + ["auto"] * 20

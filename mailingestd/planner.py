@@ -34,6 +34,8 @@ import numpy as np
 from mailingestd.backoff import retry_delay
 from mailingestd.config import LimitsConfig, SchedulerConfig
 from mailingestd.priority import (
+    LONGEST_FACTOR,
+    SHORTEST_FACTOR,
     AdaptivePriority,
     FixedPriority,
     PriorityRules,
@@ -197,6 +199,12 @@ class Planner:
         self._failures = np.zeros(0, dtype=np.int32)
         self._auth_failures = np.zeros(0, dtype=np.int32)
         self._fixed_interval = np.zeros(0)  # NaN for adaptive priorities
+        # A copy of each adaptive priority's state (see _set_priority), for adaptive_intervals.
+        self._tier = np.zeros(0, dtype=np.int8)
+        self._rate = np.zeros(0)
+        self._rate_at = np.zeros(0)
+        self._last_mail_at = np.zeros(0)
+        self._changed_at = np.zeros(0)
         self._marks = np.zeros(0, dtype=np.int64)  # scratch: finds an account twice in one batch
         # Per server (by server index).
         self._server_ids: dict[str, int] = {}
@@ -310,6 +318,7 @@ class Planner:
         # New accounts (a start, a reload, 10,000 added at once) are spread over first_poll_spread,
         # not over a whole interval: a new mailbox should be connected in seconds, not minutes.
         window = min(self.config.first_poll_spread, priority.interval(now)) if spread else 0.0
+        self._set_priority(index, priority)
         self._schedule(index, AccountState.NEW, now + self.rng.random() * window)
 
     def update(self, plan: AccountPlan, now: float) -> None:
@@ -345,6 +354,7 @@ class Planner:
             self._set_priority(index, priority)
             if self._state[index] in (AccountState.NEW, AccountState.SCHEDULED):
                 sooner = now + priority.interval(now)
+                self._set_priority(index, priority)
                 if sooner < self._due_at[index]:
                     self._schedule(index, AccountState(int(self._state[index])), sooner)
         if plan.credentials_version != old_plan.credentials_version:
@@ -627,23 +637,25 @@ class Planner:
             index, connected, idling, mail = index[ok], connected[ok], idling[ok], mail[ok]
         self._failures[index] = 0
         self._auth_failures[index] = 0
-        with_mail = mail > 0
+        intervals = self._fixed_interval[index]
+        adaptive = np.isnan(intervals)
+        # Mail feeds the rate and promotion of adaptive priorities (a fixed one ignores it).
+        with_mail = adaptive & (mail > 0)
         if with_mail.any():
             priorities = self._priority
             for account, messages in zip(index[with_mail].tolist(), mail[with_mail].tolist()):
-                priorities[account].observe(messages, now)
+                priority = priorities[account]
+                priority.observe(messages, now)
+                self._set_priority(account, priority)
         idle = idling & connected
         if idle.any():
             idle_index = index[idle]
             self._state[idle_index] = AccountState.IDLING
             self._set_due(idle_index, np.full(len(idle_index), now + self.config.idle_safety_interval))
-            index = index[~idle]
+            index, intervals, adaptive = index[~idle], intervals[~idle], adaptive[~idle]
         # Polling -> scheduled (allowed), never due at once.
-        intervals = self._fixed_interval[index]
-        adaptive = np.isnan(intervals)
         if adaptive.any():
-            priorities = self._priority
-            intervals[adaptive] = [priorities[account].interval(now) for account in index[adaptive].tolist()]
+            intervals[adaptive] = self._adaptive_intervals(index[adaptive], now)
         jitter = self.config.jitter
         intervals *= (1.0 - jitter) + (2.0 * jitter) * self._np_rng.random(len(index))
         self._state[index] = AccountState.SCHEDULED
@@ -675,7 +687,9 @@ class Planner:
         """Mail seen through IDLE: feeds the account's rate and promotion."""
         index = self._index.get(account_id)
         if index is not None:
-            self._priority[index].observe(count, now)
+            priority = self._priority[index]
+            priority.observe(count, now)
+            self._set_priority(index, priority)
 
     def on_connection_closed(self, account_id: str, now: float | None = None) -> None:
         """The account's connection closed: its slot is released. An idling account has lost
@@ -781,7 +795,8 @@ class Planner:
             return
         size = max(capacity, 2 * len(self._state), 64)
         for name in ("_live", "_state", "_server", "_due_at", "_ordered_at", "_holds_slot", "_failures",
-                     "_auth_failures", "_fixed_interval", "_marks"):
+                     "_auth_failures", "_fixed_interval", "_marks", "_tier", "_rate", "_rate_at",
+                     "_last_mail_at", "_changed_at"):
             old = getattr(self, name)
             grown = np.zeros(size, dtype=old.dtype)
             grown[:len(old)] = old
@@ -799,8 +814,30 @@ class Planner:
         return server
 
     def _set_priority(self, index: int, priority: FixedPriority | AdaptivePriority) -> None:
+        """Copy what the hot paths read of the account's priority into the arrays; call it after
+        every call that may change an adaptive priority (observe, interval, a new priority)."""
         fixed = priority.fixed_interval
         self._fixed_interval[index] = math.nan if fixed is None else fixed
+        self._tier[index] = priority.tier
+        if fixed is None:
+            self._rate[index] = priority.rate
+            self._rate_at[index] = priority.rate_at
+            self._last_mail_at[index] = priority.last_mail_at
+            self._changed_at[index] = priority.changed_at
+
+    def _adaptive_intervals(self, indexes: np.ndarray, now: float) -> np.ndarray:
+        """``self._priority[index].interval(now)`` for adaptive accounts, from the arrays; accounts
+        due for a demotion go through ``interval`` itself (it moves their tier and census)."""
+        intervals, demote = adaptive_intervals(self.rules, now, self._tier[indexes], self._rate[indexes],
+                                               self._rate_at[indexes], self._last_mail_at[indexes],
+                                               self._changed_at[indexes])
+        if demote.any():
+            for position in np.flatnonzero(demote).tolist():
+                index = int(indexes[position])
+                priority = self._priority[index]
+                intervals[position] = priority.interval(now)
+                self._set_priority(index, priority)
+        return intervals
 
     def _move(self, index: int, state: AccountState) -> None:
         """The one place a single state changes: guard and wait-queue counts."""
@@ -867,11 +904,30 @@ class Planner:
 
 
 def wheel_slots(config: SchedulerConfig) -> int:
-    """Level-0 slots to span the longest usual wait (a stretched low interval, the idle safety poll,
-    the backoff cap), so most accounts never cascade; a power of two, at most 65536."""
-    longest = max(config.low_interval * 1.5, config.idle_safety_interval, config.backoff_max)
-    needed = max(64, int(longest / config.tick) + 1)
-    return min(1 << (needed - 1).bit_length(), 1 << 16)
+    """Ticks per wheel block: at most half the shortest usual poll interval (a halved, jittered
+    high interval), so a polled account is re-filed past the current block in one numpy batch; a
+    power of two from 4 to 256 (128 with the defaults: 12.8 s)."""
+    shortest = config.high_interval * 0.5 * (1.0 - config.jitter)
+    ticks = int(shortest / config.tick / 2)
+    return min(max(4, 1 << max(0, ticks.bit_length() - 1)), 256)
+
+
+def adaptive_intervals(rules: PriorityRules, now: float, tier: np.ndarray, rate: np.ndarray,
+                       rate_at: np.ndarray, last_mail_at: np.ndarray, changed_at: np.ndarray,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``AdaptivePriority.interval(now)`` for many accounts in one numpy pass, from their state as
+    arrays: the EWMA rate decayed to ``now``, the tier's base interval scaled by
+    ``clamp(1 / sqrt(rate * base), SHORTEST_FACTOR, LONGEST_FACTOR)``. Also returns the mask of
+    accounts due for a demotion (``demote_after`` of silence and since their last tier change):
+    their intervals here are wrong until ``interval`` itself demotes them."""
+    demote = ((tier < Tier.LOW) & (now - last_mail_at >= rules.demote_after)
+              & (now - changed_at >= rules.demote_after))
+    base = np.array(rules.intervals)[tier]
+    elapsed = now - rate_at
+    decayed = np.where(elapsed > 0, rate * np.exp(-np.maximum(elapsed, 0.0) / rules.promote_window), rate)
+    with np.errstate(divide="ignore"):
+        factor = 1.0 / np.sqrt(decayed * base)  # no rate: inf, clamped to the longest
+    return base * np.clip(factor, SHORTEST_FACTOR, LONGEST_FACTOR), demote
 
 
 def _bucket_quantile(quantile: float, counts: list[int], total: int) -> float:

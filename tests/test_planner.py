@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import Counter
 
 import msgspec
-from hypothesis import given, settings, strategies as st
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailingestd.config import LimitsConfig, SchedulerConfig, ServerLimits
-from mailingestd.planner import AccountPlan, AccountState, Order, Planner
+from mailingestd.planner import (
+    AccountPlan,
+    AccountState,
+    Order,
+    Planner,
+    adaptive_intervals,
+)
+from mailingestd.priority import AdaptivePriority, PriorityRules, Tier
 
 SCHEDULER = SchedulerConfig(high_interval=60, medium_interval=300, low_interval=900, idle_safety_interval=900,
                             backoff_base=5, backoff_max=900, auth_failure_limit=3, tick=0.1)
@@ -283,8 +294,47 @@ def check_invariants(planner: Planner, out: set[str]) -> None:
             assert in_wheel or planner.in_due_backlog(account_id), (account_id, state)
         else:
             assert not in_wheel, (account_id, state)
+    for account_id in planner.account_ids():  # the arrays the hot path reads mirror the priority objects
+        index = planner.index_of(account_id)
+        priority = planner._priority[index]
+        assert planner._tier[index] == priority.tier
+        if priority.adaptive:
+            assert (planner._rate[index], planner._rate_at[index], planner._last_mail_at[index],
+                    planner._changed_at[index]) == (priority.rate, priority.rate_at, priority.last_mail_at,
+                                                    priority.changed_at)
     for server in snapshot.servers:
         assert server.connections <= server.max_connections
         on_server = [(state, holds) for _, state, name, holds in accounts if name == server.server]
         assert server.waiting == sum(1 for state, _ in on_server if state is AccountState.WAITING)
         assert server.connections == sum(1 for _, holds in on_server if holds)
+
+
+def test_batched_adaptive_intervals_match_the_priority_objects() -> None:
+    """The planner's numpy pass over adaptive accounts gives what AdaptivePriority.interval gives,
+    and flags exactly the accounts that interval would demote."""
+    rules = PriorityRules(SCHEDULER)
+    rng = random.Random(7)
+    demoted = 0
+    for _ in range(300):
+        priorities = []
+        for _ in range(20):
+            priority = AdaptivePriority(rules, rng.uniform(0, 5000), Tier(rng.randrange(3)))
+            for _ in range(rng.randrange(8)):
+                priority.observe(rng.randrange(7), priority.rate_at + rng.uniform(0, 2000))
+            if rng.random() < 0.1:
+                priority.rate = 0.0
+            priorities.append(priority)
+        now = max(p.rate_at for p in priorities) + rng.choice([0, 1, 100, 4000])
+        if rng.random() < 0.1:
+            now = min(p.rate_at for p in priorities)  # rates observed after now are not decayed
+        state = [np.array([getattr(p, name) for p in priorities]) for name in
+                 ("tier", "rate", "rate_at", "last_mail_at", "changed_at")]
+        intervals, demote = adaptive_intervals(rules, now, state[0].astype(np.int8), *state[1:])
+        for priority, interval, flagged in zip(priorities, intervals.tolist(), demote.tolist()):
+            scalar = copy.copy(priority)
+            expected = scalar.interval(now)
+            assert flagged == (scalar.tier != priority.tier)
+            demoted += flagged
+            if not flagged:
+                assert interval == pytest.approx(expected, rel=1e-12)
+    assert demoted > 100
