@@ -22,6 +22,7 @@ account with a slot polls on it without asking the server's bucket.
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections import deque
 from collections.abc import Sequence
@@ -190,22 +191,13 @@ class Planner:
         self._ids: list[str | None] = []
         self._plans: list[AccountPlan | None] = []
         self._priority: list[FixedPriority | AdaptivePriority | None] = []
-        self._live = np.zeros(0, dtype=bool)
-        self._state = np.zeros(0, dtype=np.int8)
-        self._server = np.zeros(0, dtype=np.int32)
-        self._due_at = np.zeros(0)
-        self._ordered_at = np.zeros(0)
-        self._holds_slot = np.zeros(0, dtype=bool)
-        self._failures = np.zeros(0, dtype=np.int32)
-        self._auth_failures = np.zeros(0, dtype=np.int32)
-        self._fixed_interval = np.zeros(0)  # NaN for adaptive priorities
-        # A copy of each adaptive priority's state (see _set_priority), for adaptive_intervals.
-        self._tier = np.zeros(0, dtype=np.int8)
-        self._rate = np.zeros(0)
-        self._rate_at = np.zeros(0)
-        self._last_mail_at = np.zeros(0)
-        self._changed_at = np.zeros(0)
-        self._marks = np.zeros(0, dtype=np.int64)  # scratch: finds an account twice in one batch
+        # One _ACCOUNT record per account; _state, _due_at, ... are views of its fields (_bind).
+        self._accounts = _account_records(0)
+        # A copy of each adaptive priority's state (_ADAPTIVE_FIELDS, see _set_priority), one row
+        # per account, for adaptive_intervals; and the interval of each kind (NaN: adaptive).
+        self._adaptive = np.zeros((0, len(_ADAPTIVE_FIELDS)))
+        self._kind_intervals = _kind_intervals(self.rules)
+        self._bind()
         # Per server (by server index).
         self._server_ids: dict[str, int] = {}
         self._server_names: list[str] = []
@@ -408,6 +400,7 @@ class Planner:
         accounts pick up new intervals at their next reschedule."""
         self.config = scheduler
         self.rules.reconfigure(scheduler)
+        self._kind_intervals = _kind_intervals(self.rules)
         for fixed in self._fixed.values():
             fixed.refresh()
         count = len(self._ids)
@@ -468,17 +461,19 @@ class Planner:
     def _admit_fresh(self, fresh: np.ndarray, need_connect: np.ndarray, now: float) -> np.ndarray | None:
         """Admit the fresh accounts that need a connection, server by server in order; the
         refused ones wait. Returns the mask of accounts to order (None: all of them)."""
-        asking = np.flatnonzero(need_connect)
-        asking_servers = self._server[fresh[asking]]
+        asking = need_connect.nonzero()[0]
+        asking_indexes = fresh[asking]
+        asking_servers = self._server[asking_indexes]
         per_server = np.bincount(asking_servers, minlength=len(self._server_names)).tolist()
         refusals: list[tuple[int, int]] = []
+        waiting_counts, connections = self._waiting_counts, self._connections
         for server, count in enumerate(per_server):
             if count:
-                admitted = 0 if self._waiting_counts[server] else self._connections[server].admit_many(count, now)
+                admitted = 0 if waiting_counts[server] else connections[server].admit_many(count, now)
                 if admitted < count:
                     refusals.append((server, admitted))
         if not refusals:
-            self._holds_slot[fresh[asking]] = True
+            self._holds_slot[asking_indexes] = True
             return None
         keep = np.ones(len(fresh), dtype=bool)
         for server, admitted in refusals:
@@ -605,9 +600,7 @@ class Planner:
         mail = np.zeros(count, dtype=np.int64) if new_messages is None else np.asarray(new_messages, dtype=np.int64)
         auth = np.zeros(count, dtype=bool) if auth_failure is None else np.asarray(auth_failure, dtype=bool)
         wait = np.full(count, math.nan) if retry_after is None else np.asarray(retry_after, dtype=float)
-        marks = self._marks
-        marks[index] = np.arange(count)
-        if count > 1 and (marks[index] != np.arange(count)).any():
+        if count > 1 and _has_repeats(index):
             for position in range(count):
                 self.on_results(now, index[position:position + 1], ok[position:position + 1],
                                 connected[position:position + 1], idling[position:position + 1],
@@ -615,17 +608,20 @@ class Planner:
                                 wait[position:position + 1])
             return
         self.results_total += count
-        live = self._live[index]
-        if not live.all():
-            self.stale_results_total += count - int(np.count_nonzero(live))
-            index, ok, connected, idling, mail, auth, wait = (
-                part[live] for part in (index, ok, connected, idling, mail, auth, wait))
+        # Usually every account has its order out (polling; a removed account is disabled).
+        all_polling = bool((self._state[index] == AccountState.POLLING).all())
+        if not all_polling:
+            live = self._live[index]
+            if not live.all():
+                self.stale_results_total += count - int(np.count_nonzero(live))
+                index, ok, connected, idling, mail, auth, wait = (
+                    part[live] for part in (index, ok, connected, idling, mail, auth, wait))
         holds = self._holds_slot[index]
         changed = connected != holds
         if changed.any():
             self._recount_slots(index[changed], connected[changed])
-        polling = self._state[index] == AccountState.POLLING
-        if not polling.all():
+        if not all_polling:
+            polling = self._state[index] == AccountState.POLLING
             self.stale_results_total += len(index) - int(np.count_nonzero(polling))
             index, ok, connected, idling, mail, auth, wait = (
                 part[polling] for part in (index, ok, connected, idling, mail, auth, wait))
@@ -637,7 +633,7 @@ class Planner:
             index, connected, idling, mail = index[ok], connected[ok], idling[ok], mail[ok]
         self._failures[index] = 0
         self._auth_failures[index] = 0
-        intervals = self._fixed_interval[index]
+        intervals = self._kind_intervals[self._kind[index]]
         adaptive = np.isnan(intervals)
         # Mail feeds the rate and promotion of adaptive priorities (a fixed one ignores it).
         with_mail = adaptive & (mail > 0)
@@ -755,7 +751,7 @@ class Planner:
         count = len(self._ids)
         live = self._live[:count]
         state_counts = np.bincount(self._state[:count][live], minlength=len(AccountState)).tolist()
-        auto_accounts = int(np.count_nonzero(np.isnan(self._fixed_interval[:count][live])))
+        auto_accounts = int(np.count_nonzero(self._kind[:count][live] & _ADAPTIVE_KIND))
         return PlannerSnapshot(
             accounts=len(self._index),
             states={state.name.lower(): state_counts[state] for state in AccountState},
@@ -791,17 +787,30 @@ class Planner:
 
     def _reserve(self, capacity: int) -> None:
         """Grow the per-account arrays (by doubling) to hold ``capacity`` accounts."""
-        if capacity <= len(self._state):
+        old = len(self._accounts)
+        if capacity <= old:
             return
-        size = max(capacity, 2 * len(self._state), 64)
-        for name in ("_live", "_state", "_server", "_due_at", "_ordered_at", "_holds_slot", "_failures",
-                     "_auth_failures", "_fixed_interval", "_marks", "_tier", "_rate", "_rate_at",
-                     "_last_mail_at", "_changed_at"):
-            old = getattr(self, name)
-            grown = np.zeros(size, dtype=old.dtype)
-            grown[:len(old)] = old
-            setattr(self, name, grown)
+        size = max(capacity, 2 * old, 64)
+        accounts = _account_records(size)
+        accounts[:old] = self._accounts
+        adaptive = np.zeros((size, len(_ADAPTIVE_FIELDS)))
+        adaptive[:old] = self._adaptive
+        self._accounts, self._adaptive = accounts, adaptive
+        self._bind()
         self._wheel.reserve(size)
+
+    def _bind(self) -> None:
+        """The per-account field views of the current records."""
+        accounts = self._accounts
+        self._live = accounts["live"]
+        self._state = accounts["state"]
+        self._server = accounts["server"]
+        self._due_at = accounts["due_at"]
+        self._ordered_at = accounts["ordered_at"]
+        self._holds_slot = accounts["holds_slot"]
+        self._failures = accounts["failures"]
+        self._auth_failures = accounts["auth_failures"]
+        self._kind = accounts["kind"]
 
     def _server_index(self, name: str, now: float) -> int:
         server = self._server_ids.get(name)
@@ -816,21 +825,17 @@ class Planner:
     def _set_priority(self, index: int, priority: FixedPriority | AdaptivePriority) -> None:
         """Copy what the hot paths read of the account's priority into the arrays; call it after
         every call that may change an adaptive priority (observe, interval, a new priority)."""
-        fixed = priority.fixed_interval
-        self._fixed_interval[index] = math.nan if fixed is None else fixed
-        self._tier[index] = priority.tier
-        if fixed is None:
-            self._rate[index] = priority.rate
-            self._rate_at[index] = priority.rate_at
-            self._last_mail_at[index] = priority.last_mail_at
-            self._changed_at[index] = priority.changed_at
+        if priority.fixed_interval is None:
+            self._kind[index] = priority.tier | _ADAPTIVE_KIND
+            self._adaptive[index] = _ADAPTIVE_STATE(priority)
+        else:
+            self._kind[index] = priority.tier
 
     def _adaptive_intervals(self, indexes: np.ndarray, now: float) -> np.ndarray:
         """``self._priority[index].interval(now)`` for adaptive accounts, from the arrays; accounts
         due for a demotion go through ``interval`` itself (it moves their tier and census)."""
-        intervals, demote = adaptive_intervals(self.rules, now, self._tier[indexes], self._rate[indexes],
-                                               self._rate_at[indexes], self._last_mail_at[indexes],
-                                               self._changed_at[indexes])
+        state = self._adaptive[indexes]
+        intervals, demote = adaptive_intervals(self.rules, now, self._kind[indexes] & _TIER_BITS, *state.T)
         if demote.any():
             for position in np.flatnonzero(demote).tolist():
                 index = int(indexes[position])
@@ -888,19 +893,52 @@ class Planner:
 
     def _recount_slots(self, indexes: np.ndarray, connected: np.ndarray) -> None:
         """Results that disagree with the planner's slot: count found connections, release lost ones."""
-        servers = self._server[indexes]
-        found = np.bincount(servers[connected], minlength=len(self._server_names)).tolist()
-        lost = np.bincount(servers[~connected], minlength=len(self._server_names)).tolist()
-        for server, connections in enumerate(self._connections):
-            if found[server]:
-                connections.occupy_many(found[server])
-            if lost[server]:
-                connections.release_many(lost[server])
+        # Per server, found (2 * server) then lost (2 * server + 1): one count for both.
+        counts = np.bincount(self._server[indexes] * 2 + ~connected, minlength=2 * len(self._server_names))
+        connections = self._connections
+        for code in counts.nonzero()[0].tolist():
+            server, lost = divmod(code, 2)
+            if lost:
+                connections[server].release_many(int(counts[code]))
+            else:
+                connections[server].occupy_many(int(counts[code]))
         self._holds_slot[indexes] = connected
 
     def _release_slot(self, index: int) -> None:
         self._connections[self._server[index]].release_many(1)
         self._holds_slot[index] = False
+
+
+# The fields of an account that the hot paths read and write together, one 32-byte record per
+# account, so a decision about an account touches one cache line of them, not one per array.
+_ACCOUNT = np.dtype([("due_at", np.float64), ("ordered_at", np.float64), ("server", np.int32),
+                     ("failures", np.int32), ("auth_failures", np.int32), ("state", np.int8),
+                     ("holds_slot", np.bool_), ("live", np.bool_), ("kind", np.int8)])
+# kind: the priority's tier, with _ADAPTIVE_KIND set for adaptive priorities.
+_TIER_BITS = 3
+_ADAPTIVE_KIND = 4
+_ADAPTIVE_FIELDS = ("rate", "rate_at", "last_mail_at", "changed_at")
+_ADAPTIVE_STATE = operator.attrgetter(*_ADAPTIVE_FIELDS)
+
+
+def _account_records(size: int) -> np.ndarray:
+    """``size`` zeroed account records, the first on a cache-line boundary."""
+    raw = np.zeros(size * _ACCOUNT.itemsize + 64, dtype=np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset:offset + size * _ACCOUNT.itemsize].view(_ACCOUNT)
+
+
+def _kind_intervals(rules: PriorityRules) -> np.ndarray:
+    """The poll interval of each kind: a fixed priority's tier interval; NaN when adaptive."""
+    intervals = np.full(2 * _ADAPTIVE_KIND, math.nan)
+    intervals[:len(rules.intervals)] = rules.intervals
+    return intervals
+
+
+def _has_repeats(index: np.ndarray) -> bool:
+    """Whether an account index appears twice."""
+    ordered = np.sort(index)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def wheel_slots(config: SchedulerConfig) -> int:
@@ -920,14 +958,14 @@ def adaptive_intervals(rules: PriorityRules, now: float, tier: np.ndarray, rate:
     ``clamp(1 / sqrt(rate * base), SHORTEST_FACTOR, LONGEST_FACTOR)``. Also returns the mask of
     accounts due for a demotion (``demote_after`` of silence and since their last tier change):
     their intervals here are wrong until ``interval`` itself demotes them."""
-    demote = ((tier < Tier.LOW) & (now - last_mail_at >= rules.demote_after)
-              & (now - changed_at >= rules.demote_after))
+    # now - max(a, b) is the smaller of now - a and now - b (rounding is monotonic).
+    demote = (now - np.maximum(last_mail_at, changed_at) >= rules.demote_after) & (tier < Tier.LOW)
     base = np.array(rules.intervals)[tier]
-    elapsed = now - rate_at
-    decayed = np.where(elapsed > 0, rate * np.exp(-np.maximum(elapsed, 0.0) / rules.promote_window), rate)
-    with np.errstate(divide="ignore"):
-        factor = 1.0 / np.sqrt(decayed * base)  # no rate: inf, clamped to the longest
-    return base * np.clip(factor, SHORTEST_FACTOR, LONGEST_FACTOR), demote
+    # No decay when the rate was measured at or after now: exp(-0.0) is exactly 1.
+    expected = rate * np.exp(np.maximum(now - rate_at, 0.0) / -rules.promote_window) * base
+    # A rate of 0 gives the longest factor, as does anything below 1 / LONGEST_FACTOR**2.
+    factor = 1.0 / np.sqrt(np.maximum(expected, 1e-300))
+    return base * np.minimum(np.maximum(factor, SHORTEST_FACTOR), LONGEST_FACTOR), demote
 
 
 def _bucket_quantile(quantile: float, counts: list[int], total: int) -> float:

@@ -276,7 +276,11 @@ class TimingWheel:
         if not len(keys):
             return
         blocks = ticks // self.slots
-        order = np.argsort(blocks, kind="stable")
+        first = int(blocks.min())
+        if int(blocks.max()) - first < 1 << 16:  # the usual case: a radix sort of small numbers
+            order = np.argsort((blocks - first).astype(np.uint16), kind="stable")
+        else:
+            order = np.argsort(blocks, kind="stable")
         keys, ticks, blocks = keys[order], ticks[order], blocks[order]
         edges = (np.flatnonzero(blocks[1:] != blocks[:-1]) + 1).tolist()
         filed = self._blocks
@@ -324,7 +328,8 @@ class TimingWheel:
     def _set_run(self, keys: np.ndarray, ticks: np.ndarray, start: int) -> None:
         """Make ``keys``, filed under ``ticks`` of the block starting at ``start``, its run."""
         if len(keys):
-            order = np.argsort(ticks, kind="stable")
+            offsets = ticks - start  # below slots
+            order = np.argsort(offsets.astype(np.uint8 if self.slots <= 256 else np.uint32), kind="stable")
             self._run = keys[order]
             self._run_ticks = ticks[order]
         else:
