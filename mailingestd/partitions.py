@@ -102,6 +102,23 @@ def insert_message(store: Any, cur: Any, values: tuple) -> int:
     return 1
 
 
+def insert_messages(store: Any, cur: Any, rows: list[tuple]) -> set[int]:
+    """:func:`insert_message` for a batch of one mailbox, in two multi-row statements: the keys
+    (``RETURNING`` those that were new), then the rows of those. Returns the new rows' UIDs."""
+    if not rows:
+        return set()
+    new = {row[0] for row in store._exec(
+        cur, "INSERT INTO message_keys (account_id, folder, uidvalidity, uid, ingested_at) VALUES "
+             + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows)) + " ON CONFLICT DO NOTHING RETURNING uid",
+        [value for values in rows for value in (*values[:4], values[16])]).fetchall()}
+    fresh = [values for values in rows if values[3] in new]
+    if fresh:
+        store._exec(cur, f"INSERT INTO messages ({_COLUMNS}, blob) VALUES "
+                         + ", ".join([f"({', '.join('?' * 18)})"] * len(fresh)),
+                    [value for values in fresh for value in values])
+    return new
+
+
 class Partition(msgspec.Struct):
     name: str
     start: float | None  # None for DEFAULT

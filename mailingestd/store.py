@@ -519,21 +519,22 @@ class Store:
                                       "folder = ?" + self._for_update, (mailbox.account_id, mailbox.folder)).fetchone()
             if current is None or current[0] != mailbox.uidvalidity:
                 raise StoreError(f"mailbox {mailbox.account_id}/{mailbox.folder} changed UIDVALIDITY under a batch")
-            for msg, prep in zip(messages, prepared):
-                key = message_key(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid)
-                added = self._insert_message(cur, (
-                    mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid, msg.message_id, msg.from_,
-                    msg.to, msg.cc, msg.subject, msg.date, msg.in_reply_to, msg.references, msg.size,
-                    msg.internaldate, prep.raw, prep.sha256, now, prep.blob))
-                if added <= 0:
-                    continue
-                inserted += 1
-                if announce:
-                    envelope = make_envelope(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg, now,
-                                             resync=msg.uid < mailbox.resync_below, extra=prep.envelope_extra)
-                    self._exec(cur, "INSERT INTO outbox (key, account_id, envelope, raw_size, created_at) "
-                                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                               (key, mailbox.account_id, envelope, len(msg.raw), now))
+            new_uids = self._insert_messages(cur, [(
+                mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid, msg.message_id, msg.from_,
+                msg.to, msg.cc, msg.subject, msg.date, msg.in_reply_to, msg.references, msg.size,
+                msg.internaldate, prep.raw, prep.sha256, now, prep.blob) for msg, prep in zip(messages, prepared)])
+            inserted = len(new_uids)
+            if announce and new_uids:
+                outbox = [(message_key(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg.uid),
+                           mailbox.account_id,
+                           make_envelope(mailbox.account_id, mailbox.folder, mailbox.uidvalidity, msg, now,
+                                         resync=msg.uid < mailbox.resync_below, extra=prep.envelope_extra),
+                           len(msg.raw), now)
+                          for msg, prep in zip(messages, prepared) if msg.uid in new_uids]
+                # One multi-row statement per batch, not one round trip per message.
+                self._exec(cur, "INSERT INTO outbox (key, account_id, envelope, raw_size, created_at) VALUES "
+                                + ", ".join(["(?, ?, ?, ?, ?)"] * len(outbox)) + " ON CONFLICT (key) DO NOTHING",
+                           [value for row in outbox for value in row])
             self._exec(cur, """
                 UPDATE mailboxes SET last_uid = ?, highestmodseq = COALESCE(?, highestmodseq), updated_at = ?
                 WHERE account_id = ? AND folder = ? AND uidvalidity = ? AND last_uid < ?""",
@@ -545,6 +546,10 @@ class Store:
     _for_update = ""
     blobs: Any = None  # blobs.S3Blobs when [blobs] kind = "s3" (set by the process that ingests)
     fence: Any = None  # leases.Fence in cluster mode (set by the process that ingests)
+
+    def _insert_messages(self, cur: Any, rows: list[tuple]) -> set[int]:
+        """Message rows (columns as in partitions._COLUMNS, then blob); the UIDs that were new."""
+        return {values[3] for values in rows if self._insert_message(cur, values) > 0}
 
     def _insert_message(self, cur: Any, values: tuple) -> int:
         """One message row (columns as in partitions._COLUMNS, then blob); 1 if new, 0 if the key exists."""
@@ -676,6 +681,9 @@ class PostgresStore(Store):
     def _insert_message(self, cur: Any, values: tuple) -> int:
         # messages is partitioned: uniqueness of the key lives in message_keys (partitions.py).
         return partitions.insert_message(self, cur, values)
+
+    def _insert_messages(self, cur: Any, rows: list[tuple]) -> set[int]:
+        return partitions.insert_messages(self, cur, rows)
 
     def __init__(self, url: str, pool_min: int = 1, pool_max: int = 8, timeout: float = POOL_WAIT) -> None:
         self.url = url
