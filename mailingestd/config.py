@@ -118,7 +118,7 @@ class ImapConfig(_Section):
     timeout: Duration = Duration(60)
     idle_renew: Duration = Duration(600)
     keepalive: Duration = Duration(300)
-    batch_messages: int = 10
+    batch_messages: int = 50
     batch_bytes: Size = Size(16 * 1024**2)
     max_message_size: Size = Size(64 * 1024**2)
     max_line: Size = Size(8 * 1024**2)
