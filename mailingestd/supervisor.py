@@ -222,8 +222,7 @@ class Supervisor:
         """Accounts from ``[[accounts]]`` go into the store; ones removed from the file go away."""
         assert self.store is not None
         configured = {a.id for a in self.config.accounts}
-        for account in self.config.accounts:
-            self.store.upsert_account(account, source="config")
+        self.store.upsert_accounts(self.config.accounts, source="config")
         for row in self.store.list_accounts():
             if row.source == "config" and row.account.id not in configured:
                 self.store.delete_account(row.account.id)
