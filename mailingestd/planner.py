@@ -213,6 +213,9 @@ class Planner:
         self._lag_counts = np.zeros(len(LAG_BUCKETS) + 1, dtype=np.int64)
         self._lag_bounds = np.array(LAG_BUCKETS)
         self._lag_sum = 0.0
+        # Lags of recent orders not yet in the counts: bucketed many batches at a time (_count_lags).
+        self._lags = np.empty(_LAG_BUFFER)
+        self._lags_held = 0
         self._now = now
         self.results_total = 0
         self.stale_results_total = 0
@@ -494,8 +497,15 @@ class Planner:
         lag = now - due_at
         self._orders_out.append((now, indexes))
         self._orders_out_entries += len(indexes)
-        self._lag_counts += np.bincount(np.searchsorted(self._lag_bounds, lag), minlength=len(self._lag_counts))
-        self._lag_sum += float(lag.sum())
+        held = self._lags_held
+        if held + len(lag) > _LAG_BUFFER:
+            self._count_lags()
+            held = 0
+        if len(lag) > _LAG_BUFFER:
+            self._count_lags(lag)
+        else:
+            self._lags[held:held + len(lag)] = lag
+            self._lags_held = held + len(lag)
         if self._orders_out_entries > 2 * len(self._index) + 4096:
             self._compact_orders_out()
         return OrderBatch(indexes, need_connect, due_at, lag)
@@ -638,11 +648,14 @@ class Planner:
         # Mail feeds the rate and promotion of adaptive priorities (a fixed one ignores it).
         with_mail = adaptive & (mail > 0)
         if with_mail.any():
+            observed = index[with_mail]
             priorities = self._priority
-            for account, messages in zip(index[with_mail].tolist(), mail[with_mail].tolist()):
+            changed = []
+            for account, messages in zip(observed.tolist(), mail[with_mail].tolist()):
                 priority = priorities[account]
                 priority.observe(messages, now)
-                self._set_priority(account, priority)
+                changed.append(priority)
+            self._set_adaptive(observed, changed)
         idle = idling & connected
         if idle.any():
             idle_index = index[idle]
@@ -653,7 +666,7 @@ class Planner:
         if adaptive.any():
             intervals[adaptive] = self._adaptive_intervals(index[adaptive], now)
         jitter = self.config.jitter
-        intervals *= (1.0 - jitter) + (2.0 * jitter) * self._np_rng.random(len(index))
+        intervals *= self._np_rng.uniform(1.0 - jitter, 1.0 + jitter, len(index))
         self._state[index] = AccountState.SCHEDULED
         self._set_due(index, intervals + now)
 
@@ -737,6 +750,7 @@ class Planner:
 
     def snapshot(self, now: float | None = None) -> PlannerSnapshot:
         """Counts by state and tier, per-server connections/limits/waiting, and the lag histogram."""
+        self._count_lags()
         now = self._now if now is None else now
         servers = []
         for name in sorted(set(self._server_names) | set(self.limits.servers())):
@@ -776,6 +790,14 @@ class Planner:
             key = f"{state_names[self._state[index]]}/{tier_names[self._priority[index].tier]}"
             counts[key] = counts.get(key, 0) + 1
         return counts
+
+    def _count_lags(self, lag: np.ndarray | None = None) -> None:
+        """Add held lags (or ``lag``) to the histogram's counts and sum."""
+        if lag is None:
+            lag = self._lags[:self._lags_held]
+            self._lags_held = 0
+        self._lag_counts += np.bincount(np.searchsorted(self._lag_bounds, lag), minlength=len(self._lag_counts))
+        self._lag_sum += float(lag.sum())
 
     def _lag_histogram(self) -> LagHistogram:
         counts = self._lag_counts.tolist()
@@ -830,6 +852,11 @@ class Planner:
             self._adaptive[index] = _ADAPTIVE_STATE(priority)
         else:
             self._kind[index] = priority.tier
+
+    def _set_adaptive(self, indexes: np.ndarray, priorities: list[AdaptivePriority]) -> None:
+        """``_set_priority`` for many adaptive priorities at once."""
+        self._kind[indexes] = [priority.tier | _ADAPTIVE_KIND for priority in priorities]
+        self._adaptive[indexes] = list(map(_ADAPTIVE_STATE, priorities))
 
     def _adaptive_intervals(self, indexes: np.ndarray, now: float) -> np.ndarray:
         """``self._priority[index].interval(now)`` for adaptive accounts, from the arrays; accounts
@@ -916,6 +943,8 @@ _ACCOUNT = np.dtype([("due_at", np.float64), ("ordered_at", np.float64), ("serve
                      ("holds_slot", np.bool_), ("live", np.bool_), ("kind", np.int8)])
 # kind: the priority's tier, with _ADAPTIVE_KIND set for adaptive priorities.
 _TIER_BITS = 3
+_LAG_BUFFER = 1 << 16
+_LOW = int(Tier.LOW)  # numpy compares a plain int much faster than an IntEnum
 _ADAPTIVE_KIND = 4
 _ADAPTIVE_FIELDS = ("rate", "rate_at", "last_mail_at", "changed_at")
 _ADAPTIVE_STATE = operator.attrgetter(*_ADAPTIVE_FIELDS)
@@ -959,7 +988,7 @@ def adaptive_intervals(rules: PriorityRules, now: float, tier: np.ndarray, rate:
     accounts due for a demotion (``demote_after`` of silence and since their last tier change):
     their intervals here are wrong until ``interval`` itself demotes them."""
     # now - max(a, b) is the smaller of now - a and now - b (rounding is monotonic).
-    demote = (now - np.maximum(last_mail_at, changed_at) >= rules.demote_after) & (tier < Tier.LOW)
+    demote = (now - np.maximum(last_mail_at, changed_at) >= rules.demote_after) & (tier < _LOW)
     base = np.array(rules.intervals)[tier]
     # No decay when the rate was measured at or after now: exp(-0.0) is exactly 1.
     expected = rate * np.exp(np.maximum(now - rate_at, 0.0) / -rules.promote_window) * base

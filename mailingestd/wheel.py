@@ -157,10 +157,14 @@ class TimingWheel:
             low, high = bounds[cursor - start], bounds[last + 1 - start]
             near = self._near
             if near and min(near) <= last:
-                keys, ticks = self._with_near(low, high, last)
-                self._take(keys, ticks, parts)
+                if last == cursor:  # one tick (the usual advance): its slice of the run, then its list
+                    self._take(np.concatenate((self._run[low:high], np.array(near.pop(cursor), dtype=np.int64))),
+                               cursor, parts)
+                else:
+                    keys, ticks = self._with_near(low, high, last)
+                    self._take(keys, ticks, parts)
             elif high > low:
-                self._take(self._run[low:high], self._run_ticks[low:high], parts)
+                self._take(self._run[low:high], cursor if last == cursor else self._run_ticks[low:high], parts)
             cursor = last + 1
         if cursor <= last_tick:  # the wheel ran empty: nothing but stale entries is left
             cursor = last_tick + 1
@@ -207,9 +211,9 @@ class TimingWheel:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _take(self, keys: np.ndarray, ticks: np.ndarray | None, parts: list[np.ndarray]) -> None:
-        """Hand out the live entries: those filed under their key's current tick (or, for the
-        overdue list, ``ticks`` None, whose key is due before the cursor)."""
+    def _take(self, keys: np.ndarray, ticks: np.ndarray | int | None, parts: list[np.ndarray]) -> None:
+        """Hand out the live entries: those filed under their key's current tick (``ticks``: per
+        entry, or one for all; None for the overdue list: keys due before the cursor)."""
         due = self._due
         current = np.ceil(due[keys] / self.tick)
         live = current < self._cursor if ticks is None else current == ticks  # NaN (gone) is neither

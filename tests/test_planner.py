@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mailingestd.config import LimitsConfig, SchedulerConfig, ServerLimits
 from mailingestd.planner import (
+    LAG_BUCKETS,
     AccountPlan,
     AccountState,
     Order,
@@ -337,3 +338,23 @@ def test_batched_adaptive_intervals_match_the_priority_objects() -> None:
             if not flagged:
                 assert interval == pytest.approx(expected, rel=1e-12)  # np.exp may differ from libm by an ulp
     assert demoted > 100
+
+
+def test_lag_histogram_counts_every_order_however_the_batches_come() -> None:
+    bounds = np.array(LAG_BUCKETS)
+    limits = LimitsConfig(max_connections_per_server=10**6, connects_per_minute=10**9, max_connections_per_account=2)
+    planner = Planner(SCHEDULER, limits, now=0.0, rng=random.Random(3))
+    for index in range(70_000):  # due at once: one batch larger than the planner's lag buffer
+        planner.add(AccountPlan(account_id=f"a{index}", server="imap.example", priority="high"), 0.0, spread=False)
+    for index in range(70_000, 140_000):  # spread over 10 s: many smaller batches
+        planner.add(AccountPlan(account_id=f"a{index}", server="imap.example", priority="high"), 0.0)
+    lags = []
+    now = 0.0
+    while now <= 20.0:
+        lags.append(planner.due_batch(now, 10**9).lag)
+        now = round(now + 0.1, 6)
+    lags = np.concatenate(lags)
+    assert len(lags) == 140_000
+    histogram = planner.snapshot(now).lag
+    assert histogram.counts == np.bincount(np.searchsorted(bounds, lags), minlength=len(bounds) + 1).tolist()
+    assert histogram.count == 140_000 and histogram.sum == pytest.approx(float(lags.sum()))
