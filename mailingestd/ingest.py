@@ -38,6 +38,7 @@ class SyncResult(msgspec.Struct):
     interrupted: bool = False
     oversize: int = 0
     first_sync: bool = False  # the folder's backlog, not new arrivals: not fed to adaptive priority
+    searched: bool = False  # commands ran after the EXAMINE (untagged EXISTS may have gone by)
 
 
 SIZE_CHUNK = 1000
@@ -121,6 +122,7 @@ def sync_folder(client: object, store: Store, account_id: str, folder: str, sett
                         first_sync=fresh or changed)
     if state.uidnext is not None and state.uidnext <= mailbox.last_uid + 1 and not changed:
         return result  # UIDNEXT says nothing is newer; a hint only, the next poll searches again
+    result.searched = True
     pending = pending_sizes(client, mailbox.last_uid + 1)
     too_big = [(uid, size) for uid, size in pending if size > settings.max_message_size]
     if too_big:

@@ -164,6 +164,7 @@ class Outcome(msgspec.Struct):
     backlog: int = 0
     connected_now: bool = False
     notified_at: float | None = None
+    inbox_current: bool = False  # INBOX was EXAMINEd last and nothing ran since: IDLE may follow
 
 
 class Worker:
@@ -485,7 +486,8 @@ class Worker:
                 self.credentials.access_token(account, self.secrets.get(account.id, {}),
                                               valid_for=self.config.imap.idle_renew)
             if outcome.idle_capable:
-                self.catch_up_inbox(client, account, outcome)
+                if not outcome.inbox_current:
+                    self.catch_up_inbox(client, account, outcome)
                 early = imap.idle_start(client)
                 outcome.idling = True
                 # Mail that arrived between the last EXAMINE and IDLE is announced as IDLE starts,
@@ -532,21 +534,29 @@ class Worker:
             return attempt(True)
 
     def check_folders(self, client: Any, account: AccountConfig, outcome: Outcome, ordered: bool) -> None:
-        """STATUS every folder; fetch those with news. INBOX last, so it stays selected for IDLE.
+        """Check every folder and fetch those with news. INBOX last, so it stays selected for IDLE.
 
-        An IDLE notification (not ``ordered``) concerns the selected INBOX only.
+        Folders are asked with STATUS first (a poll is one STATUS per folder), except INBOX on a
+        connection about to IDLE: IDLE needs it selected anyway, so it is EXAMINEd straight away
+        (its UIDNEXT answers the question). When that EXAMINE found nothing newer,
+        ``outcome.inbox_current`` lets IDLE follow at once: the server announces anything later
+        when IDLE starts. An IDLE notification (not ``ordered``) concerns INBOX only.
         """
         folders = sorted(account.folders, key=lambda f: f.upper() == "INBOX") if ordered else ["INBOX"]
-        if ordered:
+        examine_inbox = outcome.idle_capable
+        if ordered and any(folder.upper() != "INBOX" or not examine_inbox for folder in folders):
             imap.unselect(client)  # so that STATUS sees the folder afresh (see imap.unselect)
         for folder in folders:
             if self.draining or self.child.stop_requested:
                 return
-            if ordered and not self.folder_has_news(client, account.id, folder):
+            inbox = folder.upper() == "INBOX"
+            if (ordered and not (inbox and examine_inbox)
+                    and not self.folder_has_news(client, account.id, folder)):
                 continue
             result = sync_folder(client, self.store, account.id, folder, self.config.imap,
                                  announce=self.config.queue.kind != "none",
                                  should_stop=lambda: self.child.fast_stop)
+            outcome.inbox_current = inbox and not result.searched
             outcome.new_messages += result.new_messages
             outcome.new_bytes += result.new_bytes
             outcome.fetch_seconds += result.fetch_seconds
