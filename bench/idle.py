@@ -426,15 +426,14 @@ def run_status(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres) -
         store_url = postgres.create_database(f"status_{where}_{int(time.time())}")
         if where == "store":
             store = open_store(store_url, 1, 2)
-            for user in users:
-                store.upsert_account(AccountConfig(id=user, host=HOST, username=user, port=dovecot.port, tls="none",
-                                                   password_env=PASSWORD_ENV), source="store")
+            store.upsert_accounts([AccountConfig(id=user, host=HOST, username=user, port=dovecot.port, tls="none",
+                                                 password_env=PASSWORD_ENV) for user in users], source="store")
             store.close()
         daemon = BenchDaemon(root / f"status-{where}", store_url=store_url,
                              accounts=accounts_toml(users, dovecot.port) if where == "config_file" else "")
         try:
             startup = daemon.start()
-            time.sleep(10)
+            time.sleep(5)  # accounts loaded and connecting (at the default connect rate)
             status = daemon.try_status() or {}
             machine = cpu_during({})
             timing = time_status(daemon)

@@ -195,6 +195,8 @@ class Worker:
         self.selector.register(self.pull.getsockopt(zmq.FD), selectors.EVENT_READ, None)
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.sessions: dict[str, Session] = {}
+        # folder -> (UIDVALIDITY, UIDNEXT) at the last STATUS that found it complete, by account
+        self.folders_current: dict[str, dict[str, tuple[int, int]]] = {}
         self.draining = False
         self.drained_sent = False
         self.drain_in_flight = (0, 0)
@@ -261,12 +263,14 @@ class Worker:
         for account_id in list(self.sessions):
             if account_id not in wanted:
                 self.retire(self.sessions.pop(account_id))
+                self.folders_current.pop(account_id, None)
         for account_id, account in wanted.items():
             session = self.sessions.get(account_id)
             if session is None:
                 self.sessions[account_id] = Session(account)
             elif session.account != account:
                 session.account = account
+                self.folders_current.pop(account_id, None)
                 self.retire(session)  # settings changed: the next poll connects afresh
 
     def on_poll(self, order: frames.Poll) -> None:
@@ -581,11 +585,21 @@ class Worker:
             outcome.fetch_seconds += result.fetch_seconds
 
     def folder_has_news(self, client: Any, account_id: str, folder: str) -> bool:
+        """STATUS the folder; news when UIDNEXT is above the store's checkpoint. A folder whose
+        (UIDVALIDITY, UIDNEXT) is what it was at the last check that found it complete has none,
+        without asking the store: a quiet poll is one STATUS and no database round trip."""
         state = imap.status(client, folder)
+        known = self.folders_current.get(account_id)
+        if state.uidnext is not None and known is not None and known.get(folder) == (state.uidvalidity,
+                                                                                     state.uidnext):
+            return False
         mailbox = self.store.get_mailbox(account_id, folder)
         if mailbox is None or mailbox.uidvalidity != state.uidvalidity or state.uidnext is None:
             return True
-        return state.uidnext > mailbox.last_uid + 1
+        if state.uidnext > mailbox.last_uid + 1:
+            return True
+        self.folders_current.setdefault(account_id, {})[folder] = (state.uidvalidity, state.uidnext)
+        return False
 
     # --- drain and retirement ----------------------------------------------------------------
     def retire(self, session: Session) -> None:
