@@ -641,8 +641,7 @@ class Planner:
                                                     wait[failed].tolist()):
                 self._on_failure(account, now, auth_failed, None if math.isnan(retry) else retry)
             index, connected, idling, mail = index[ok], connected[ok], idling[ok], mail[ok]
-        self._failures[index] = 0
-        self._auth_failures[index] = 0
+        self._failure_counts[index] = 0  # failures and auth_failures
         intervals = self._kind_intervals[self._kind[index]]
         adaptive = np.isnan(intervals)
         # Mail feeds the rate and promotion of adaptive priorities (a fixed one ignores it).
@@ -656,8 +655,8 @@ class Planner:
                 priority.observe(messages, now)
                 changed.append(priority)
             self._set_adaptive(observed, changed)
-        idle = idling & connected
-        if idle.any():
+        idle = idling & connected if idling.any() else None
+        if idle is not None and idle.any():
             idle_index = index[idle]
             self._state[idle_index] = AccountState.IDLING
             self._set_due(idle_index, np.full(len(idle_index), now + self.config.idle_safety_interval))
@@ -832,6 +831,7 @@ class Planner:
         self._holds_slot = accounts["holds_slot"]
         self._failures = accounts["failures"]
         self._auth_failures = accounts["auth_failures"]
+        self._failure_counts = accounts.view(_FAILURE_COUNTS)["both"]
         self._kind = accounts["kind"]
 
     def _server_index(self, name: str, now: float) -> int:
@@ -938,9 +938,12 @@ class Planner:
 
 # The fields of an account that the hot paths read and write together, one 32-byte record per
 # account, so a decision about an account touches one cache line of them, not one per array.
-_ACCOUNT = np.dtype([("due_at", np.float64), ("ordered_at", np.float64), ("server", np.int32),
-                     ("failures", np.int32), ("auth_failures", np.int32), ("state", np.int8),
+_ACCOUNT = np.dtype([("due_at", np.float64), ("ordered_at", np.float64), ("failures", np.int32),
+                     ("auth_failures", np.int32), ("server", np.int32), ("state", np.int8),
                      ("holds_slot", np.bool_), ("live", np.bool_), ("kind", np.int8)])
+# Both failure counts as one 8-byte field, to reset them in one step.
+_FAILURE_COUNTS = np.dtype({"names": ["both"], "formats": [np.int64], "offsets": [_ACCOUNT.fields["failures"][1]],
+                            "itemsize": _ACCOUNT.itemsize})
 # kind: the priority's tier, with _ADAPTIVE_KIND set for adaptive priorities.
 _TIER_BITS = 3
 _LAG_BUFFER = 1 << 16

@@ -186,17 +186,9 @@ class TimingWheel:
         if overdue:
             return min(overdue)
         # The rest of the current block: every live key here is due before any later block's.
-        if cursor < self._block_end:
-            low = self._bounds[cursor - self._block_start]
-            keys = [self._run[low:]]
-            ticks = [self._run_ticks[low:]]
-            for near_tick, near_keys in self._near.items():
-                if near_tick >= cursor:
-                    keys.append(np.array(near_keys, dtype=np.int64))
-                    ticks.append(np.full(len(near_keys), near_tick, dtype=np.int64))
-            earliest = _live_min(due, np.concatenate(keys), np.concatenate(ticks), tick)
-            if earliest is not None:
-                return earliest
+        earliest = self._block_min()
+        if earliest is not None:
+            return earliest
         # Pending keys (any later block) against the first later block with a live key.
         keys, ticks = self._pending_arrays()
         earliest = _live_min(due, keys, ticks, tick)
@@ -210,6 +202,29 @@ class TimingWheel:
         return earliest
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _block_min(self) -> float | None:
+        """The earliest due_at among the live entries left in the current block."""
+        cursor, start = self._cursor, self._block_start
+        if cursor >= self._block_end:
+            return None
+        due, tick, near, bounds = self._due, self.tick, self._near, self._bounds
+        low = bounds[cursor - start]
+        if len(self._run) - low + sum(map(len, near.values())) <= 4096:  # few entries left: all at once
+            keys, ticks = [self._run[low:]], [self._run_ticks[low:]]
+            for near_tick, near_keys in near.items():
+                keys.append(np.array(near_keys, dtype=np.int64))
+                ticks.append(np.full(len(near_keys), near_tick, dtype=np.int64))
+            return _live_min(due, np.concatenate(keys), np.concatenate(ticks), tick)
+        for next_tick in range(cursor, self._block_end):  # many: tick by tick, the first is usually live
+            keys = self._run[bounds[next_tick - start]:bounds[next_tick + 1 - start]]
+            if next_tick in near:
+                keys = np.concatenate((keys, np.array(near[next_tick], dtype=np.int64)))
+            if len(keys):
+                earliest = _live_min(due, keys, next_tick, tick)
+                if earliest is not None:
+                    return earliest
+        return None
 
     def _take(self, keys: np.ndarray, ticks: np.ndarray | int | None, parts: list[np.ndarray]) -> None:
         """Hand out the live entries: those filed under their key's current tick (``ticks``: per
@@ -377,7 +392,7 @@ class TimingWheel:
             self._pending_min = int(ticks[later].min())
 
 
-def _live_min(due: np.ndarray, keys: np.ndarray, ticks: np.ndarray, tick: float) -> float | None:
+def _live_min(due: np.ndarray, keys: np.ndarray, ticks: np.ndarray | int, tick: float) -> float | None:
     """The earliest due_at of the entries still filed under their key's current tick."""
     if not len(keys):
         return None

@@ -133,3 +133,25 @@ def test_batches_and_single_keys_against_a_dictionary_model() -> None:
             assert wheel.next_due() == (min(model.values()) if model else None), seed
             assert wheel._stale >= 0, seed
         assert sorted(wheel.advance(now + 10**6).tolist()) == sorted(model), seed
+
+
+def test_next_due_on_a_dense_wheel() -> None:
+    """Many keys per tick (next_due looks tick by tick): still the earliest live due time."""
+    rng = random.Random(5)
+    wheel = TimingWheel(TICK, 0.0, slots=128, capacity=50_000)
+    due_ats = [rng.random() * 100 for _ in range(50_000)]  # over 6,000 a block
+    wheel.schedule_many(np.arange(50_000), np.array(due_ats))
+    model = dict(enumerate(due_ats))
+    now = 0.0
+    for _ in range(200):
+        now += 0.1
+        for key in wheel.advance(now).tolist():
+            del model[key]
+        for _ in range(20):
+            key = rng.randrange(50_000)
+            if rng.random() < 0.5:
+                model[key] = now + rng.random() * 20
+                wheel.schedule(key, model[key])
+            else:
+                assert wheel.cancel(key) == (model.pop(key, None) is not None)
+        assert wheel.next_due() == min(model.values())
