@@ -6,9 +6,10 @@ so they do not dominate; every order gets its result at once (most succeed, some
 1 in 1000 fail, 1 in 10,000 are throttled with a retry_after). A "decision" is one account taken
 off the wheel, ordered and put back by its result.
 
-The bare loop is the floor any design pays: pop a bucket of a plain list-of-lists wheel and
-re-append each account at its fixed interval, nothing else. The informational "wheel loop" does
-the same through ``TimingWheel``'s API. Each phase runs in its own forked process so its peak RSS
+The bare loop is the reference (the floor of a per-account Python loop): pop a bucket of a plain
+list-of-lists wheel and re-append each account at its fixed interval, nothing else. The
+informational "wheel loop" does the same through ``TimingWheel``'s API (numpy batches, so it can
+beat the bare loop). Each phase runs in its own forked process so its peak RSS
 (ru_maxrss) is its own; CPU time is ``time.process_time`` of the simulated loop only (setup is
 reported apart).
 
