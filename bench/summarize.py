@@ -72,7 +72,8 @@ def rows(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         p = s["polling"]
         out += [("polling", f"{p['accounts']} accounts without IDLE, polls per minute",
                  (f"daemon {p['daemon_polls_per_minute']}, Dovecot NOOP+STATUS {p['server_noop_status_per_minute']} "
-                 f"(expected {p['expected_polls_per_minute']}), logins in window {p['logins_in_window']}"),
+                 f"(expected {p['expected_polls_per_minute']}), logins in window {p['logins_in_window']}; "
+                 f"all connected {p.get('seconds_until_all_connected')} s after start"),
                  f">= {p['target_polls_per_minute']}"),
                 ("polling", "lateness p99 (histogram bucket bound)", f"<= {p['lag_p99_bucket_seconds']} s",
                  f"< {p['lag_target_seconds']:g} s"),
@@ -91,7 +92,8 @@ def markdown(report: dict[str, Any], mode: str) -> str:
     machine = run["machine"]
     lines = [f"### {mode} run, {run['started_at']} (commit {machine['commit']})", "",
              (f"Machine: {machine['cpus_usable']} usable CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
-             f"kernel {machine['kernel']}, Python {machine['python']}, Dovecot {machine['dovecot']}."), "",
+             f"kernel {machine['kernel']}, Python {machine['python']}, Dovecot {machine['dovecot']}. "
+             f"Whole run: {run.get('total_seconds', 0) / 60:.1f} minutes."), "",
              "| scenario | figure | measured | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(run)]
     errors = [f"- {name}: {result['error']}" for name, result in run["scenarios"].items() if "error" in result]

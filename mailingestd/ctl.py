@@ -14,17 +14,22 @@ import os
 import sys
 from pathlib import Path
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import msgspec
 
-from . import config as config_mod, control, imap, sysexits
+from . import config as config_mod, control, sysexits
 from .config import AccountConfig, Config, OAuth2Config
-from .credentials import Credentials, ReauthRequired, TokenEndpointError
-from .secrets import Keyring, SecretError, default_key_path, generate_key_line
-from .store import Store, StoreError, open_store
 from .sysexits import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE
+
+if TYPE_CHECKING:
+    from .secrets import Keyring
+    from .store import Store
+
+# The store, IMAP, credential and key modules are imported by the commands that use them:
+# `mailingestctl status` needs only the config and the control socket, and importing the rest
+# (imapclient, ssl, psycopg, cryptography) took longer than the whole status round trip.
 
 def fail(code: int, message: str) -> NoReturn:
     sysexits.fail("mailingestctl", code, message)
@@ -59,6 +64,8 @@ def store_of(ctx: click.Context) -> Store:
         if owner not in (None, 0):
             # Root would leave root-owned -wal/-shm files the daemon's user cannot write.
             fail(EX_USAGE, f"run this as the store's owner (uid {owner}), e.g. runuser -u mailingestd -- mailingestctl ...")
+    from .store import StoreError, open_store
+
     try:
         return open_store(cfg.store_url, 1, 1)
     except StoreError as exc:
@@ -272,6 +279,8 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
 
 
 def keyring_of(ctx: click.Context) -> Keyring:
+    from .secrets import Keyring, default_key_path
+
     try:
         return Keyring.load(default_key_path(load_config(ctx).secrets.key_file))
     except config_mod.ConfigError as exc:
@@ -356,6 +365,9 @@ def account_disable(ctx: click.Context, account_id: str) -> None:
 @click.pass_context
 def account_test(ctx: click.Context, account_id: str) -> None:
     """Log in once and report capabilities and folder state; changes and stores nothing."""
+    from . import imap
+    from .credentials import Credentials, ReauthRequired, TokenEndpointError
+
     cfg = load_config(ctx)
     row = _get(ctx, account_id)
     acct = row.account
@@ -406,6 +418,8 @@ def secrets_group() -> None:
 @secrets_group.command("genkey")
 def secrets_genkey() -> None:
     """Print a new key line (<id>:<base64>) for secrets.key_file; put it FIRST to encrypt with it."""
+    from .secrets import generate_key_line
+
     click.echo(generate_key_line())
 
 
@@ -413,6 +427,8 @@ def secrets_genkey() -> None:
 @click.pass_context
 def secrets_rotate(ctx: click.Context) -> None:
     """Re-encrypt every stored secret under the key file's first key (old keys only decrypt)."""
+    from .secrets import SecretError
+
     ring = keyring_of(ctx)
     store = store_of(ctx)
     rotated = 0
@@ -521,5 +537,10 @@ def store_stats(ctx: click.Context, as_json: bool) -> None:
 def main() -> None:
     try:
         sysexits.run(cli)
-    except StoreError as exc:
-        fail(EX_UNAVAILABLE, f"store: {exc}")
+    except Exception as exc:
+        # A store failure anywhere below is one line, exit 69 (only a command that imported the
+        # store can raise one).
+        store = sys.modules.get("mailingestd.store")
+        if store is not None and isinstance(exc, store.StoreError):
+            fail(EX_UNAVAILABLE, f"store: {exc}")
+        raise
