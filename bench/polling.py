@@ -75,6 +75,7 @@ def run_polling(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, 
     tier_of = dict(zip(users, tiers(accounts)))
     expected_per_minute = sum(60 / INTERVALS[tier] for tier in tier_of.values())
     daemon = BenchDaemon(root / "polling", store_url=postgres.create_database(f"polling_{int(time.time())}"),
+                         metrics_interval="1s",
                          accounts=accounts_toml(users, dovecot.port, per_user=lambda u: {"priority": tier_of[u]}),
                          sections=f"""
 [scheduler]

@@ -132,6 +132,7 @@ class QueueConfig(_Section):
     endpoint_url: str | None = None
     inline_raw: bool = False
     batch_size: int = 10
+    concurrency: int = 4
     poll_interval: Duration = Duration(0.2)
     retry_base: Duration = Duration(1)
     retry_max: Duration = Duration(300)
@@ -314,6 +315,8 @@ def _validate(config: Config, where: str) -> None:
         problems.append("queue.url: required when queue.kind = \"sqs\"")
     if not 1 <= config.queue.batch_size <= 10:
         problems.append("queue.batch_size: expected 1..10 (SQS SendMessageBatch takes at most 10)")
+    if not 1 <= config.queue.concurrency <= 64:
+        problems.append("queue.concurrency: expected 1..64")
     if config.imap.idle_renew > 29 * 60:
         problems.append("imap.idle_renew: IDLE must be renewed before 29 minutes (RFC 2177)")
     lifecycle = config.store

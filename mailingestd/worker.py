@@ -393,6 +393,10 @@ class Worker:
         session = self.sessions.get(outcome.account_id)
         now = time.monotonic()
         if session is None:  # retired while the job ran: just close what it holds
+            if not outcome.ok and outcome.failure_kind not in ("disconnected", "draining"):
+                # Still one line: e.g. a commit refused after the account's lease moved away.
+                log.warning("event=poll_failed account=%s error_kind=%s error=%s detail=account_no_longer_assigned",
+                            outcome.account_id, outcome.failure_kind, outcome.detail)
             if outcome.client is not None:
                 self.submit(imap.logout, outcome.client, min(self.config.imap.timeout, 10.0))
             return
