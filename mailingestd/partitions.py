@@ -4,7 +4,7 @@ Why a second table. A partitioned table's primary key must contain the partition
 PostgreSQL ``messages`` is keyed ``(account_id, folder, uidvalidity, uid, ingested_at)`` and can
 no longer refuse a second row for the same message by itself (two commits of one UID carry two
 different ``ingested_at``). Uniqueness moves to ``message_keys``, a plain (non-partitioned) table
-whose primary key is the message key. :func:`insert_message` runs inside the batch transaction:
+whose primary key is the message key. :func:`insert_messages` runs inside the batch transaction:
 
 1. ``INSERT INTO message_keys ... ON CONFLICT DO NOTHING``; a concurrent committer of the same
    key blocks on the unique index until the first one commits or rolls back, then sees the
@@ -86,25 +86,10 @@ MIGRATION_3 = {
 }
 
 
-def insert_message(store: Any, cur: Any, values: tuple) -> int:
-    """Insert one message row, exactly once per key (see the module docstring); 1 if new, else 0.
-
-    ``values`` are the row in ``messages`` column order (``_COLUMNS`` then ``blob``).
-    """
-    account_id, folder, uidvalidity, uid = values[:4]
-    ingested_at = values[16]
-    added = store._exec(cur, "INSERT INTO message_keys (account_id, folder, uidvalidity, uid, ingested_at) "
-                             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        (account_id, folder, uidvalidity, uid, ingested_at)).rowcount
-    if added <= 0:
-        return 0
-    store._exec(cur, f"INSERT INTO messages ({_COLUMNS}, blob) VALUES ({', '.join('?' * 18)})", values)
-    return 1
-
-
 def insert_messages(store: Any, cur: Any, rows: list[tuple]) -> set[int]:
-    """:func:`insert_message` for a batch of one mailbox, in two multi-row statements: the keys
-    (``RETURNING`` those that were new), then the rows of those. Returns the new rows' UIDs."""
+    """Insert a batch of one mailbox's rows, exactly once per key (see the module docstring), in two
+    multi-row statements: the keys (``RETURNING`` those that were new), then the rows of those.
+    ``rows`` are in ``messages`` column order (``_COLUMNS`` then ``blob``). Returns the new UIDs."""
     if not rows:
         return set()
     new = {row[0] for row in store._exec(

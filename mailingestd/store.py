@@ -251,7 +251,7 @@ CREATE TABLE uidvalidity_changes (
     # and the PGDG packages are). pglz made PostgreSQL the bottleneck of a backlog: measured here,
     # 3,000 realistic messages stored at 301/s with pglz (9.3 s of server CPU) and 1,107/s with lz4
     # (2.1 s), the table the same size. Applies to new rows; a server without lz4 keeps pglz.
-    # Partitions created later copy the column's compression (partitions.create_ahead).
+    # Partitions created later copy the column's compression (partitions.ensure_partitions).
     (5, {
         "sqlite": [],
         "postgresql": [
@@ -390,7 +390,7 @@ class Store:
 
     def upsert_accounts(self, accounts: Sequence[AccountConfig], source: str = "store") -> int:
         """:meth:`upsert_account` for many accounts (keeping their secrets): one read, and the
-        changed rows written in one pipelined batch, in one transaction. 10,000 ``[[accounts]]``
+        changed rows written in multi-row statements, in one transaction. 10,000 ``[[accounts]]``
         took 8 s at start one transaction each; an unchanged file now costs one SELECT.
         Returns how many changed."""
         with self.transaction() as cur:
@@ -536,7 +536,6 @@ class Store:
         concurrent reset wins). Returns how many messages were new.
         """
         now = time.time()
-        inserted = 0
         # Raw bytes to S3 first, outside the transaction: a row naming an object is committed only
         # after the object exists; a crash in between leaves an orphan object, never a dangling row.
         prepared = (self.blobs.put_batch([(message_key(mailbox.account_id, mailbox.folder, mailbox.uidvalidity,
@@ -708,11 +707,8 @@ class PostgresStore(Store):
     dialect = "postgresql"
     _for_update = " FOR UPDATE"
 
-    def _insert_message(self, cur: Any, values: tuple) -> int:
-        # messages is partitioned: uniqueness of the key lives in message_keys (partitions.py).
-        return partitions.insert_message(self, cur, values)
-
     def _insert_messages(self, cur: Any, rows: list[tuple]) -> set[int]:
+        # messages is partitioned: uniqueness of the key lives in message_keys (partitions.py).
         return partitions.insert_messages(self, cur, rows)
 
     def __init__(self, url: str, pool_min: int = 1, pool_max: int = 8, timeout: float = POOL_WAIT) -> None:
