@@ -161,6 +161,8 @@ class DaemonCollector:
         for role, value in sorted(totals.frames_dropped(beats).items()):
             dropped.add_metric([role], value)
         yield dropped
+        yield CounterMetricFamily("mailingestd_notify_failures", "sd_notify datagrams systemd had no room for "
+                                  "(keep-alives dropped, state notifications retried).", value=snap.get("notify_failures", 0))
         yield gauge("last_ingest_timestamp_seconds", "Unix time a message was last stored.", snap["last_ingest"])
         yield gauge("idle_connections", "Connections in IDLE.", snap["idle_connections"])
         yield gauge("outbox_depth", "Messages stored but not yet announced on the queue.", snap["outbox_depth"])

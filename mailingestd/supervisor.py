@@ -645,6 +645,7 @@ class Supervisor:
             log.error("event=metrics_write_failed path=%s error=%s", self.config.metrics.textfile, exc.strerror)
 
     def notify_systemd(self, now: float) -> None:
+        notify.flush()  # state notifications systemd had no room for (notify.py: never blocks)
         if not self.ready_sent and self.state != State.STARTING:
             self.ready_sent = True
             notify.notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={self.pid}")
@@ -706,6 +707,7 @@ class Supervisor:
             "outbox_depth": pub_beat.stats.get("outbox_depth", 0) if pub_beat else 0,
             "high_interval": self.config.scheduler.high_interval,
             "leases": lease_counts(self.config, sched_beat.detail if sched_beat else None),
+            "notify_failures": notify.failures(),
         }
 
     def status(self) -> dict[str, Any]:
@@ -784,6 +786,8 @@ class Supervisor:
             self.ctx.destroy(linger=0)
         log.info("event=stopped exit=%d", self.exit_code)
         notify.notify("STATUS=stopped")
+        if not notify.flush(wait=2.0):  # STOPPING=1 still queued: systemd gets a bounded chance to read
+            log.error("event=notify_lost what=stopping failures_total=%d", notify.failures())
 
 
 def run(config: Config) -> int:

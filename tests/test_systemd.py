@@ -194,3 +194,56 @@ interval = "1s"
             proc.kill()
             proc.wait()
         notify.sock.close()
+
+
+def _daemon_command(config: Path) -> list[str]:
+    argv = shlex.split(unit_setting(UNIT.read_text(), "ExecStart")[0].replace(INSTALLED_BIN, f"{VENV_BIN}/"))
+    return [str(config) if arg == "/etc/mailingestd/mailingestd.toml" else arg for arg in argv]
+
+
+def _minimal_config(tmp_path: Path) -> Path:
+    config = tmp_path / "mailingestd.toml"
+    config.write_text(f"""\
+[daemon]
+workers = 1
+runtime_dir = "{tmp_path / 'run'}"
+state_dir = "{tmp_path / 'state'}"
+heartbeat_interval = "0.2s"
+[metrics]
+textfile = ""
+""")
+    (tmp_path / "state").mkdir()
+    return config
+
+
+def _unit_env(notify_path: Path, watchdog_usec: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MAILINGESTD_") and k not in ("WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS")}
+    env.update(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC=str(watchdog_usec))
+    return env
+
+
+def test_sigterm_while_the_notify_socket_is_not_read_exits_0_with_stopping(tmp_path: Path) -> None:
+    """systemd reading its notify socket late must not matter: the supervisor's sd_notify never blocks,
+    a signal arriving meanwhile never raises out of it, and STOPPING=1 still reaches systemd."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    # Keep-alives every 0.1 s fill the socket's queue (net.unix.max_dgram_qlen, 10 by default) in a second.
+    proc = subprocess.Popen(_daemon_command(_minimal_config(tmp_path)), env=_unit_env(notify.path, 200_000),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        notify.wait_for("READY=1", 30, proc)
+        time.sleep(3.0)  # nobody reads: every further send finds the queue full
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        notify.wait_for("STOPPING=1", 20, proc)
+        code = proc.wait(timeout=30)
+        output = proc.stdout.read() if proc.stdout else ""
+        assert code == 0, output
+        assert "Traceback" not in output, output
+        assert output.count("event=notify_failed") == 1, output  # logged once, not once per keep-alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.sock.close()
