@@ -1,17 +1,23 @@
 """Configuration: one TOML file decoded into msgspec Structs, with environment overrides.
 
 Every key has a default, so an empty file is a valid configuration for the embedded store.
-Durations are written "30s", "5m", "1h", "2d" (or a bare number of seconds); sizes "64MiB",
-"10MB", "512KiB" (or a bare number of bytes). A single key is overridden from the environment
-with ``MAILINGESTD_<SECTION>_<KEY>`` (for example ``MAILINGESTD_STORE_URL``). Errors name the
-file, the key and what was expected, and the commands exit 78 (EX_CONFIG) on them.
+Durations are written "30s", "5m", "1h", "2d", "1h30m" (systemd style, or a bare number of
+seconds); sizes "64MiB", "10MB", "512KiB" (or a bare number of bytes). A single key is overridden
+from the environment with ``MAILINGESTD_<SECTION>_<KEY>`` (for example ``MAILINGESTD_STORE_URL``).
+Every problem is reported at once, each naming where the value came from (the file or the
+environment variable), the key and what was expected, with the closest known key for a
+misspelt one; the commands exit 78 (EX_CONFIG) on them.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -22,36 +28,60 @@ ENV_PREFIX = "MAILINGESTD_"
 
 
 class ConfigError(Exception):
-    """A configuration that cannot be used; the message is one line for the operator."""
+    """A configuration that cannot be used; ``str()`` is one line (logs, reload replies),
+    ``problems`` has one line per problem (the commands print each on its own line)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class Duration(float):
-    """Seconds, written in the file as "90s", "5m", "1h", "2d" or a bare number."""
+    """Seconds, written in the file as "90s", "5m", "1h30m", "2d" or a bare number."""
 
 
 class Size(int):
     """Bytes, written in the file as "64MiB", "10MB", "512KiB", "1GiB" or a bare number."""
 
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# systemd.time(7)'s spellings of the units a daemon setting can need.
+_DURATION_UNITS = {
+    "ms": 0.001, "msec": 0.001,
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "week": 604800, "weeks": 604800,
+}
 _SIZE_UNITS = {
     "": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3,
 }
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
+_DURATION_EXPECTED = "expected a duration like \"30s\", \"5m\", \"1h30m\" or a number of seconds"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
 
 
 def parse_duration(value: Any) -> Duration:
+    """Seconds from a number or a sum of number-unit parts, as systemd reads "1h 30min" or "1h30m"."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like \"30s\", \"5m\" or \"1h\"")
+        raise ValueError(_DURATION_EXPECTED)
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
-        match = _DURATION_RE.match(str(value))
-        if not match:
-            raise ValueError(f"expected a duration like \"30s\", \"5m\" or \"1h\", got {value!r}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+        text, seconds, position = str(value).strip(), 0.0, 0
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            text += "s"
+        while position < len(text):
+            match = _DURATION_PART.match(text, position)
+            if not match or match.group(2).lower() not in _DURATION_UNITS:
+                raise ValueError(f"{_DURATION_EXPECTED}, got {value!r}")
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+            position = match.end()
+            while position < len(text) and text[position].isspace():
+                position += 1
+        if not text:
+            raise ValueError(f"{_DURATION_EXPECTED}, got {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return Duration(seconds)
@@ -200,6 +230,10 @@ class MetricsConfig(_Section):
 
 class SecretsConfig(_Section):
     key_file: str = ""
+    # Where a store row's password_file / password_env may point (credentials.SecretPolicy):
+    # the store is writable by other software, the configuration file only by root.
+    allowed_dirs: list[str] = msgspec.field(default_factory=lambda: ["/etc/mailingestd/secrets"])
+    allowed_env: list[str] = []
 
 
 class OAuth2Config(_Section):
@@ -221,6 +255,9 @@ class AccountConfig(_Section):
     tls: Literal["implicit", "starttls", "none"] = "implicit"
     tls_ca_file: str | None = None
     tls_verify: bool = True
+    # Credentials over tls = "none" to a host other than loopback; honoured only from the
+    # configuration file (never from a store row), see credentials.SecretPolicy.
+    allow_plaintext: bool = False
     auth: Literal["password", "oauth2"] = "password"
     password_file: str | None = None
     password_env: str | None = None
@@ -281,19 +318,27 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Merge ``MAILINGESTD_<SECTION>_<KEY>`` variables into ``data``; returns the keys it set."""
-    applied = []
+def apply_env(data: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> dict[str, str]:
+    """Merge ``MAILINGESTD_<SECTION>_<KEY>`` variables into ``data``; returns each key it set
+    ("store.url") with the variable that set it, and adds a line to ``problems`` for a variable
+    naming no section."""
+    applied = {}
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
         if section not in _SECTIONS or not key:
-            raise ConfigError(f"environment: {name}: unknown setting (expected MAILINGESTD_<SECTION>_<KEY> "
-                              f"with SECTION one of {', '.join(sorted(_SECTIONS))})")
+            problems.append(f"environment {name}: unknown setting (expected MAILINGESTD_<SECTION>_<KEY> "
+                            f"with SECTION one of {', '.join(sorted(_SECTIONS))}){_did_you_mean(section, _SECTIONS)}")
+            continue
         data.setdefault(section, {})[key] = _env_value(raw)
-        applied.append(f"{section}.{key}")
+        applied[f"{section}.{key}"] = name
     return applied
+
+
+def _did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def _describe_path(msg: str) -> str:
@@ -305,8 +350,92 @@ def _describe_path(msg: str) -> str:
     return f"{key}: {msg[: match.start()]}"
 
 
-def _validate(config: Config, where: str) -> None:
+def _struct_in(annotation: Any) -> type[msgspec.Struct] | None:
+    """The Struct type of a field typed ``SomeStruct`` or ``SomeStruct | None``."""
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, msgspec.Struct):
+            return candidate
+    return None
+
+
+def _check_table(table: Any, kind: type[msgspec.Struct], prefix: str, problems: list[str]) -> bool:
+    """Every unknown key, missing required key and badly typed value of one table, where msgspec
+    stops at the first: an operator fixes them all in one round. Bad keys are removed so that
+    the rest can still be decoded and validated; False when the table itself cannot be used."""
+    if not isinstance(table, dict):
+        problems.append(f"{prefix or '(top level)'}: expected a table")
+        return False
+    fields = {f.encode_name: f for f in msgspec.structs.fields(kind) if f.name != "path"}
+    for key, value in list(table.items()):
+        where = f"{prefix}.{key}" if prefix else key
+        field = fields.get(key)
+        if field is None:
+            problems.append(f"{where}: unknown key{_did_you_mean(key, fields)}")
+            del table[key]
+            continue
+        nested = _struct_in(field.type)
+        origin, args = typing.get_origin(field.type), typing.get_args(field.type)
+        if nested is not None and value is not None:
+            usable = _check_table(value, nested, where, problems)
+        elif origin is list and args and _struct_in(args[0]) and isinstance(value, list):
+            value[:] = [item for index, item in enumerate(value)
+                        if _check_table(item, args[0], f"{where}[{index}]", problems)]
+            usable = True
+        elif origin is dict and args and _struct_in(args[1]) and isinstance(value, dict):
+            usable = all([_check_table(item, args[1], f"{where}.{name}", problems) for name, item in value.items()])
+        else:
+            try:
+                msgspec.convert(value, field.type, dec_hook=_dec_hook, strict=False)
+                usable = True
+            except msgspec.ValidationError as exc:
+                problems.append(f"{where}: {_describe_path(str(exc)).removesuffix(' - at `$`')}")
+                usable = False
+        if not usable:
+            del table[key]
+    missing = [f.encode_name for f in fields.values() if f.required and f.encode_name not in table]
+    for name in missing:
+        problems.append(f"{prefix}: missing required key `{name}`")
+    return not missing
+
+
+def _source_of(problem: str, path: str, env_keys: Mapping[str, str]) -> str:
+    """Where the value a problem line is about came from: its environment variable, else the file."""
+    key = problem.split(":", 1)[0]
+    return f"environment {env_keys[key]}" if key in env_keys else path
+
+
+def _error(path: str, problems: list[str], env_keys: Mapping[str, str]) -> ConfigError:
+    lines = [p if p.startswith("environment ") else f"{_source_of(p, path, env_keys)}: {p}" for p in problems]
+    message = lines[0] if len(lines) == 1 else f"{len(lines)} problems: " + "; ".join(lines)
+    return ConfigError(message, lines)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` into (host, port); the host is an IP address."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"expected HOST:PORT with an IPv6 address in brackets ([::1]:9853), got {value!r}")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"expected IP:PORT such as \"127.0.0.1:9853\" or \"[::1]:9853\", got {value!r}") from None
+    if not sep or not 0 < number < 65536:
+        raise ValueError(f"expected a port in 1..65535, got {value!r}")
+    return host, number
+
+
+def _validate(config: Config, where: str, env_keys: Mapping[str, str] | None = None) -> None:
     problems = []
+    if config.metrics.http_listen is not None:
+        try:
+            parse_listen(config.metrics.http_listen)
+        except ValueError as exc:
+            problems.append(f"metrics.http_listen: {exc}")
     if config.daemon.workers != "auto" and config.daemon.workers < 1:
         problems.append("daemon.workers: expected \"auto\" or a number of at least 1")
     if not (config.store_url.startswith("sqlite:///") or config.store_url.startswith(("postgresql://", "postgres://"))):
@@ -352,7 +481,7 @@ def _validate(config: Config, where: str) -> None:
         if not account.folders:
             problems.append(f"{label}: folders must list at least one folder")
     if problems:
-        raise ConfigError(f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise _error(where, problems, env_keys or {})
 
 
 _TABLE_HEADER = re.compile(rb"^\s*\[\[?\s*([A-Za-z0-9_.\"-]+?)\s*\]\]?\s*(#.*)?$")
@@ -396,15 +525,22 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None, acco
         raise ConfigError(f"{path}: permission denied") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    problems: list[str] = []
     if "path" in data:
-        raise ConfigError(f"{path}: path: unknown key")
-    apply_env(data, environ)
+        problems.append("path: unknown key")
+    env_keys = apply_env(data, environ, problems)
+    _check_table(data, Config, "", problems)  # removes what it reports: the rest is validated too
     try:
         config = msgspec.convert(data, Config, dec_hook=_dec_hook, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {_describe_path(str(exc))}") from None
+        raise _error(str(path), [*problems, _describe_path(str(exc))], env_keys) from None
     config = msgspec.structs.replace(config, path=str(path))
-    _validate(config, str(path))
+    try:
+        _validate(config, str(path), env_keys)
+    except ConfigError as exc:
+        problems += [line.removeprefix(f"{path}: ") for line in exc.problems]
+    if problems:
+        raise _error(str(path), problems, env_keys)
     return config
 
 

@@ -13,6 +13,7 @@ import contextlib
 import http.server
 import logging
 import os
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__, frames
+from .config import parse_listen
 from .histogram import LATENCY_BUCKETS, Histogram
 from .planner import LAG_BUCKETS
 
@@ -194,9 +196,13 @@ def write_textfile(path: str, registry: CollectorRegistry) -> None:
         raise
 
 
+class _IPv6HTTPServer(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def serve_http(listen: str, registry: CollectorRegistry, healthy: Callable[[], bool]) -> http.server.ThreadingHTTPServer:
-    """Serve /metrics and /health on ``host:port`` in a daemon thread."""
-    host, _, port = listen.rpartition(":")
+    """Serve /metrics and /health on ``IP:PORT`` or ``[IPV6]:PORT`` in a daemon thread."""
+    host, port = parse_listen(listen)  # validated when the configuration was loaded
 
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = 10
@@ -218,7 +224,7 @@ def serve_http(listen: str, registry: CollectorRegistry, healthy: Callable[[], b
         def log_message(self, fmt: str, *args: Any) -> None:
             return
 
-    server = http.server.ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+    server = (_IPv6HTTPServer if ":" in host else http.server.ThreadingHTTPServer)((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
