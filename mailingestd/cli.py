@@ -1,66 +1,197 @@
-"""``mailingestd``: run the daemon in the foreground (systemd style), or check a configuration."""
+"""``mailingestd``: run the daemon in the foreground (systemd style), check a configuration without
+changing anything, or migrate the store (``mailingestd migrate``)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import sys
-from typing import NoReturn
+import urllib.parse
+from pathlib import Path
+from typing import Literal, NoReturn
 
 import click
+import msgspec
 
 from . import __version__, config as config_mod, logs, sysexits
-from .store import StoreError, open_store
+from .store import StoreError
 from .sysexits import EX_CONFIG, EX_OK, EX_UNAVAILABLE
+
+# Migration 5 sets lz4 compression on a column (ALTER ... SET COMPRESSION, PostgreSQL 14); the
+# test suite and the benchmarks run PostgreSQL 15.
+POSTGRESQL_MIN_VERSION = 14
+
 
 def fail(code: int, message: str) -> NoReturn:
     sysexits.fail("mailingestd", code, message)
 
 
-def check(cfg: config_mod.Config) -> None:
-    """Everything that can be checked without the network: secrets readable, store opens."""
-    for account in cfg.accounts:
-        if account.auth == "password":
-            config_mod.read_secret(account)
-    store = open_store(cfg.store_url, 1, 1)
-    store.close()
+class StoreProbe(msgspec.Struct, frozen=True, kw_only=True):
+    """What a read-only look at the store found: nothing is created, locked or migrated."""
+
+    backend: Literal["sqlite", "postgresql"]
+    exists: bool
+    schema_version: int  # 0: no schema yet
+    server_version: int | None = None  # PostgreSQL's server_version_num (150004 = 15.4)
+
+    @property
+    def latest(self) -> int:
+        from .store import _MIGRATIONS  # the schema this mailingestd migrates to
+
+        return _MIGRATIONS[-1][0]
+
+    def describe(self) -> str:
+        if not self.exists:
+            return f"store {self.backend} does not exist yet (created and migrated at start or by `mailingestd migrate`)"
+        server = "" if self.server_version is None else f" {self.server_version // 10000}.{self.server_version % 10000}"
+        pending = self.latest - self.schema_version
+        state = ("up to date" if pending <= 0 else
+                 f"{pending} migration{'s' if pending > 1 else ''} to apply at start or by `mailingestd migrate`")
+        return f"store {self.backend}{server} schema {self.schema_version} of {self.latest}, {state}"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", envvar="MAILINGESTD_CONFIG",
-              help="Configuration file (default /etc/mailingestd/mailingestd.toml, or $MAILINGESTD_CONFIG).")
-@click.option("--check-config", is_flag=True, help="Validate the configuration (and open the store), then exit.")
-@click.version_option(__version__, prog_name="mailingestd")
-def command(config_path: str | None, check_config: bool) -> None:
-    """Ingest new mail from many IMAP mailboxes into a durable store and announce it on a queue.
+def probe_store(url: str) -> StoreProbe:
+    """Look at the store read-only: whether it exists, its schema version and server version."""
+    if url.startswith("sqlite:///"):
+        return _probe_sqlite(Path(url[len("sqlite://"):]))
+    return _probe_postgresql(url)
 
-    Runs in the foreground: logs go to stderr (to the journal under systemd). SIGTERM drains
-    and exits 0, SIGINT/SIGQUIT stop fast, SIGHUP reloads the configuration.
-    """
+
+def _probe_sqlite(path: Path) -> StoreProbe:
+    if not path.exists():
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot create the SQLite store {path}: {ancestor} is not writable by this user")
+        return StoreProbe(backend="sqlite", exists=False, schema_version=0)
+    try:
+        # A stopped store has no -wal file: immutable=1 reads it without creating the -wal/-shm
+        # pair (root-owned ones would lock the daemon's user out). With a -wal (a running or
+        # crashed daemon) the schema may sit in it, so read through it, still read-only.
+        wal = path.with_name(path.name + "-wal").exists()
+        uri = "file:" + urllib.parse.quote("/" + str(path).lstrip("/")) + ("?mode=ro" if wal else "?immutable=1")
+        with sqlite3.connect(uri, uri=True, timeout=5) as conn:
+            has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'").fetchone()
+            version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0] \
+                if has_table else 0
+        conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the SQLite store {path}: {exc}") from None
+    return StoreProbe(backend="sqlite", exists=True, schema_version=version)
+
+
+def _probe_postgresql(url: str) -> StoreProbe:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            conn.read_only = True
+            server_version, has_table = conn.execute(
+                "SELECT current_setting('server_version_num')::int, "
+                "to_regclass('schema_migrations') IS NOT NULL").fetchone()
+            version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0] \
+                if has_table else 0
+    except psycopg.Error as exc:
+        raise StoreError(f"PostgreSQL store: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return StoreProbe(backend="postgresql", exists=True, schema_version=version, server_version=server_version)
+
+
+def supported_problem(probe: StoreProbe) -> str | None:
+    """Why this mailingestd cannot use the store, or None."""
+    if probe.server_version is not None and probe.server_version < POSTGRESQL_MIN_VERSION * 10000:
+        return (f"PostgreSQL {probe.server_version // 10000} is not supported: mailingestd needs PostgreSQL "
+                f"{POSTGRESQL_MIN_VERSION} or newer")
+    if probe.schema_version > probe.latest:
+        return (f"store schema version {probe.schema_version} is newer than this mailingestd ({probe.latest}); "
+                "upgrade mailingestd")
+    return None
+
+
+def load(config_path: str | None) -> config_mod.Config:
     try:
         cfg = config_mod.load(config_path)
     except config_mod.ConfigError as exc:
-        fail(EX_CONFIG, str(exc))
+        fail(EX_CONFIG, exc.for_terminal())
     logs.configure(cfg.daemon.log_level, "supervisor")
+    return cfg
+
+
+def check(cfg: config_mod.Config) -> StoreProbe:
+    """Everything that can be checked without IMAP, and without changing a file or the store:
+    the passwords readable, the store reachable, supported and not newer than this version."""
     try:
-        check(cfg)
+        for account in cfg.accounts:
+            if account.auth == "password":
+                config_mod.read_secret(account)
     except config_mod.ConfigError as exc:
-        fail(EX_CONFIG, str(exc))
+        fail(EX_CONFIG, exc.for_terminal())
+    try:
+        probe = probe_store(cfg.store_url)
     except StoreError as exc:
         fail(EX_UNAVAILABLE, f"store: {exc}")
+    problem = supported_problem(probe)
+    if problem:
+        fail(EX_CONFIG, f"store: {problem}")
+    return probe
+
+
+config_option = click.option("--config", "config_path", metavar="PATH", envvar="MAILINGESTD_CONFIG",
+                             help="Configuration file (default /etc/mailingestd/mailingestd.toml, "
+                                  "or $MAILINGESTD_CONFIG).")
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.option("--check-config", is_flag=True,
+              help="Validate the configuration and look at the store (read-only), then exit.")
+@click.version_option(__version__, prog_name="mailingestd")
+@click.pass_context
+def command(ctx: click.Context, config_path: str | None, check_config: bool) -> None:
+    """Ingest new mail from many IMAP mailboxes into a durable store and announce it on a queue.
+
+    Runs in the foreground: logs go to stderr (to the journal under systemd). SIGTERM drains
+    and exits 0, SIGINT/SIGQUIT stop fast, SIGHUP reloads the configuration. Store migrations
+    run at start, or beforehand with `mailingestd migrate`.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    cfg = load(config_path)
+    probe = check(cfg)
     if check_config:
         click.echo(f"{cfg.path}: configuration OK ({len(cfg.accounts)} accounts in the file, "
-                   f"store {cfg.store_url.split('://')[0]}, queue {cfg.queue.kind}, {cfg.worker_count} workers)")
+                   f"queue {cfg.queue.kind}, {cfg.worker_count} workers); {probe.describe()}")
         sys.exit(EX_OK)
     from .supervisor import run
 
     try:
         code = run(cfg)
     except config_mod.ConfigError as exc:
-        fail(EX_CONFIG, str(exc))
+        fail(EX_CONFIG, exc.for_terminal())
     except StoreError as exc:
         fail(EX_UNAVAILABLE, f"store: {exc}")
     logging.shutdown()
     sys.exit(code)
+
+
+@command.command()
+@config_option
+@click.pass_context
+def migrate(ctx: click.Context, config_path: str | None) -> None:
+    """Create the store or bring its schema up to date, then exit (the daemon also does it at start)."""
+    cfg = load(config_path or ctx.find_root().params.get("config_path"))
+    before = check(cfg)
+    from .store import open_store
+
+    try:
+        store = open_store(cfg.store_url, 1, 1)
+        version = store.migrate()  # already done by open_store: returns the version, changes nothing
+        store.close()
+    except StoreError as exc:
+        fail(EX_UNAVAILABLE, f"store: {exc}")
+    click.echo(f"store {before.backend}: schema {before.schema_version} -> {version}"
+               + (" (nothing to do)" if before.schema_version == version else ""))
 
 
 def main() -> None:

@@ -35,6 +35,12 @@ class ConfigError(Exception):
         super().__init__(message)
         self.problems = problems or [message]
 
+    def for_terminal(self) -> str:
+        """One line for one problem, else a count and one indented line each."""
+        if len(self.problems) == 1:
+            return self.problems[0]
+        return f"{len(self.problems)} configuration problems:\n  " + "\n  ".join(self.problems)
+
 
 class Duration(float):
     """Seconds, written in the file as "90s", "5m", "1h30m", "2d" or a bare number."""
@@ -267,11 +273,30 @@ class AccountConfig(_Section):
     idle: bool = True
     enabled: bool = True
 
+    def __post_init__(self) -> None:
+        self.folders = canonical_folders(self.folders)
+
     @property
     def effective_port(self) -> int:
         if self.port:
             return self.port
         return 993 if self.tls == "implicit" else 143
+
+    @property
+    def primary_folder(self) -> str:
+        """The folder a connection IDLEs on when the server has no NOTIFY: INBOX when configured
+        (most new mail lands there), else the first one listed."""
+        return "INBOX" if "INBOX" in self.folders else self.folders[0] if self.folders else "INBOX"
+
+
+def canonical_folders(folders: list[str]) -> list[str]:
+    """Folder names as the server knows them: INBOX in any case is ``INBOX`` (RFC 3501 section
+    5.1: the name is case-insensitive), other names exactly as given; duplicates dropped, order kept.
+    So ``["Inbox"]`` is stored, keyed and announced as ``INBOX``, once."""
+    seen: dict[str, None] = {}
+    for folder in folders:
+        seen.setdefault("INBOX" if folder.upper() == "INBOX" else folder, None)
+    return list(seen)
 
 
 class Config(_Section):
