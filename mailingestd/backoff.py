@@ -3,12 +3,15 @@
 Full jitter (delay drawn uniformly from [0, min(cap, base * 2**(attempt-1))]) spreads the retries
 of many accounts that failed together (a server restart drops thousands of connections at once),
 so they do not come back in one wave. A server that names a time to wait (``[THROTTLED]``,
-Office 365's "Suggested Backoff Time") is never retried sooner than it asked, even past the cap:
-the cap bounds our own guess, not the server's instruction.
+Office 365's "Suggested Backoff Time") is not retried sooner than it asked, up to the cap: a
+server's number is input from outside, and one reply of 10**21 milliseconds must not park an
+account for ever (nor overflow the timing wheel), so it is clamped to [0, cap] and a non-finite
+one counts as the cap (NaN as no request).
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 # 2**64 times any sane base is past every cap; stops float overflow for absurd attempt counts.
@@ -32,8 +35,9 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
 
 def retry_delay(attempt: int, base: float, cap: float, rng: random.Random,
                 retry_after: float | None = None) -> float:
-    """The backoff delay, but never less than a server-requested ``retry_after`` (seconds)."""
+    """The backoff delay, but never less than a server-requested ``retry_after`` (seconds) clamped
+    to [0, ``cap``]."""
     delay = backoff_delay(attempt, base, cap, rng)
-    if retry_after is not None and retry_after > delay:
-        return float(retry_after)
-    return delay
+    if retry_after is None or math.isnan(retry_after):
+        return delay
+    return max(delay, min(max(float(retry_after), 0.0), cap))

@@ -208,7 +208,8 @@ _TEXT_RULES: tuple[tuple[re.Pattern[str], FailureKind], ...] = (
      FailureKind.MAILBOX),
     (re.compile(r"\bBYE\b"), FailureKind.NETWORK),
 )
-_BACKOFF_MS = re.compile(r"Suggested Backoff Time:\s*(\d+)\s*milliseconds", re.I)
+_BACKOFF_MS = re.compile(r"Suggested Backoff Time:\s*(\d{1,40})\s*milliseconds", re.I)
+MAX_SUGGESTED_BACKOFF_MS = 86_400_000
 
 
 def classify(exc: BaseException) -> ImapError:
@@ -233,7 +234,8 @@ def classify(exc: BaseException) -> ImapError:
     if isinstance(exc, _LimitExceeded):
         return ImapError(FailureKind.PROTOCOL, text)
     backoff = _BACKOFF_MS.search(text)
-    retry_after = int(backoff.group(1)) / 1000 if backoff else None
+    # A server's number: bounded here (one day), and again by scheduler.backoff_max in the planner.
+    retry_after = min(int(backoff.group(1)), MAX_SUGGESTED_BACKOFF_MS) / 1000 if backoff else None
     for pattern, kind in _TEXT_RULES:
         if pattern.search(text):
             return ImapError(kind, text, retry_after)

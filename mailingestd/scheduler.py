@@ -191,7 +191,7 @@ class Scheduler:
                 return
             frame = self.child.decode(data)
             if isinstance(frame, frames.Result):
-                self.on_result(frame, now)
+                self.take_result(frame, now)
             elif isinstance(frame, frames.NewMail):
                 self.planner.on_new_mail(frame.account_id, now, frame.count)
             elif isinstance(frame, frames.WorkerReady):
@@ -204,6 +204,23 @@ class Scheduler:
                 self.on_control(frame, now)
             elif frame is not None:
                 self.child.frames_dropped += 1
+
+    def take_result(self, result: frames.Result, now: float) -> None:
+        """``on_result``, but one result that breaks it parks its account instead of ending the
+        scheduler: a restart would poll the same account and die again (a crash loop is exit 70,
+        the whole service down for one hostile reply)."""
+        try:
+            self.on_result(result, now)
+        except Exception as exc:
+            log.exception("event=result_failed account=%s failure_kind=%s error=%s action=backoff",
+                          result.account_id, result.failure_kind, exc)
+            self.child.errors.add(f"account={result.account_id} event=result_failed "
+                                  f"error={type(exc).__name__}: {exc}")
+            try:
+                self.planner.on_result(result.account_id, now, ok=False, failure_kind="protocol",
+                                       connected=result.connected, idling=False)
+            except Exception:
+                log.exception("event=result_failed account=%s action=none", result.account_id)
 
     def forget_order(self, order_id: int) -> None:
         account_id, slot = self.in_flight.pop(order_id)
