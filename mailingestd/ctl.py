@@ -2,8 +2,10 @@
 
 Daemon commands go over the control socket in runtime_dir; account and message commands work on
 the store directly, so they also work while the daemon is stopped (a running daemon notices
-account changes within seconds). Exit codes follow sysexits: 0 ok, 64 usage, 69 daemon not
-running or unreachable, 78 configuration error.
+account changes within seconds). Like the unit, it reads /etc/mailingestd/mailingestd.env first,
+so that ``MAILINGESTD_*`` overrides there (a PostgreSQL store URL, say) apply to it as to the
+daemon. Exit codes follow sysexits: 0 ok, 64 usage, 69 daemon not running or unreachable,
+75 drain --wait timed out, 78 configuration error.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import sys
 from pathlib import Path
 import time
@@ -19,9 +22,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import msgspec
 
-from . import config as config_mod, control, sysexits
+from . import __version__, config as config_mod, control, sysexits
 from .config import AccountConfig, Config, OAuth2Config
-from .sysexits import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE
+from .sysexits import EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 if TYPE_CHECKING:
     from .secrets import Keyring
@@ -35,15 +38,83 @@ def fail(code: int, message: str) -> NoReturn:
     sysexits.fail("mailingestctl", code, message)
 
 
+DEFAULT_ENV_FILE = "/etc/mailingestd/mailingestd.env"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them: # and ; start comments, a value
+    may be in single or double quotes (backslash escapes in double quotes)."""
+    variables: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            name, sep, value = line.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not _ENV_NAME.fullmatch(name):
+                raise config_mod.ConfigError(f"{path} line {number}: expected KEY=VALUE")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+                if line.rstrip()[-1] == '"':
+                    value = re.sub(r"\\(.)", r"\1", value)
+            variables[name] = value
+    return variables
+
+
+def apply_env_file(path: str | None) -> None:
+    """Put the daemon's environment file into ours, as the unit does for the daemon: its
+    MAILINGESTD_* overrides, password_env variables and AWS settings then apply here too. A
+    variable set differently in the calling shell is overridden, and said so on stderr."""
+    if not path:
+        return
+    try:
+        variables = read_env_file(path)
+    except FileNotFoundError:
+        if path != DEFAULT_ENV_FILE:
+            fail(EX_CONFIG, f"{path}: no such file")
+        return  # EnvironmentFile=- in the unit: optional
+    except PermissionError:
+        fail(EX_CONFIG, f"{path}: permission denied: the daemon's environment is in it (store URL, "
+                        "overrides); run as root or as mailingestd, or pass --env-file ''")
+    except (config_mod.ConfigError, UnicodeDecodeError) as exc:
+        fail(EX_CONFIG, str(exc))
+    for name, value in variables.items():
+        if name.startswith(config_mod.ENV_PREFIX) and os.environ.get(name, value) != value:
+            click.echo(f"mailingestctl: {name} from {path} overrides the one in this shell", err=True)
+        os.environ[name] = value
+
+
 def load_config(ctx: click.Context) -> Config:
     if ctx.obj is None:
+        root = ctx.find_root()
         try:
             # Accounts live in the store for every command here; skipping the file's [[accounts]]
             # keeps `status` fast with thousands of them configured.
-            ctx.obj = config_mod.load(ctx.find_root().params.get("config_path"), accounts=False)
+            ctx.obj = config_mod.load(root.meta.get("config_path") or root.params.get("config_path"),
+                                      accounts=False)
         except config_mod.ConfigError as exc:
-            fail(EX_CONFIG, str(exc))
+            fail(EX_CONFIG, exc.for_terminal())
     return ctx.obj
+
+
+def emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    """Print ``data`` as JSON with --json, else the human line(s)."""
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+# Account states that need someone to act, and how a terminal shows them (never with NO_COLOR,
+# https://no-color.org, and never into a pipe: click drops the codes when stdout is no terminal).
+_STATE_COLOURS = {"auth_failed": "red", "reauth_required": "red", "backoff": "yellow"}
+
+
+def coloured_state(state: str, width: int = 0) -> str:
+    text = f"{state:<{width}}"
+    colour = _STATE_COLOURS.get(state)
+    if colour is None or os.environ.get("NO_COLOR"):
+        return text
+    return click.style(text, fg=colour, bold=True)
 
 
 def ask(ctx: click.Context, request: control.Request, timeout: float = 5.0) -> control.Reply:
@@ -79,11 +150,17 @@ def _owner(path: Path) -> int | None:
         return None
 
 
+CONFIG_HELP = "Configuration file (default /etc/mailingestd/mailingestd.toml, or $MAILINGESTD_CONFIG)."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", envvar="MAILINGESTD_CONFIG",
-              help="Configuration file (default /etc/mailingestd/mailingestd.toml, or $MAILINGESTD_CONFIG).")
-def cli(config_path: str | None) -> None:
+@click.option("--config", "config_path", metavar="PATH", envvar="MAILINGESTD_CONFIG", help=CONFIG_HELP)
+@click.option("--env-file", metavar="PATH", envvar="MAILINGESTCTL_ENV_FILE", default=DEFAULT_ENV_FILE,
+              show_default=True, help="The daemon's environment file, read first as the unit does ('' for none).")
+@click.version_option(__version__, prog_name="mailingestctl")
+def cli(config_path: str | None, env_file: str) -> None:
     """Control a running mailingestd and manage its accounts."""
+    apply_env_file(env_file)
 
 
 # --- daemon commands ------------------------------------------------------------------------------
@@ -123,8 +200,8 @@ def format_status(data: dict[str, Any]) -> str:
                      f"{c['state']:<10} {_mib(c['rss_bytes']):>9} {c['restarts']:>8} {age:>9}")
     acc = data["accounts"]
     lines += ["", f"ACCOUNTS  {acc['total']}"]
-    lines.append("  by state:    " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc["by_state"].items()) if v)
-                                      or "-"))
+    lines.append("  by state:    " + ("  ".join(f"{coloured_state(k)} {int(v)}"
+                                                for k, v in sorted(acc["by_state"].items()) if v) or "-"))
     lines.append("  by priority: " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc["by_priority"].items()) if v)
                                       or "-"))
     lines += ["", "SERVERS", f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8}"]
@@ -158,54 +235,70 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--wait", is_flag=True, help="Block until drained, then print a summary.")
-@click.option("--timeout", type=float, default=None, metavar="S", help="With --wait: give up after S seconds (exit 1).")
+@click.option("--wait", is_flag=True, help="Block until drained, showing progress on stderr, then print a summary.")
+@click.option("--timeout", type=float, default=None, metavar="S",
+              help="With --wait: give up after S seconds (exit 75, EX_TEMPFAIL: try again later).")
 @click.option("--exit", "exit_after", is_flag=True, help="Exit the daemon (status 0) once drained.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def drain(ctx: click.Context, wait: bool, timeout: float | None, exit_after: bool) -> None:
+def drain(ctx: click.Context, wait: bool, timeout: float | None, exit_after: bool, as_json: bool) -> None:
     """Stop starting new work, finish what is in flight, commit, LOGOUT every IMAP connection."""
     cfg = load_config(ctx)
     started = time.monotonic()
     reply = ask(ctx, control.Drain(exit=exit_after))
     if not wait:
-        click.echo(f"draining (state {reply.data.get('state')})")
+        state = reply.data.get("state")
+        emit(as_json, {"state": state}, f"draining (state {state})")
         return
     deadline = None if timeout is None else started + timeout
     last: dict[str, Any] = {}
+    shown = None
     while True:
         try:
             last = control.call(cfg.daemon.runtime_dir, control.Status(), 5.0).data
         except control.DaemonUnreachable:
             if exit_after:
-                click.echo(f"drained and exited after {time.monotonic() - started:.1f}s")
+                took = time.monotonic() - started
+                emit(as_json, {"state": "exited", "seconds": round(took, 3)}, f"drained and exited after {took:.1f}s")
                 return
             fail(EX_UNAVAILABLE, "the daemon went away while draining")
         state = last["supervisor"]["state"]
         if state in ("drained", "stopping"):
             break
+        progress = (state, last["drain"]["in_flight_accounts"], int(last["outbox"]["depth"]))
+        if progress != shown:  # one line per change, on stderr: stdout keeps the result alone
+            click.echo(f"{time.monotonic() - started:5.1f}s {state}: {progress[1]} accounts in flight, "
+                       f"outbox depth {progress[2]}", err=True)
+            shown = progress
         if deadline is not None and time.monotonic() > deadline:
-            fail(1, f"not drained after {timeout:g}s (state {state})")
+            fail(EX_TEMPFAIL, f"not drained after {timeout:g}s (state {state}, {progress[1]} accounts in flight); "
+                              "the drain goes on: run drain --wait again, or resume")
         time.sleep(0.2)
-    d = last["drain"]
-    click.echo(f"drained in {time.monotonic() - started:.1f}s: {d['in_flight_accounts']} accounts were in flight; "
-               f"{int(last['traffic']['messages_total'])} messages stored in total; "
-               f"outbox depth {int(last['outbox']['depth'])}")
+    d, took = last["drain"], time.monotonic() - started
+    emit(as_json, {"state": state, "seconds": round(took, 3), "in_flight_accounts": d["in_flight_accounts"],
+                   "messages_total": int(last["traffic"]["messages_total"]),
+                   "outbox_depth": int(last["outbox"]["depth"])},
+         f"drained in {took:.1f}s: {d['in_flight_accounts']} accounts were in flight; "
+         f"{int(last['traffic']['messages_total'])} messages stored in total; "
+         f"outbox depth {int(last['outbox']['depth'])}")
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def resume(ctx: click.Context) -> None:
+def resume(ctx: click.Context, as_json: bool) -> None:
     """Undo a drain: accounts are scheduled and connected again."""
-    reply = ask(ctx, control.Resume())
-    click.echo(f"resumed (state {reply.data.get('state')})")
+    state = ask(ctx, control.Resume()).data.get("state")
+    emit(as_json, {"state": state}, f"resumed (state {state})")
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def reload(ctx: click.Context) -> None:
+def reload(ctx: click.Context, as_json: bool) -> None:
     """Re-read the configuration file, like SIGHUP; a bad file is refused and the old one kept."""
-    ask(ctx, control.Reload(), timeout=30.0)
-    click.echo("reloaded")
+    reply = ask(ctx, control.Reload(), timeout=30.0)
+    emit(as_json, {"reloaded": True, **reply.data}, "reloaded")
 
 
 # --- accounts ---------------------------------------------------------------------------------------
@@ -236,15 +329,18 @@ def account() -> None:
 @click.option("--priority", type=click.Choice(["auto", "high", "medium", "low"]), default="auto", show_default=True)
 @click.option("--no-idle", is_flag=True, help="Never use IDLE; poll instead.")
 @click.option("--disabled", is_flag=True, help="Add the account disabled.")
+@click.option("--replace", is_flag=True, help="Replace an account of the same id (its settings and secrets).")
 @click.pass_context
 def account_add(ctx: click.Context, account_id: str, host: str, port: int | None, tls: str, tls_ca_file: str | None,
                 username: str, password_file: str | None, password_env: str | None, password_stdin: bool,
                 oauth2_provider: str | None, oauth2_token_url: str, oauth2_client_id: str,
                 oauth2_scopes: tuple[str, ...], oauth2_secrets_stdin: bool, folders: tuple[str, ...],
-                priority: str, no_idle: bool, disabled: bool) -> None:
-    """Add (or replace) an account in the store. Secrets given on standard input are encrypted."""
+                priority: str, no_idle: bool, disabled: bool, replace: bool) -> None:
+    """Add an account to the store (--replace: or replace one). Secrets given on standard input are encrypted."""
     if "/" in account_id:
         raise click.UsageError("an account id cannot contain '/' (it is part of message keys)")
+    if not replace and store_of(ctx).get_account(account_id) is not None:
+        fail(1, f"account {account_id} exists already (--replace replaces it)")
     oauth = None
     plain: dict[str, str] = {}
     if oauth2_provider:
@@ -318,16 +414,27 @@ def _get(ctx: click.Context, account_id: str) -> Any:
 
 @account.command("show")
 @click.argument("account_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the account as JSON.")
 @click.pass_context
-def account_show(ctx: click.Context, account_id: str) -> None:
+def account_show(ctx: click.Context, account_id: str, as_json: bool) -> None:
     """Show one account's settings, state, last error and folder checkpoints."""
     row = _get(ctx, account_id)
     store = store_of(ctx)
     mailboxes = {f: store.get_mailbox(account_id, f) for f in row.account.folders}
-    click.echo(json.dumps({**_public(row.account), "state": row.state, "source": row.source,
-                           "last_error": row.last_error,
-                           "mailboxes": {f: msgspec.to_builtins(m) if m else None for f, m in mailboxes.items()}},
-                          indent=2))
+    data = {**_public(row.account), "state": row.state, "source": row.source, "last_error": row.last_error,
+            "mailboxes": {f: msgspec.to_builtins(m) if m else None for f, m in mailboxes.items()}}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    settings = {k: v for k, v in data.items() if k not in ("id", "state", "last_error", "mailboxes") and v is not None}
+    lines = [f"account {row.account.id}  state {coloured_state(row.state)}  source {row.source}"]
+    lines += [f"  last error  {row.last_error}"] if row.last_error else []
+    lines += [f"  {key:<11} {json.dumps(value) if isinstance(value, (list, dict)) else value}"
+              for key, value in settings.items()]
+    for folder, m in data["mailboxes"].items():
+        lines.append(f"  folder {folder}: " + ("not checked yet" if m is None else
+                                              "  ".join(f"{k} {v}" for k, v in m.items() if k != "folder")))
+    click.echo("\n".join(lines))
 
 
 @account.command("remove")
@@ -532,6 +639,66 @@ def store_stats(ctx: click.Context, as_json: bool) -> None:
                 f"{datetime.datetime.utcfromtimestamp(p['end']):%Y-%m-%d}")
         lines.append(f"  partition {p['name']:<22} {span:<24} rows {p['rows']:>9}  {_mib(p['bytes']):>10}")
     click.echo("\n".join(lines))
+
+
+# --- configuration ----------------------------------------------------------------------------------
+@cli.group("config")
+def config_group() -> None:
+    """The effective configuration."""
+
+
+def _masked(value: Any) -> Any:
+    """A URL's password (postgresql://user:PASSWORD@host) replaced by ***; everything else as is."""
+    if isinstance(value, str) and "://" in value:
+        return re.sub(r"^([a-z0-9+.-]+://[^/:@]*:)[^/@]*@", r"\1***@", value, flags=re.IGNORECASE)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Durations as seconds, sizes as bytes."""
+    return float(value) if isinstance(value, float) else int(value)
+
+
+@config_group.command("show")
+@click.option("-n", "--changed", is_flag=True, help="Only the keys that differ from the defaults, like postconf -n.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sections as JSON.")
+@click.pass_context
+def config_show(ctx: click.Context, changed: bool, as_json: bool) -> None:
+    """Print the configuration the daemon would use: the file, then MAILINGESTD_* from the environment
+    (and the environment file), with passwords in URLs masked. Accounts: mailingestctl account list."""
+    cfg = load_config(ctx)
+    defaults = config_mod.Config()
+    sections: dict[str, dict[str, Any]] = {}
+    for name in (f.name for f in msgspec.structs.fields(Config) if f.name not in ("accounts", "path")):
+        values = msgspec.to_builtins(getattr(cfg, name), enc_hook=_plain)
+        default = msgspec.to_builtins(getattr(defaults, name), enc_hook=_plain)
+        sections[name] = {k: _masked(v) for k, v in values.items() if not changed or v != default.get(k)}
+    if as_json:
+        click.echo(json.dumps(sections, indent=2))
+        return
+    click.echo(f"# {cfg.path or config_mod.DEFAULT_CONFIG_PATH}, then the environment")
+    for name, values in sections.items():
+        for key, value in values.items():
+            source = f"  # {config_mod.ENV_PREFIX}{name.upper()}_{key.upper()}" \
+                if f"{config_mod.ENV_PREFIX}{name.upper()}_{key.upper()}" in os.environ else ""
+            click.echo(f"{name}.{key} = {json.dumps(value)}{source}")
+
+
+def _accept_config_anywhere(command: click.Command) -> None:
+    """--config after the subcommand too (mailingestctl status --config PATH), for every command."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.find_root().meta["config_path"] = value
+
+    if command is not cli:
+        command.params.append(click.Option(["--config"], metavar="PATH", expose_value=False, is_eager=True,
+                                           callback=remember, help=CONFIG_HELP))
+    for sub in getattr(command, "commands", {}).values():
+        _accept_config_anywhere(sub)
+
+
+_accept_config_anywhere(cli)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ EX_OK = 0
 EX_USAGE = 64  # bad command line
 EX_UNAVAILABLE = 69  # daemon not running or unreachable, store unreachable
 EX_SOFTWARE = 70  # a child crash loop: restarting again would not help
+EX_TEMPFAIL = 75  # not done yet, try again later (mailingestctl drain --wait --timeout)
 EX_CONFIG = 78  # configuration error
 
 

@@ -241,7 +241,7 @@ def test_account_commands_against_the_store(dovecot, mailbox, tmp_path):
     tested = daemon.ctl("account", "test", "a1").stdout
     assert "logged in" in tested and "IDLE" in tested and "messages 1" in tested
     assert daemon.stored_keys() == [], "account test stores nothing"
-    shown = json.loads(daemon.ctl("account", "show", "a1").stdout)
+    shown = json.loads(daemon.ctl("account", "show", "a1", "--json").stdout)
     assert shown["username"] == mailbox and "secret" not in json.dumps(shown)
     daemon.ctl("account", "remove", "a1")
     assert json.loads(daemon.ctl("account", "list", "--json").stdout) == []
