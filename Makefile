@@ -1,7 +1,7 @@
 # mailingestd: install and check the operations files (README.md, "Installing", walks through a full install).
 #
 #   make install       everything below for a host, as root: the package in a virtual environment
-#                      $(VENV) (created when missing, upgraded otherwise), mailingestd and mailingestctl
+#                      $(VENV) (created or upgraded; versions of constraints.txt), mailingestd and mailingestctl
 #                      symlinked into $(PREFIX)/bin, the man pages, the unit (its command paths rewritten
 #                      to $(VENV)/bin), sysusers.d and tmpfiles.d snippets, and the example
 #                      configuration and environment files in $(SYSCONFDIR) unless they exist already.
@@ -48,7 +48,7 @@ install: install-venv install-man install-units install-config
 install-venv:
 	test -x $(DESTDIR)$(VENV)/bin/python || $(PYTHON) -m venv $(DESTDIR)$(VENV)
 	$(DESTDIR)$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(DESTDIR)$(VENV)/bin/python -m pip install --quiet --upgrade .
+	$(DESTDIR)$(VENV)/bin/python -m pip install --quiet --upgrade -c constraints.txt .
 	install -d $(DESTDIR)$(PREFIX)/bin
 	ln -sf $(VENV)/bin/mailingestd $(DESTDIR)$(PREFIX)/bin/mailingestd
 	ln -sf $(VENV)/bin/mailingestctl $(DESTDIR)$(PREFIX)/bin/mailingestctl

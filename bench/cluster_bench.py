@@ -72,8 +72,10 @@ max_connections_per_server = 100000
 textfile = ""
 """)
         self.log = open(self.root / "mailingestd.log", "ab")
-        self.proc = subprocess.Popen([str(BIN / "mailingestd"), "--config", str(self.config)],
-                                     env=dict(os.environ, **{PASSWORD_ENV: "secret"}), stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([str(BIN / "mailingestd"), "--allow-root", "--config", str(self.config)],
+                                     env=dict(os.environ, **{PASSWORD_ENV: "secret",
+                                                             "MAILINGESTD_SECRETS_ALLOWED_ENV": f'["{PASSWORD_ENV}"]'}),
+                                     stdout=self.log, stderr=self.log)
 
     def status(self) -> dict[str, Any] | None:
         result = subprocess.run([str(BIN / "mailingestctl"), "--config", str(self.config), "status", "--json"],

@@ -324,7 +324,8 @@ interval = "{metrics_interval}"
 
 {accounts}
 """)
-        self.env = dict(os.environ, **{PASSWORD_ENV: PASSWORD}, **(env or {}))
+        self.env = dict(os.environ, **{PASSWORD_ENV: PASSWORD, "MAILINGESTD_SECRETS_ALLOWED_ENV": f'["{PASSWORD_ENV}"]'},
+                        **(env or {}))  # store rows may name it (docs/security.md)
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
 
@@ -336,7 +337,7 @@ interval = "{metrics_interval}"
         self.log = self.log_path.open("ab")
         self.spawned_at = time.time()
         started = time.monotonic()
-        self.proc = subprocess.Popen([str(BIN / "mailingestd"), "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([str(BIN / "mailingestd"), "--allow-root", "--config", str(self.config_path)],
                                      env=self.env, stdout=self.log, stderr=self.log)
         while True:
             status = self.try_status()

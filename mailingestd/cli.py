@@ -17,6 +17,7 @@ import msgspec
 from . import __version__, config as config_mod, logs, sysexits
 from .store import StoreError
 from .sysexits import EX_CONFIG, EX_OK, EX_UNAVAILABLE
+from .hardening import no_core_dumps, private_files, refuse_root
 
 # Migration 5 sets lz4 compression on a column (ALTER ... SET COMPRESSION, PostgreSQL 14); the
 # test suite and the benchmarks run PostgreSQL 15.
@@ -146,9 +147,10 @@ config_option = click.option("--config", "config_path", metavar="PATH", envvar="
 @config_option
 @click.option("--check-config", is_flag=True,
               help="Validate the configuration and look at the store (read-only), then exit.")
+@click.option("--allow-root", is_flag=True, help="Run even as root (the daemon needs no privilege; see docs/security.md).")
 @click.version_option(__version__, prog_name="mailingestd")
 @click.pass_context
-def command(ctx: click.Context, config_path: str | None, check_config: bool) -> None:
+def command(ctx: click.Context, config_path: str | None, check_config: bool, allow_root: bool = False) -> None:
     """Ingest new mail from many IMAP mailboxes into a durable store and announce it on a queue.
 
     Runs in the foreground: logs go to stderr (to the journal under systemd). SIGTERM drains
@@ -163,6 +165,9 @@ def command(ctx: click.Context, config_path: str | None, check_config: bool) -> 
         click.echo(f"{cfg.path}: configuration OK ({len(cfg.accounts)} accounts in the file, "
                    f"queue {cfg.queue.kind}, {cfg.worker_count} workers); {probe.describe()}")
         sys.exit(EX_OK)
+    problem = refuse_root(allow_root)
+    if problem:
+        fail(sysexits.EX_USAGE, problem)
     from .supervisor import run
 
     try:
@@ -195,4 +200,6 @@ def migrate(ctx: click.Context, config_path: str | None) -> None:
 
 
 def main() -> None:
+    private_files()
+    no_core_dumps()
     sysexits.run(command)

@@ -4,12 +4,19 @@ Transport: one JSON object per line over the Unix stream socket ``control.sock``
 (mode 0600, or 0660 to ``daemon.control_group``). Each command is a class whose docstring is its
 help text; the supervisor implements ``handle_<name>``. Anything that is not a known request gets
 one error reply and the connection is closed; it never reaches the daemon's logic.
+
+Who may ask what is checked on the peer's credentials (``SO_PEERCRED``, ``SO_PEERGROUPS``), not
+only on the socket's mode: ``status`` for root, the daemon's user and members of
+``daemon.control_group``; ``drain``, ``resume`` and ``reload`` for root and the daemon's user only
+(:func:`authorize`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,42 @@ class Reply(msgspec.Struct):
 
 
 AnyRequest = Status | Drain | Resume | Reload
+READ_ONLY = (Status,)  # what daemon.control_group may ask
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; not named by Python 3.11
+
+
+class Peer(msgspec.Struct, frozen=True):
+    """The process at the other end of a control connection, as the kernel saw it at connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+        groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    except OSError:  # an old kernel, or more than 256 groups: the primary group only
+        groups = ()
+    return Peer(pid=pid, uid=uid, gid=gid, groups=tuple(groups))
+
+
+def authorize(request: Request, peer: Peer, control_gid: int | None, daemon_uid: int | None = None) -> str | None:
+    """None when ``peer`` may send ``request``, else the refusal sent back."""
+    daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
+    if peer.uid in (0, daemon_uid):
+        return None
+    name = type(request).__name__.lower()
+    in_group = control_gid is not None and (peer.gid == control_gid or control_gid in peer.groups)
+    if isinstance(request, READ_ONLY) and in_group:
+        return None
+    allowed = "root, the daemon's user or daemon.control_group" if isinstance(request, READ_ONLY) \
+        else "root or the daemon's user"
+    return f"permission denied: {name} is for {allowed} (uid {peer.uid} is neither)"
 _request_decoder = msgspec.json.Decoder(AnyRequest)
 
 
@@ -105,4 +148,5 @@ def call(runtime_dir: str, request: Request, timeout: float = 5.0) -> Reply:
 
 
 def pretty(data: dict[str, Any]) -> str:
+    # ensure_ascii: control characters in server text (recent errors) come out as \u001b, inert.
     return json.dumps(data, indent=2, sort_keys=True)

@@ -8,10 +8,17 @@ ahead of expiry, and a token the server rejects is refreshed once and retried on
 A refresh refused with ``invalid_grant`` means a person must grant access again: the account goes
 to ``reauth_required``, which is not retried until its credentials change. A refresh token the
 provider rotates is saved (encrypted) so the next refresh uses it.
+
+The store's rows are not trusted to say where a secret goes (docs/security.md). A secret kept in
+the store is bound to its destination (secrets.py); a file or environment variable named by a
+row is read only from the places the root-owned configuration allows (:class:`SecretPolicy`);
+a password goes over a plaintext connection only to loopback or to an account the configuration
+file marks ``allow_plaintext``; an OAuth2 token endpoint must be https (loopback excepted).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -21,12 +28,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import msgspec
 
-from .config import AccountConfig, ConfigError, OAuth2Config
-from .secrets import Keyring, SecretError, default_key_path
+from .config import AccountConfig, Config, ConfigError, OAuth2Config
+from .secrets import Destination, Keyring, SecretError, default_key_path
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,12 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
 REFRESH_AHEAD = 120.0  # seconds before expiry a cached token counts as expired
 HTTP_TIMEOUT = 15.0
 MAX_TOKEN_REPLY = 64 * 1024
+
+
+class CredentialRefused(ConfigError):
+    """A secret this account may not use as its row stands: bound elsewhere, read from a place the
+    configuration does not allow, or about to cross the network in clear. Fails the login like
+    wrong credentials (error kind ``auth``), with the reason as the account's error."""
 
 
 class ReauthRequired(Exception):
@@ -64,13 +77,93 @@ def endpoint_and_scopes(oauth: OAuth2Config) -> tuple[str, list[str]]:
     return url, oauth.scopes or preset_scopes
 
 
+def destination_of(account: AccountConfig) -> Destination:
+    """Where the account's secrets go: the associated data they are sealed with (secrets.py)."""
+    token_url = endpoint_and_scopes(account.oauth2)[0] if account.auth == "oauth2" and account.oauth2 else ""
+    return Destination(host=account.host, port=account.effective_port, tls=account.tls,
+                       tls_verify=account.tls_verify, username=account.username, token_url=token_url)
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address literal or ``localhost``; names are not resolved (a name may move)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+SECRETS_DIR = "/etc/mailingestd/secrets"
+
+
+class SecretPolicy(msgspec.Struct, frozen=True):
+    """What the root-owned configuration allows, never what a store row claims.
+
+    ``dirs``: files under these directories may be read as secrets (``secrets.allowed_dirs``,
+    default /etc/mailingestd/secrets, plus ``$CREDENTIALS_DIRECTORY``); ``files`` and ``env``:
+    the files and environment variables the configuration file's ``[[accounts]]`` name, plus
+    ``secrets.allowed_env``; ``plaintext``: ids of the file's accounts with ``allow_plaintext``.
+    """
+
+    dirs: tuple[str, ...] = ()
+    files: frozenset[str] = frozenset()
+    env: frozenset[str] = frozenset()
+    plaintext: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> "SecretPolicy":
+        environ = os.environ if environ is None else environ
+        dirs = [d for d in config.secrets.allowed_dirs if d]
+        if environ.get("CREDENTIALS_DIRECTORY"):
+            dirs.append(environ["CREDENTIALS_DIRECTORY"])
+        files: set[str] = set()
+        names: set[str] = set(config.secrets.allowed_env)
+        for account in config.accounts:
+            oauth = account.oauth2 or OAuth2Config()
+            files.update(f for f in (account.password_file, oauth.client_secret_file, oauth.refresh_token_file) if f)
+            names.update(n for n in (account.password_env, oauth.client_secret_env, oauth.refresh_token_env) if n)
+        return cls(dirs=tuple(os.path.realpath(d) for d in dirs), files=frozenset(files), env=frozenset(names),
+                   plaintext=frozenset(a.id for a in config.accounts if a.allow_plaintext))
+
+    def file_allowed(self, path: str) -> bool:
+        if path in self.files:
+            return True
+        real = os.path.realpath(path)  # no escape by "..", nor by a symlink inside an allowed directory
+        return any(real.startswith(d.rstrip("/") + "/") for d in self.dirs)
+
+
+_policy: SecretPolicy | None = None
+
+
+def install_policy(config: Config) -> SecretPolicy:
+    """Make ``config``'s policy this process's (and its future children's): the supervisor calls
+    it at start and on every reload, before it forks."""
+    global _policy
+    _policy = SecretPolicy.from_config(config)
+    return _policy
+
+
+def current_policy() -> SecretPolicy:
+    return _policy if _policy is not None else SecretPolicy.from_config(Config())
+
+
 def _from_source(value_env: str | None, value_file: str | None, what: str, account_id: str,
-                 environ: Mapping[str, str]) -> str | None:
+                 environ: Mapping[str, str], policy: SecretPolicy) -> str | None:
     if value_env:
+        if value_env not in policy.env:
+            raise CredentialRefused(f"account {account_id}: environment variable {value_env} ({what}) is not named "
+                                    "in the configuration file (an account's [[accounts]] table or "
+                                    "secrets.allowed_env); refusing to read it")
         if value_env not in environ:
             raise ConfigError(f"account {account_id}: environment variable {value_env} ({what}) is not set")
         return environ[value_env]
     if value_file:
+        if not policy.file_allowed(value_file):
+            raise CredentialRefused(f"account {account_id}: {what} file {value_file} is outside the directories "
+                                    f"secrets may be read from ({', '.join(policy.dirs) or 'none'}; "
+                                    "secrets.allowed_dirs); refusing to read it")
         try:
             return Path(value_file).read_text().strip()
         except OSError as exc:
@@ -82,9 +175,12 @@ class Credentials:
     """Resolves secrets for the accounts one process serves; thread-safe."""
 
     def __init__(self, key_file: str = "", store: Store | None = None, environ: Mapping[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, policy: SecretPolicy | None = None) -> None:
         self.key_file = key_file
         self._keyring: Keyring | None = None
+        self._key_stamp: tuple[int, int, int] | None = None
+        self._policy = policy
+        self.warned: set[tuple[str, str]] = set()
         self.store = store
         self.environ = os.environ if environ is None else environ
         self.clock = clock
@@ -94,23 +190,58 @@ class Credentials:
         self.refreshes = 0
 
     @property
+    def policy(self) -> SecretPolicy:
+        return self._policy if self._policy is not None else current_policy()
+
+    @property
     def keyring(self) -> Keyring:
-        if self._keyring is None:
-            self._keyring = Keyring.load(default_key_path(self.key_file))
-        return self._keyring
+        """The key file's keys, loaded again whenever the file changes: after `mailingestctl
+        secrets rotate` a long-running worker must encrypt rotated refresh tokens under the new
+        first key, or dropping the old line would destroy them."""
+        path = default_key_path(self.key_file)
+        try:
+            st = os.stat(path)
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        with self.guard:
+            if self._keyring is None or (stamp is not None and stamp != self._key_stamp):
+                self._keyring = Keyring.load(path)
+                self._key_stamp = stamp
+            return self._keyring
 
     def stored(self, account: AccountConfig, secrets: Mapping[str, str], field: str) -> str | None:
         if field not in secrets:
             return None
         try:
-            return self.keyring.decrypt(secrets[field], account.id, field)
+            return self.keyring.decrypt(secrets[field], account.id, field, destination_of(account))
         except SecretError as exc:
-            raise ConfigError(str(exc)) from None
+            raise CredentialRefused(str(exc)) from None
+
+    def check_transport(self, account: AccountConfig) -> None:
+        """Refuse to send a password in clear except to loopback or where the file allows it, and
+        log plaintext and unverified TLS once per account."""
+        if account.tls == "none":
+            if not is_loopback(account.host) and account.id not in self.policy.plaintext:
+                raise CredentialRefused(f"account {account.id}: tls = \"none\" would send its credentials in clear "
+                                        f"to {account.host}; allowed only to loopback unless the configuration file "
+                                        "sets allow_plaintext = true for this account")
+            self._warn(account, "tls=none")
+        elif not account.tls_verify:
+            self._warn(account, "tls_verify=false")
+
+    def _warn(self, account: AccountConfig, what: str) -> None:
+        if (account.id, what) not in self.warned:
+            self.warned.add((account.id, what))
+            log.warning("event=insecure_transport account=%s server=%s:%d %s", account.id, account.host,
+                        account.effective_port, what)
 
     def password(self, account: AccountConfig, secrets: Mapping[str, str]) -> str:
+        self.check_transport(account)
         value = self.stored(account, secrets, "password")
         if value is None:
-            value = _from_source(account.password_env, account.password_file, "password", account.id, self.environ)
+            value = _from_source(account.password_env, account.password_file, "password", account.id, self.environ,
+                                 self.policy)
         if value is None:
             raise ConfigError(f"account {account.id}: no password (store, password_file or password_env)")
         return value
@@ -125,6 +256,7 @@ class Credentials:
     def access_token(self, account: AccountConfig, secrets: Mapping[str, str], force_refresh: bool = False,
                      valid_for: float = 0.0) -> AccessToken:
         """A cached token still valid for ``valid_for`` seconds (plus a margin), else a fresh one."""
+        self.check_transport(account)
         with self.guard:
             lock = self.locks.setdefault(account.id, threading.Lock())
         with lock:  # one refresh per account at a time, even with several threads asking
@@ -144,12 +276,12 @@ class Credentials:
         rotated = self.store.rotated_refresh_token(account.id) if self.store is not None else None
         if rotated is not None and rotated[1] >= self.store.account_updated_at(account.id):
             try:
-                return self.keyring.decrypt(rotated[0], account.id, "refresh_token")
+                return self.keyring.decrypt(rotated[0], account.id, "refresh_token", destination_of(account))
             except SecretError as exc:
-                raise ConfigError(str(exc)) from None
+                raise CredentialRefused(str(exc)) from None
         oauth = account.oauth2 or OAuth2Config()
         value = self.stored(account, secrets, "refresh_token") or _from_source(
-            oauth.refresh_token_env, oauth.refresh_token_file, "refresh token", account.id, self.environ)
+            oauth.refresh_token_env, oauth.refresh_token_file, "refresh token", account.id, self.environ, self.policy)
         if not value:
             raise ConfigError(f"account {account.id}: no OAuth2 refresh token (store, refresh_token_file or _env)")
         return value
@@ -157,9 +289,10 @@ class Credentials:
     def _refresh(self, account: AccountConfig, secrets: Mapping[str, str]) -> AccessToken:
         oauth = account.oauth2 or OAuth2Config()
         url, scopes = endpoint_and_scopes(oauth)
+        check_token_url(account.id, url)
         refresh_token = self._refresh_token(account, secrets)
         client_secret = self.stored(account, secrets, "client_secret") or _from_source(
-            oauth.client_secret_env, oauth.client_secret_file, "client secret", account.id, self.environ)
+            oauth.client_secret_env, oauth.client_secret_file, "client secret", account.id, self.environ, self.policy)
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": oauth.client_id}
         if client_secret:
             form["client_secret"] = client_secret
@@ -190,10 +323,48 @@ class Credentials:
         expires_in = float(reply.get("expires_in", 3600) or 3600)
         rotated = reply.get("refresh_token")
         if isinstance(rotated, str) and rotated and rotated != refresh_token and self.store is not None:
-            self.store.save_rotated_refresh_token(account.id, self.keyring.encrypt(rotated, account.id,
-                                                                                   "refresh_token"))
+            self.store.save_rotated_refresh_token(account.id, self.keyring.encrypt(
+                rotated, account.id, "refresh_token", destination_of(account)))
         log.info("event=oauth2_token_refreshed account=%s expires_in=%.0fs", account.id, expires_in)
         return AccessToken(token=access, expires_at=started + expires_in, expires_wall=time.time() + expires_in)
+
+
+def check_token_url(account_id: str, url: str) -> None:
+    """The refresh token and client secret go only to an https endpoint (or one on loopback)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or "")):
+        return
+    raise CredentialRefused(f"account {account_id}: OAuth2 token_url {url} is not https (only loopback may use "
+                            "http); refusing to send the refresh token there")
+
+
+def rebind_secrets(store: Store, ring: Keyring, report: Callable[[str], None]) -> int:
+    """``mailingestctl secrets rotate``: seal every stored secret under the first key, bound to the
+    destination its row names now. Secrets sealed before binding (v1) are bound here, and
+    ``report`` is told where each goes, so the operator sees it. Returns how many accounts changed.
+    """
+    changed = 0
+    for row in store.list_accounts():
+        account, destination = row.account, destination_of(row.account)
+        unbound = [f for f, c in row.secrets.items() if c.startswith("v1:")]
+        if row.secrets and not all(ring.is_current(c) for c in row.secrets.values()):
+            plain = {f: (ring.decrypt_unbound(c, account.id, f) if f in unbound
+                         else ring.decrypt(c, account.id, f, destination)) for f, c in row.secrets.items()}
+            store.set_secrets(account.id, {f: ring.encrypt(v, account.id, f, destination) for f, v in plain.items()},
+                              new_credentials=False)
+            changed += 1
+        token = store.rotated_refresh_token(account.id)
+        if token is not None and not ring.is_current(token[0]):
+            if token[0].startswith("v1:"):
+                unbound.append("rotated refresh_token")
+                value = ring.decrypt_unbound(token[0], account.id, "refresh_token")
+            else:
+                value = ring.decrypt(token[0], account.id, "refresh_token", destination)
+            store.save_rotated_refresh_token(account.id, ring.encrypt(value, account.id, "refresh_token", destination))
+            changed += 1
+        if unbound:
+            report(f"account {account.id}: {', '.join(unbound)} now bound to {destination.describe()}")
+    return changed
 
 
 def _json(body: bytes) -> dict:

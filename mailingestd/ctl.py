@@ -11,6 +11,7 @@ daemon. Exit codes follow sysexits: 0 ok, 64 usage, 69 daemon not running or unr
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import msgspec
 
 from . import __version__, config as config_mod, control, sysexits
 from .config import AccountConfig, Config, OAuth2Config
+from .logs import printable
 from .sysexits import EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 if TYPE_CHECKING:
@@ -221,7 +223,7 @@ def format_status(data: dict[str, Any]) -> str:
                      f"publish errors {int(out['publish_errors_total'])}")
     else:
         lines.append("  queue: none (queue.kind = \"none\")")
-    lines += ["", "RECENT ERRORS"] + ([f"  {e}" for e in data["errors"]] or ["  none"])
+    lines += ["", "RECENT ERRORS"] + ([f"  {printable(e)}" for e in data["errors"]] or ["  none"])
     return "\n".join(lines)
 
 
@@ -366,10 +368,33 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
                          password_file=password_file, password_env=password_env,
                          folders=list(folders) or ["INBOX"], priority=priority, idle=not no_idle,
                          enabled=not disabled)
-    secrets = None
+    from .credentials import CredentialRefused, SecretPolicy, check_token_url, destination_of, is_loopback
+
+    # What the daemon will refuse, said now (the daemon checks again at every login).
+    policy = SecretPolicy.from_config(load_config(ctx))
+    try:
+        if password_file and not policy.file_allowed(password_file):
+            raise CredentialRefused(f"--password-file {password_file} is outside secrets.allowed_dirs "
+                                    f"({', '.join(policy.dirs) or 'none'}); the daemon will not read it")
+        if password_env and password_env not in policy.env:
+            raise CredentialRefused(f"--password-env {password_env} is not in secrets.allowed_env; the daemon will "
+                                    "not read it")
+        if tls == "none" and not is_loopback(host):
+            raise CredentialRefused(f"--tls none to {host} would send the credentials in clear; only loopback, or "
+                                    "an [[accounts]] table with allow_plaintext = true in the configuration file")
+        if oauth is not None:
+            from .credentials import endpoint_and_scopes
+
+            check_token_url(account_id, endpoint_and_scopes(oauth)[0])
+    except config_mod.ConfigError as exc:
+        fail(EX_USAGE, str(exc))
+    # The secrets given replace every stored one (a --password-file account keeps no old
+    # ciphertext), sealed for this host, port, tls, tls_verify, username and token URL.
+    secrets: dict[str, str] = {}
     if plain:
         ring = keyring_of(ctx)
-        secrets = {field: ring.encrypt(value, account_id, field) for field, value in plain.items()}
+        destination = destination_of(acct)
+        secrets = {field: ring.encrypt(value, account_id, field, destination) for field, value in plain.items()}
     store_of(ctx).upsert_account(acct, source="store", secrets=secrets)
     click.echo(f"account {account_id} saved" + (" (secrets encrypted in the store)" if secrets else ""))
 
@@ -396,8 +421,8 @@ def account_list(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"{'id':<24} {'server':<28} {'user':<28} {'prio':<6} {'on':<3} {'state':<12} source")
     for r in rows:
         a = r.account
-        click.echo(f"{a.id:<24} {a.host + ':' + str(a.effective_port):<28} {a.username:<28} {a.priority:<6} "
-                   f"{'yes' if a.enabled else 'no':<3} {r.state:<12} {r.source}")
+        click.echo(printable(f"{a.id:<24} {a.host + ':' + str(a.effective_port):<28} {a.username:<28} "
+                             f"{a.priority:<6} {'yes' if a.enabled else 'no':<3} {r.state:<12} {r.source}"))
 
 
 def _public(acct: AccountConfig) -> dict[str, Any]:
@@ -475,10 +500,18 @@ def account_test(ctx: click.Context, account_id: str) -> None:
     from . import imap
     from .credentials import Credentials, ReauthRequired, TokenEndpointError
 
+    from .credentials import SecretPolicy
+
     cfg = load_config(ctx)
+    try:  # the [[accounts]] tables too: the files and variables they name are allowed secrets
+        policy = SecretPolicy.from_config(config_mod.load(cfg.path or None))
+    except config_mod.ConfigError as exc:
+        fail(EX_CONFIG, str(exc))
     row = _get(ctx, account_id)
     acct = row.account
-    credentials = Credentials(cfg.secrets.key_file)  # a token of its own: nothing is saved
+    # With the store: the newest refresh token is the one the provider rotated (the original may
+    # be dead), and a token it rotates now must be kept or the daemon's would be.
+    credentials = Credentials(cfg.secrets.key_file, store_of(ctx), policy=policy)
     token = None
     try:
         if acct.auth == "oauth2":
@@ -495,8 +528,8 @@ def account_test(ctx: click.Context, account_id: str) -> None:
     try:
         client = imap.connect(acct, secret, timeout=cfg.imap.timeout)
     except imap.ImapError as exc:
-        fail(1, f"account={account_id} server={acct.host}:{acct.effective_port} error_kind={exc.kind.value} "
-                f"error={exc.detail}")
+        fail(1, printable(f"account={account_id} server={acct.host}:{acct.effective_port} "
+                          f"error_kind={exc.kind.value} error={exc.detail}"))
     try:
         mechanism = getattr(client, "login_mechanism", "?")
         click.echo(f"account {account_id}: logged in to {acct.host}:{acct.effective_port} as {acct.username} "
@@ -504,14 +537,14 @@ def account_test(ctx: click.Context, account_id: str) -> None:
         if token is not None:
             expires = datetime.datetime.fromtimestamp(token.expires_wall).isoformat(timespec="seconds")
             click.echo(f"access token expires at {expires} (in {token.expires_wall - time.time():.0f}s)")
-        click.echo("capabilities: " + " ".join(sorted(imap.capabilities(client))))
+        click.echo(printable("capabilities: " + " ".join(sorted(imap.capabilities(client)))))
         for folder in acct.folders:
             try:
                 st = imap.status(client, folder)
                 click.echo(f"folder {folder}: uidvalidity {st.uidvalidity} uidnext {st.uidnext} messages {st.exists}"
                            + (f" highestmodseq {st.highestmodseq}" if st.highestmodseq is not None else ""))
             except imap.ImapError as exc:
-                click.echo(f"folder {folder}: error_kind={exc.kind.value} error={exc.detail}")
+                click.echo(printable(f"folder {folder}: error_kind={exc.kind.value} error={exc.detail}"))
     finally:
         imap.logout(client, 5.0)
 
@@ -533,30 +566,18 @@ def secrets_genkey() -> None:
 @secrets_group.command("rotate")
 @click.pass_context
 def secrets_rotate(ctx: click.Context) -> None:
-    """Re-encrypt every stored secret under the key file's first key (old keys only decrypt)."""
+    """Re-encrypt every stored secret under the key file's first key (old keys only decrypt).
+
+    Secrets stored before they were bound to their server are bound to what the account's row
+    says now; each is listed, check it. Running workers load the new key file by themselves."""
+    from .credentials import rebind_secrets
     from .secrets import SecretError
 
     ring = keyring_of(ctx)
-    store = store_of(ctx)
-    rotated = 0
-    for row in store.list_accounts():
-        if not row.secrets:
-            continue
-        try:
-            plain = {f: ring.decrypt(c, row.account.id, f) for f, c in row.secrets.items()}
-        except SecretError as exc:
-            fail(EX_CONFIG, str(exc))
-        if all(ring.key_of(c) == ring.current_id for c in row.secrets.values()):
-            continue
-        store.set_secrets(row.account.id, {f: ring.encrypt(v, row.account.id, f) for f, v in plain.items()},
-                          new_credentials=False)
-        rotated += 1
-    for row in store.list_accounts():
-        token = store.rotated_refresh_token(row.account.id)
-        if token is not None and ring.key_of(token[0]) != ring.current_id:
-            value = ring.decrypt(token[0], row.account.id, "refresh_token")
-            store.save_rotated_refresh_token(row.account.id, ring.encrypt(value, row.account.id, "refresh_token"))
-            rotated += 1
+    try:
+        rotated = rebind_secrets(store_of(ctx), ring, lambda line: click.echo(printable(line)))
+    except SecretError as exc:
+        fail(EX_CONFIG, str(exc))
     click.echo(f"re-encrypted the secrets of {rotated} accounts under key {ring.current_id}; "
                "older key lines can now be removed from the key file")
 
@@ -577,14 +598,17 @@ def messages(ctx: click.Context, account_id: str | None, limit: int, as_json: bo
         return
     for r in rows:
         when = datetime.datetime.fromtimestamp(r.ingested_at).strftime("%H:%M:%S")
-        click.echo(f"{when}  {r.key:<44} {r.size:>9}  {(r.from_ or '-')[:32]:<32}  {(r.subject or '-')[:60]}")
+        click.echo(printable(f"{when}  {r.key:<44} {r.size:>9}  {(r.from_ or '-')[:32]:<32}  "
+                             f"{(r.subject or '-')[:60]}"))
 
 
 @messages.command("get")
 @click.argument("key")
-@click.option("-o", "--output", "output", default="-", metavar="FILE", help="Write to FILE (default stdout).")
+@click.option("-o", "--output", "output", default="-", metavar="FILE",
+              help="Write to FILE, created mode 0600 (default stdout); an existing FILE is refused.")
+@click.option("--force", is_flag=True, help="With -o: replace an existing FILE (never through a symlink).")
 @click.pass_context
-def messages_get(ctx: click.Context, key: str, output: str) -> None:
+def messages_get(ctx: click.Context, key: str, output: str, force: bool) -> None:
     """Write one message's raw bytes (from the store or from S3) exactly as the server sent them."""
     from . import blobs
 
@@ -599,7 +623,18 @@ def messages_get(ctx: click.Context, key: str, output: str) -> None:
         sys.stdout.buffer.write(raw)
         sys.stdout.buffer.flush()
     else:
-        Path(output).write_bytes(raw)
+        # O_NOFOLLOW: a symlink planted at FILE (in /tmp, say) is refused, not followed to
+        # wherever it points; O_EXCL unless --force: nothing existing is overwritten by surprise.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+        try:
+            fd = os.open(output, flags, 0o600)
+        except OSError as exc:
+            why = ("is a symlink" if exc.errno == errno.ELOOP or os.path.islink(output) else
+                   "exists (--force replaces it)" if exc.errno == errno.EEXIST else exc.strerror)
+            fail(1, f"{output}: {why}")
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(fd, 0o600)  # --force onto an existing file: its old mode goes too
+            handle.write(raw)
         click.echo(f"{key}: {len(raw)} bytes written to {output}", err=True)
 
 
@@ -702,6 +737,7 @@ _accept_config_anywhere(cli)
 
 
 def main() -> None:
+    os.umask(0o077)  # every file it creates (a message, a key, a store file) is private
     try:
         sysexits.run(cli)
     except Exception as exc:

@@ -98,7 +98,7 @@ def main() -> int:
         config = write_config(root, dovecot)
         env = dict(os.environ, DEMO_IMAP_PASSWORD=dovecot.password)
         say(f"running: mailingestd --config {config}")
-        daemon = subprocess.Popen([str(BIN / "mailingestd"), "--config", str(config)], env=env,
+        daemon = subprocess.Popen([str(BIN / "mailingestd"), "--allow-root", "--config", str(config)], env=env,
                                   stderr=open(root / "mailingestd.log", "wb"))
         db = root / "state" / "mailingestd.sqlite3"
         took = wait_for(db, total, timeout=120)

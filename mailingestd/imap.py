@@ -346,8 +346,10 @@ class _BoundedIMAP4(imaplib.IMAP4):
             # Bytes after the OK arrived in plaintext: a man in the middle injecting responses
             # into the TLS session (CVE-2011-0411 style). Never treat them as server output.
             raise self.abort("plaintext data after the STARTTLS reply (response injection)")
+        # Only self.sock is replaced: reads go through _rbuf, never through imaplib's file
+        # object, which is a read-only property from Python 3.14 (imapclient #618) and which
+        # imaplib's shutdown() closes by itself.
         self.sock = ssl_context.wrap_socket(self.sock, server_hostname=self.host)
-        self.file = self.sock.makefile("rb")  # imaplib's shutdown() closes it; never read
         self._tls_established = True
         self._get_capabilities()
         return self._untagged_response(typ, dat, "STARTTLS")
@@ -581,6 +583,11 @@ def authenticate(client: imapclient.IMAPClient, account: Account, secret: str) -
     if auth != "password":
         raise ImapError(FailureKind.AUTH, f"auth method {auth!r} is not supported")
     ascii_only = account.username.isascii() and secret.isascii()
+    if client.has_capability("LOGINDISABLED") and not isinstance(_bounded(client).sock, ssl.SSLSocket):
+        # The server refuses LOGIN here because the connection is in clear (RFC 3501 6.2.3):
+        # AUTHENTICATE PLAIN would send the same password just as readable.
+        raise ImapError(FailureKind.TLS, "server disabled LOGIN on this plaintext connection; not sending the "
+                                         "password in clear with AUTHENTICATE PLAIN either (use tls = starttls)")
     if client.has_capability("LOGINDISABLED") or not ascii_only:
         if not client.has_capability("AUTH=PLAIN"):
             raise ImapError(

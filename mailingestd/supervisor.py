@@ -31,7 +31,7 @@ from typing import Any, Callable
 import zmq
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__, child, config as config_mod, control, frames, logs, metrics, notify
+from . import __version__, child, config as config_mod, control, credentials, frames, hardening, logs, metrics, notify
 from .child import bind_pull, connect_push, ipc_path, send
 from .config import Config, ConfigError
 from .histogram import Histogram
@@ -155,6 +155,10 @@ class Supervisor:
 
     # --- startup ----------------------------------------------------------------------------
     def run(self) -> int:
+        credentials.install_policy(self.config)  # before any fork: the children inherit it
+        insecure_store = hardening.postgres_transport_warning(self.config.store_url)
+        if insecure_store:
+            log.warning("event=insecure_store_connection detail=%s", insecure_store)
         self.prepare_runtime_dir()
         self.acquire_lock()
         self.store = open_store(self.config.store_url, 1, 2)
@@ -420,13 +424,31 @@ class Supervisor:
             with conn:
                 line = buf.split(b"\n", 1)[0] if len(buf) <= control.MAX_REQUEST_BYTES else None
                 request = control.decode_request(line) if line is not None else "request too long"
-                reply = (control.Reply(ok=False, error=request) if isinstance(request, str)
-                         else self.dispatch(request))
+                refused = request if isinstance(request, str) else self.refusal(conn, request)
+                reply = control.Reply(ok=False, error=refused) if refused else self.dispatch(request)
                 try:
                     conn.settimeout(2.0)
                     conn.sendall(control.encode_reply(reply))
                 except OSError as exc:
                     log.warning("event=control_client_error error=%s", exc)
+
+    def refusal(self, conn: socket.socket, request: control.AnyRequest) -> str | None:
+        """The socket's mode lets daemon.control_group connect; what each peer may ask is decided
+        on its kernel credentials (control.authorize)."""
+        try:
+            peer = control.peer_of(conn)
+        except OSError:
+            return "permission denied: no peer credentials"
+        group = self.config.daemon.control_group
+        try:
+            gid = grp.getgrnam(group).gr_gid if group else None
+        except KeyError:
+            gid = None
+        refused = control.authorize(request, peer, gid)
+        if refused:
+            log.warning("event=control_refused command=%s uid=%d pid=%d", type(request).__name__.lower(), peer.uid,
+                        peer.pid)
+        return refused
 
     def dispatch(self, request: control.AnyRequest) -> control.Reply:
         handler = getattr(self, f"handle_{type(request).__name__.lower()}")
@@ -563,6 +585,7 @@ class Supervisor:
             store = open_store(new.store_url, 1, 2)
             self.store, old = store, self.config
             self.config = new
+            credentials.install_policy(new)  # children forked from now on read secrets under it
             self.sync_config_accounts()
             store.close()
         except (ConfigError, StoreError) as exc:

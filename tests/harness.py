@@ -79,14 +79,19 @@ interval = "1s"
 {sections}
 {accounts}
 """)
-        self.env = dict(os.environ, **{PASSWORD_ENV: password}, **(env or {}))
+        # Store rows (mailingestctl account add, plain SQL) may name this variable and files under
+        # root/secrets: the configuration allows them (docs/security.md, "Where secrets may come from").
+        self.env = dict(os.environ, **{PASSWORD_ENV: password,
+                                       "MAILINGESTD_SECRETS_ALLOWED_ENV": json.dumps([PASSWORD_ENV]),
+                                       "MAILINGESTD_SECRETS_ALLOWED_DIRS": json.dumps([str(root / "secrets")])},
+                        **(env or {}))
         self.proc: subprocess.Popen | None = None
         self.log_path = root / "mailingestd.log"
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self, wait: bool = True) -> "Daemon":
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(BIN / "mailingestd"), "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([str(BIN / "mailingestd"), "--allow-root", "--config", str(self.config_path)],
                                      env=self.env, stdout=self.log, stderr=self.log)
         if wait:
             wait_until(lambda: self.try_status() is not None and self.try_status()["supervisor"]["state"] == "running",

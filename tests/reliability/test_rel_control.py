@@ -150,7 +150,8 @@ def test_control_plane_is_private_and_secrets_stay_secret(tmp_path):
         users = [server.new_user() for _ in range(2)]
         ledger = Ledger(server, users, "private")
         with Daemon(tmp_path / "d", accounts=accounts_for(server, users), password=password) as daemon:
-            secret_file = tmp_path / "added.pw"
+            secret_file = daemon.root / "secrets" / "added.pw"  # where the configuration allows secrets
+            secret_file.parent.mkdir(mode=0o700, exist_ok=True)
             secret_file.write_text(added_password + "\n")
             secret_file.chmod(0o600)
             daemon.ctl("account", "add", "added", "--host", server.host, "--port", str(server.port), "--tls", "none",

@@ -126,7 +126,7 @@ class Systemd:
 
     def supervise(self, log: Any) -> None:
         while not self.stopping.is_set():
-            proc = subprocess.Popen([str(BIN / "mailingestd"), "--config", str(self.daemon.config_path)],
+            proc = subprocess.Popen([str(BIN / "mailingestd"), "--allow-root", "--config", str(self.daemon.config_path)],
                                     env=self.env, stdout=log, stderr=log)
             self.daemon.proc = proc
             self.starts += 1
