@@ -75,6 +75,7 @@ class Scheduler:
         self.accounts: dict[str, AccountConfig] = {}
         self.secrets: dict[str, dict[str, str]] = {}
         self.reauth: set[str] = set()
+        self.held_auth_failed: set[str] = set()  # auth_failed read back from the store (restore_states)
         self.worker_pids: dict[int, int] = {}
         self.loaded = False  # the first load spreads first polls; later additions are polled at once
         self.listener: Any = None
@@ -116,6 +117,7 @@ class Scheduler:
             if version == self.accounts_version and not force:
                 return
             rows = [row for row in self.store.list_accounts() if self.leases.holds(row.account.id)]
+            parked = self.store.parked_accounts()
         except StoreError as exc:
             self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
             return
@@ -132,6 +134,7 @@ class Scheduler:
                 del self.accounts[account_id]
                 self.secrets.pop(account_id, None)
                 self.reauth.discard(account_id)
+                self.held_auth_failed.discard(account_id)
                 log.info("event=account_removed account=%s", account_id)
         for account_id, account in fresh.items():
             plan = AccountPlan(account_id=account_id, server=account.host, priority=account.priority,
@@ -161,8 +164,44 @@ class Scheduler:
                 touched.add(self.owner[account_id])
             self.owner[account_id] = slot
             touched.add(slot)
+        self.restore_states(parked, now)
         for slot in touched:
             self.assign(slot)
+
+    def restore_states(self, parked: dict[str, tuple[str, str | None]], now: float) -> None:
+        """The store's account state is the circuit breaker's memory: an open circuit survives
+        restarts (each restart allowing auth_failure_limit more wrong logins gets a mailbox locked
+        by its provider). An account stored as auth_failed or reauth_required is held unless its
+        credentials changed since (a new password file while the daemon was down); one held here
+        whose stored state was reset (``mailingestctl account enable``, changed settings) is let
+        go and polled at once."""
+        for account_id, account in self.accounts.items():
+            plan = self.planner.plan_of(account_id)
+            held = (account_id in self.reauth or account_id in self.held_auth_failed
+                    or self.planner.state_of(account_id) == AccountState.AUTH_FAILED)
+            stored = parked.get(account_id)
+            if stored is not None and plan is not None and stored[1] not in (None, plan.credentials_version):
+                log.info("event=account_state_cleared account=%s state=%s reason=credentials_changed",
+                         account_id, stored[0])
+                self.set_store_state(account_id, "new", None)
+                stored = None
+            if stored is not None and not held:
+                self.planner.disable(account_id)
+                (self.reauth if stored[0] == "reauth_required" else self.held_auth_failed).add(account_id)
+                log.info("event=account_state_restored account=%s state=%s", account_id, stored[0])
+            elif stored is None and held:
+                self.reauth.discard(account_id)
+                self.held_auth_failed.discard(account_id)
+                if account.enabled:
+                    self.planner.enable(account_id, now)
+                log.info("event=account_released account=%s reason=state_reset", account_id)
+
+    def set_store_state(self, account_id: str, state: str, detail: str | None) -> None:
+        plan = self.planner.plan_of(account_id)
+        try:
+            self.store.set_account_state(account_id, state, detail, plan.credentials_version if plan else None)
+        except StoreError as exc:
+            self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
 
     def redeal(self, workers: int, now: float) -> None:
         """The number of workers changed: move the accounts whose owner changed."""
@@ -265,10 +304,7 @@ class Scheduler:
         self.reauth.add(account_id)
         log.error("event=account_state account=%s state=reauth_required error=%s", account_id, result.detail)
         self.child.errors.add(f"account={account_id} state=reauth_required error={result.detail}")
-        try:
-            self.store.set_account_state(account_id, "reauth_required", result.detail)
-        except StoreError as exc:
-            self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
+        self.set_store_state(account_id, "reauth_required", result.detail)
 
     def note_state(self, account_id: str, before: AccountState | None, result: frames.Result) -> None:
         after = self.planner.state_of(account_id)
@@ -277,10 +313,7 @@ class Scheduler:
         log.error("event=account_state account=%s state=%s error_kind=%s error=%s", account_id,
                   STORE_STATES[after], result.failure_kind, result.detail)
         self.child.errors.add(f"account={account_id} state={STORE_STATES[after]} error={result.detail}")
-        try:
-            self.store.set_account_state(account_id, STORE_STATES[after], result.detail)
-        except StoreError as exc:
-            self.child.errors.add(f"role=scheduler event=store_unavailable error={exc}")
+        self.set_store_state(account_id, STORE_STATES[after], result.detail)
 
     def on_worker_ready(self, ready: frames.WorkerReady, now: float) -> None:
         """A worker (re)started: take back its orders, forget its connections, give it its accounts.
@@ -391,12 +424,13 @@ class Scheduler:
     def heartbeat(self, now: float) -> None:
         snap = self.planner.snapshot(now)
         by_state_priority: dict[str, float] = dict(self.planner.census())
-        for account_id in self.reauth:  # parked as disabled in the planner; shown as what they are
+        held = [(a, "reauth_required") for a in self.reauth] + [(a, "auth_failed") for a in self.held_auth_failed]
+        for account_id, state in held:  # parked as disabled in the planner; shown as what they are
             tier = self.planner.tier_of(account_id)
             if tier is not None:
                 key = f"{tier.name.lower()}"
                 by_state_priority[f"disabled/{key}"] = by_state_priority.get(f"disabled/{key}", 1) - 1
-                by_state_priority[f"reauth_required/{key}"] = by_state_priority.get(f"reauth_required/{key}", 0) + 1
+                by_state_priority[f"{state}/{key}"] = by_state_priority.get(f"{state}/{key}", 0) + 1
         lag = snap.lag
         self.child.heartbeat(self.state_name(), now, stats={
             "accounts": snap.accounts, "in_flight": snap.in_flight, "uidvalidity_changes": self.uidvalidity_changes,

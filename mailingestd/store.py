@@ -269,6 +269,10 @@ CREATE TABLE uidvalidity_changes (
                END $$""",
         ],
     }),
+    # 6: the credentials an auth_failed or reauth_required state was reached with (the scheduler's
+    # credentials_version), so that the open circuit survives a restart unless they changed
+    # meanwhile (a new password file). Not a watched column: writing it is no account change.
+    (6, "ALTER TABLE accounts ADD COLUMN state_credentials TEXT"),
 ]
 
 
@@ -457,10 +461,19 @@ class Store:
                                    "updated_at = ? WHERE id = ?",
                               (int(enabled), time.time(), account_id)).rowcount > 0
 
-    def set_account_state(self, account_id: str, state: str, last_error: str | None = None) -> None:
+    def set_account_state(self, account_id: str, state: str, last_error: str | None = None,
+                          credentials: str | None = None) -> None:
+        """The daemon's state of an account; ``credentials``: the version it was reached with."""
         with self.transaction() as cur:
-            self._exec(cur, "UPDATE accounts SET state = ?, last_error = ? WHERE id = ?",
-                       (state, last_error, account_id))
+            self._exec(cur, "UPDATE accounts SET state = ?, last_error = ?, state_credentials = ? WHERE id = ?",
+                       (state, last_error, credentials, account_id))
+
+    def parked_accounts(self) -> dict[str, tuple[str, str | None]]:
+        """Accounts in ``auth_failed`` or ``reauth_required``: id -> (state, credentials version)."""
+        with self.transaction() as cur:
+            rows = self._exec(cur, "SELECT id, state, state_credentials FROM accounts "
+                                   "WHERE state IN ('auth_failed', 'reauth_required')").fetchall()
+        return {account_id: (state, credentials) for account_id, state, credentials in rows}
 
     def accounts_version(self) -> str:
         """Changes whenever any account's settings change, by any writer (triggers bump it)."""

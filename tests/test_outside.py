@@ -79,3 +79,46 @@ def test_an_absurd_suggested_backoff_leaves_every_child_in_place(dovecot, tmp_pa
             restarts = {c["role"]: c["restarts"] for c in status["children"]}
             assert restarts == {"scheduler": 0, "worker": 0}, daemon.log_tail()
             assert "Traceback" not in daemon.log_path.read_text()
+
+
+# --- the auth breaker across restarts -----------------------------------------------------------------
+def failed_logins(dovecot, user: str) -> int:
+    text = dovecot.log_path.read_text(errors="replace")
+    return sum(1 for line in text.splitlines() if "auth failed" in line and f"user=<{user}>" in line)
+
+
+def test_a_wrong_password_costs_auth_failure_limit_logins_across_restarts(dovecot, tmp_path) -> None:
+    """auth_failed is state: restarts do not buy more wrong logins (a real provider locks the mailbox);
+    an operator's ``account enable`` or new credentials lift it."""
+    good, bad = dovecot.new_user(), dovecot.new_user()
+    secret = tmp_path / "bad.secret"
+    secret.write_text("wrong\n")
+    accounts = (account_toml(good, dovecot.host, dovecot.port)
+                + f'\n[[accounts]]\nid = "bad"\nhost = "{dovecot.host}"\nport = {dovecot.port}\ntls = "none"\n'
+                  f'username = "{bad}"\npassword_file = "{secret}"\n')
+    daemon = Daemon(tmp_path / "d", accounts=accounts, password=dovecot.password, workers=1)
+    config = daemon.config_path.read_text()
+    daemon.config_path.write_text(config.replace("[scheduler]\n", "[scheduler]\nauth_failure_limit = 2\n", 1))
+
+    def auth_failed() -> int:
+        return int(daemon.status()["accounts"]["by_state"].get("auth_failed", 0))
+
+    for run in range(4):  # the first run and three restarts
+        with daemon:
+            if run == 0:
+                wait_until(lambda: auth_failed() == 1, 30, 0.3, "auth_failed\n" + daemon.log_tail())
+            dovecot.append(good, f"Message-ID: <restart-{run}@t>\r\n\r\nbody\r\n".encode())
+            daemon.wait_stored(run + 1)  # the good account was polled: the bad one had its chance too
+            time.sleep(2.5)  # backoff_base is 1 s: a forgotten breaker tries again within this
+            assert auth_failed() == 1, daemon.log_tail()
+        assert failed_logins(dovecot, bad) == 2, f"run {run}: {failed_logins(dovecot, bad)} failed logins"
+
+    with daemon:  # the operator re-enables it: it may try again (and fails again, up to the limit)
+        assert auth_failed() == 1
+        daemon.ctl("account", "enable", "bad")
+        wait_until(lambda: failed_logins(dovecot, bad) == 4, 20, 0.3, "two more tries after enable")
+        wait_until(lambda: auth_failed() == 1, 10, 0.3, "auth_failed again")
+    secret.write_text(dovecot.password + "\n")  # new credentials while the daemon is down
+    with daemon:
+        wait_until(lambda: dovecot.login_count(bad) >= 1, 20, 0.3, "the account with new credentials to log in")
+        assert auth_failed() == 0 and failed_logins(dovecot, bad) == 4
