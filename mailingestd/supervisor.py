@@ -558,15 +558,28 @@ class Supervisor:
     def all_heartbeating(self) -> bool:
         return all(s.pid is not None and s.last_heartbeat is not None for s in self.slots if not s.retired)
 
+    def making_progress(self, now: float) -> bool:
+        """What WATCHDOG=1 vouches for: this loop runs (it is the one sending) and the scheduler is
+        not stuck. Children that die or wait out their restart backoff are this loop's job, not
+        systemd's: withholding keep-alives for one crash-looping worker got the whole daemon
+        SIGABRTed (every IDLE connection dropped); a crash loop still ends in exit 70."""
+        sched = self.slot_of("scheduler")
+        if sched is None or sched.pid is None or sched.killed:
+            return True  # being restarted by reap_children/manage_children
+        if sched.last_heartbeat is None:  # starting: the same grace murder_stuck gives it
+            return now - sched.started_at <= max(self.config.daemon.heartbeat_timeout, 30.0)
+        return now - sched.last_heartbeat <= self.heartbeat_limit()
+
+    def heartbeat_limit(self) -> float:
+        return min(self.config.daemon.heartbeat_timeout, 3 * self.config.daemon.heartbeat_interval + 1)
+
     def healthy(self) -> bool:
-        """Scheduler and every worker heartbeat in time (what WATCHDOG=1 vouches for)."""
+        """Scheduler and every worker heartbeat in time (``/health``)."""
         now = time.monotonic()
-        timeout = self.config.daemon.heartbeat_timeout
         for slot in self.slots:
             if slot.role == "publisher" or slot.retired:
                 continue
-            if (slot.killed or slot.last_heartbeat is None
-                    or now - slot.last_heartbeat > min(timeout, 3 * self.config.daemon.heartbeat_interval + 1)):
+            if slot.killed or slot.last_heartbeat is None or now - slot.last_heartbeat > self.heartbeat_limit():
                 return False
         return True
 
@@ -676,7 +689,7 @@ class Supervisor:
             self.next_status = now + 5.0
             notify.notify(f"STATUS={self.status_line()}")
         if self.watchdog_every and now >= self.next_watchdog:
-            if self.healthy():
+            if self.making_progress(now):
                 self.next_watchdog = now + self.watchdog_every
                 notify.notify("WATCHDOG=1")
             else:  # withheld; look again shortly (systemd acts if it stays withheld)

@@ -9,6 +9,7 @@ and WATCHDOG_USEC, the way systemd would start it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -255,3 +256,65 @@ def test_sigterm_while_the_notify_socket_is_not_read_exits_0_with_stopping(tmp_p
             proc.kill()
             proc.wait()
         notify.sock.close()
+
+
+def test_a_worker_crash_loop_keeps_the_watchdog_fed_and_still_ends_in_exit_70(tmp_path: Path) -> None:
+    """Keep-alives say "the supervisor and the scheduler make progress": a worker waiting out its
+    restart backoff (up to 16 s here) must not get the whole daemon SIGABRTed by WatchdogSec (every
+    IDLE connection dropped); the crash loop itself still ends the daemon with exit 70."""
+    watchdog_sec = 3.0
+    notify = NotifySocket(tmp_path / "notify.sock")
+    config = _minimal_config(tmp_path)
+    proc = subprocess.Popen(_daemon_command(config), env=_unit_env(notify.path, int(watchdog_sec * 1e6)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    keepalives: list[float] = []
+    killed: set[int] = set()
+    try:
+        notify.wait_for("READY=1", 30, proc)
+        scheduler = _scheduler_pid(config)
+        keepalives.append(time.monotonic())
+        notify.sock.settimeout(0.05)
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if "WATCHDOG=1" in notify.sock.recv(65536).decode().splitlines():
+                    keepalives.append(time.monotonic())
+            except TimeoutError:
+                pass
+            gap = time.monotonic() - keepalives[-1]
+            assert gap <= watchdog_sec, f"no WATCHDOG=1 for {gap:.1f}s after {len(killed)} worker kills"
+            for pid in set(_children(proc.pid)) - {scheduler} - killed:  # the worker, each time it is back
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        code = proc.wait(timeout=30)
+        output = proc.stdout.read() if proc.stdout else ""
+        assert code == 70, output[-3000:]
+        assert "reason=crash_loop role=worker" in output, output[-3000:]
+        assert len(killed) == 8, killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.sock.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def _scheduler_pid(config: Path) -> int:
+    """The scheduler's pid, from ``mailingestctl status --json`` (forked children share one command line)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = subprocess.run([str(VENV_BIN / "mailingestctl"), "--config", str(config), "status", "--json"],
+                                capture_output=True, text=True, timeout=20, check=False)
+        if result.returncode == 0:
+            pids = [c["pid"] for c in json.loads(result.stdout)["children"] if c["role"] == "scheduler" and c["pid"]]
+            if pids:
+                return pids[0]
+        time.sleep(0.2)
+    pytest.fail("no scheduler in mailingestctl status")
