@@ -422,7 +422,8 @@ def account_list(ctx: click.Context, as_json: bool) -> None:
     for r in rows:
         a = r.account
         click.echo(printable(f"{a.id:<24} {a.host + ':' + str(a.effective_port):<28} {a.username:<28} "
-                             f"{a.priority:<6} {'yes' if a.enabled else 'no':<3} {r.state:<12} {r.source}"))
+                             f"{a.priority:<6} {'yes' if a.enabled else 'no':<3} ")
+                   + coloured_state(printable(r.state), 12) + " " + printable(r.source))
 
 
 def _public(acct: AccountConfig) -> dict[str, Any]:
@@ -494,8 +495,9 @@ def account_disable(ctx: click.Context, account_id: str) -> None:
 
 @account.command("test")
 @click.argument("account_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (a failed login too, with exit 1).")
 @click.pass_context
-def account_test(ctx: click.Context, account_id: str) -> None:
+def account_test(ctx: click.Context, account_id: str, as_json: bool) -> None:
     """Log in once and report capabilities and folder state; changes and stores nothing."""
     from . import imap
     from .credentials import Credentials, ReauthRequired, TokenEndpointError
@@ -522,31 +524,55 @@ def account_test(ctx: click.Context, account_id: str) -> None:
     except config_mod.ConfigError as exc:
         fail(EX_CONFIG, str(exc))
     except (ReauthRequired, TokenEndpointError) as exc:
-        fail(1, f"account={account_id} error_kind={'reauth' if isinstance(exc, ReauthRequired) else 'network'} "
-                f"error={exc}")
+        _test_failed(as_json, account_id, None, "reauth" if isinstance(exc, ReauthRequired) else "network", str(exc))
+    server = f"{acct.host}:{acct.effective_port}"
     started = time.monotonic()
     try:
         client = imap.connect(acct, secret, timeout=cfg.imap.timeout)
     except imap.ImapError as exc:
-        fail(1, printable(f"account={account_id} server={acct.host}:{acct.effective_port} "
-                          f"error_kind={exc.kind.value} error={exc.detail}"))
+        _test_failed(as_json, account_id, server, exc.kind.value, exc.detail)
     try:
-        mechanism = getattr(client, "login_mechanism", "?")
-        click.echo(f"account {account_id}: logged in to {acct.host}:{acct.effective_port} as {acct.username} "
-                   f"(auth {acct.auth}, mechanism {mechanism}, tls {acct.tls}) in {time.monotonic() - started:.2f}s")
-        if token is not None:
-            expires = datetime.datetime.fromtimestamp(token.expires_wall).isoformat(timespec="seconds")
-            click.echo(f"access token expires at {expires} (in {token.expires_wall - time.time():.0f}s)")
-        click.echo(printable("capabilities: " + " ".join(sorted(imap.capabilities(client)))))
+        result: dict[str, Any] = {
+            "account": account_id, "ok": True, "server": server, "username": acct.username, "auth": acct.auth,
+            "mechanism": getattr(client, "login_mechanism", "?"), "tls": acct.tls,
+            "seconds": round(time.monotonic() - started, 3),
+            "access_token_expires_at": None if token is None else token.expires_wall,
+            "capabilities": sorted(imap.capabilities(client)), "folders": {}}
         for folder in acct.folders:
             try:
                 st = imap.status(client, folder)
-                click.echo(f"folder {folder}: uidvalidity {st.uidvalidity} uidnext {st.uidnext} messages {st.exists}"
-                           + (f" highestmodseq {st.highestmodseq}" if st.highestmodseq is not None else ""))
+                result["folders"][folder] = {"uidvalidity": st.uidvalidity, "uidnext": st.uidnext,
+                                             "messages": st.exists, "highestmodseq": st.highestmodseq}
             except imap.ImapError as exc:
-                click.echo(printable(f"folder {folder}: error_kind={exc.kind.value} error={exc.detail}"))
+                result["folders"][folder] = {"error_kind": exc.kind.value, "error": exc.detail}
     finally:
         imap.logout(client, 5.0)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"account {account_id}: logged in to {server} as {acct.username} (auth {acct.auth}, mechanism "
+               f"{result['mechanism']}, tls {acct.tls}) in {result['seconds']:.2f}s")
+    if token is not None:
+        expires = datetime.datetime.fromtimestamp(token.expires_wall).isoformat(timespec="seconds")
+        click.echo(f"access token expires at {expires} (in {token.expires_wall - time.time():.0f}s)")
+    click.echo(printable("capabilities: " + " ".join(result["capabilities"])))
+    for folder, st in result["folders"].items():
+        if "error" in st:
+            click.echo(printable(f"folder {folder}: error_kind={st['error_kind']} error={st['error']}"))
+        else:
+            click.echo(f"folder {folder}: uidvalidity {st['uidvalidity']} uidnext {st['uidnext']} messages "
+                       f"{st['messages']}" + (f" highestmodseq {st['highestmodseq']}"
+                                               if st["highestmodseq"] is not None else ""))
+
+
+def _test_failed(as_json: bool, account_id: str, server: str | None, kind: str, detail: str) -> NoReturn:
+    """A failed account test: one key=value line on stderr, or with --json the same as JSON on stdout; exit 1."""
+    if as_json:
+        click.echo(json.dumps({"account": account_id, "ok": False, "server": server, "error_kind": kind,
+                               "error": detail}, indent=2))
+        sys.exit(1)
+    fail(1, printable(f"account={account_id}" + (f" server={server}" if server else "")
+                      + f" error_kind={kind} error={detail}"))
 
 
 # --- secrets ----------------------------------------------------------------------------------------

@@ -116,3 +116,34 @@ def test_drain_resume_reload_speak_json_and_a_drain_timeout_exits_75(tmp_path: P
             server.stop()  # the stalled connection closes: the drain completes
             drained = json.loads(daemon.ctl("drain", "--wait", "--timeout", "30", "--json").stdout)
             assert drained["state"] == "drained" and drained["seconds"] >= 0
+
+
+def test_account_test_speaks_json(tmp_path: Path, dovecot, mailbox: str) -> None:
+    config = write_config(tmp_path)
+    result = ctl("account", "add", "real", "--host", dovecot.host, "--port", str(dovecot.port), "--tls", "none",
+                 "--username", mailbox, "--password-env", "IMAP_PASSWORD", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    tested = ctl("account", "test", "real", "--json", "--config", str(config), IMAP_PASSWORD=dovecot.password)
+    assert tested.returncode == 0, tested.stderr
+    report = json.loads(tested.stdout)
+    assert report["ok"] is True and "IMAP4REV1" in report["capabilities"]
+    assert set(report["folders"]["INBOX"]) >= {"uidvalidity", "uidnext", "messages"}
+    assert dovecot.password not in tested.stdout
+    assert add_account(config, "nowhere").returncode == 0  # 127.0.0.1:1143: nothing listens there
+    failed = ctl("account", "test", "nowhere", "--json", "--config", str(config), IMAP_PASSWORD="x")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout) == {"account": "nowhere", "ok": False, "server": "127.0.0.1:1143",
+                                         "error_kind": "network", "error": json.loads(failed.stdout)["error"]}
+
+
+def test_account_list_colours_the_failing_state(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert add_account(config, "acme").returncode == 0
+    with sqlite3.connect(tmp_path / "state" / "mailingestd.sqlite3") as conn:
+        conn.execute("UPDATE accounts SET state = 'backoff' WHERE id = 'acme'")
+    conn.close()
+    args = ["--env-file", "", "account", "list", "--config", str(config)]
+    coloured = CliRunner().invoke(cli, args, color=True, env={"NO_COLOR": None})
+    assert "\x1b[33m\x1b[1mbackoff" in coloured.output
+    assert "\x1b[" not in CliRunner().invoke(cli, args, color=True, env={"NO_COLOR": "1"}).output
+    assert "\x1b[" not in ctl(*args[2:]).stdout  # not a terminal
