@@ -96,7 +96,9 @@ def main() -> int:
                 total += 1
         say(f"appended {total} sample messages (multipart, 8-bit, RFC 2047, replies...)")
         config = write_config(root, dovecot)
-        env = dict(os.environ, DEMO_IMAP_PASSWORD=dovecot.password)
+        # MAILINGESTCTL_ENV_FILE empty: a host's /etc/mailingestd/mailingestd.env (its store URL)
+        # must not redirect the demo's mailingestctl.
+        env = dict(os.environ, DEMO_IMAP_PASSWORD=dovecot.password, MAILINGESTCTL_ENV_FILE="")
         say(f"running: mailingestd --config {config}")
         daemon = subprocess.Popen([str(BIN / "mailingestd"), "--allow-root", "--config", str(config)], env=env,
                                   stderr=open(root / "mailingestd.log", "wb"))

@@ -81,7 +81,8 @@ interval = "1s"
 """)
         # Store rows (mailingestctl account add, plain SQL) may name this variable and files under
         # root/secrets: the configuration allows them (docs/security.md, "Where secrets may come from").
-        self.env = dict(os.environ, **{PASSWORD_ENV: password,
+        # MAILINGESTCTL_ENV_FILE empty: mailingestctl must not read the host's mailingestd.env.
+        self.env = dict(os.environ, **{PASSWORD_ENV: password, "MAILINGESTCTL_ENV_FILE": "",
                                        "MAILINGESTD_SECRETS_ALLOWED_ENV": json.dumps([PASSWORD_ENV]),
                                        "MAILINGESTD_SECRETS_ALLOWED_DIRS": json.dumps([str(root / "secrets")])},
                         **(env or {}))
