@@ -90,11 +90,15 @@ def test_update_of_port_in_the_store_sends_no_password_and_shows_a_binding_error
             # Someone with write access to the store (not mailingestctl) points the row elsewhere.
             with sqlite3.connect(daemon.store_url[len("sqlite://"):], timeout=30) as conn:
                 conn.execute("UPDATE accounts SET port = ? WHERE id = 'acme'", (listener.port,))
-            row = wait_until(lambda: (r := json.loads(daemon.ctl("account", "list", "--json").stdout)[0])
-                             ["state"] == "auth_failed" and r, 30, what="the account refused\n" + daemon.log_tail())
-            assert "not bound to" in row["last_error"], row
+
+            def account() -> dict[str, Any]:
+                return json.loads(daemon.ctl("account", "list", "--json").stdout)[0]
+
+            wait_until(lambda: listener.accepted or account()["state"] == "auth_failed", 30,
+                       what="a connection to the new port or the account refused\n" + daemon.log_tail())
+            assert listener.accepted == 0, "the daemon connected to the new port to send the password there"
+            assert "not bound to" in account()["last_error"], account()
             wait_until(lambda: any("not bound to" in e for e in daemon.status()["errors"]), 10, what="status")
-            assert listener.accepted == 0, "the password was sent to the new port"
     finally:
         listener.close()
 
