@@ -474,6 +474,42 @@ def test_workers_reload_the_keyring_after_rotation(tmp_path):
     assert credentials.keyring.current_id == new.split(":")[0]
 
 
+@pytest.fixture(scope="module")
+def rotating_oauth(tmp_path_factory):
+    from mailingestd.devservers import Dovecot
+    from oauth2_server import OAuth2Server
+
+    server = OAuth2Server(expires_in=3600, rotate=True)  # every refresh rotates (and kills) the token
+    root = tmp_path_factory.mktemp("oauth2-rotating")
+    root.chmod(0o755)
+    dovecot = Dovecot(root / "dovecot", users=0, extra_conf=server.dovecot_conf(root / "conf"))
+    dovecot.start()
+    yield server, dovecot
+    dovecot.stop()
+    server.close()
+
+
+def test_account_test_uses_the_refresh_token_the_provider_rotated(rotating_oauth, tmp_path):
+    server, dovecot = rotating_oauth
+    daemon = keyed_daemon(tmp_path, workers=1)
+    original = server.new_refresh_token("rita")
+    result = subprocess.run(
+        [str(BIN / "mailingestctl"), "--config", str(daemon.config_path), "account", "add", "rita", "--host",
+         dovecot.host, "--port", str(dovecot.port), "--tls", "none", "--username", "rita", "--oauth2-provider",
+         "custom", "--oauth2-token-url", f"{server.url}/token", "--oauth2-client-id", server.client_id,
+         "--oauth2-secrets-stdin"], input=f"{server.client_secret}\n{original}\n", capture_output=True, text=True,
+        env=daemon.env)
+    assert result.returncode == 0, result.stderr
+    with daemon:
+        wait_until(lambda: daemon.query("SELECT refresh_token FROM oauth_tokens"), 20, what="a rotated token")
+    assert original in server.revoked, "the daemon's refresh rotated it away"
+    (before,) = daemon.query("SELECT refresh_token FROM oauth_tokens")[0]
+    out = daemon.ctl("account", "test", "rita", check=False)
+    assert out.returncode == 0 and "logged in" in out.stdout, out.stderr
+    (after,) = daemon.query("SELECT refresh_token FROM oauth_tokens")[0]
+    assert after != before, "the token account test rotated is kept for the daemon"
+
+
 def test_dependency_floors_and_constraints_file() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     floors = {d.split(">=")[0].split("[")[0].strip().lower(): d for d in project["dependencies"]}
