@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ class Child:
         self.errors = ErrorLog()
         self.frames_dropped = 0
         self.last_heartbeat = 0.0
+        self.stored_seen = 0
+        self.last_ingest = 0.0
         die_with_parent(parent_pid)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_int)
@@ -124,12 +127,19 @@ class Child:
     def heartbeat_due(self, now: float) -> bool:
         return now - self.last_heartbeat >= self.config.daemon.heartbeat_interval
 
-    def heartbeat(self, state: str, now: float, **fields: Any) -> None:
+    def heartbeat(self, state: str, now: float, stats: frames.AnyStats, **fields: Any) -> None:
         self.last_heartbeat = now
-        stats = dict(fields.pop("stats", {}))
-        stats["frames_dropped"] = self.frames_dropped
+        stats.frames_dropped = self.frames_dropped
         send(self.to_supervisor, frames.Heartbeat(role=self.role, slot=self.slot, pid=self.pid, state=state,
                                                   stats=stats, errors=self.errors.lines(), **fields))
+
+    def ingest_clock(self, stored_total: int) -> float:
+        """Unix time ``stored_total`` (messages stored so far) last grew, as seen at heartbeats;
+        0.0 before the first message. Feeds mailingestd_last_ingest_timestamp_seconds."""
+        if stored_total > self.stored_seen:
+            self.stored_seen = stored_total
+            self.last_ingest = time.time()
+        return self.last_ingest
 
     def decode(self, data: bytes) -> frames.AnyFrame | None:
         frame = frames.decode(data)

@@ -104,18 +104,53 @@ class Control(Frame):
 
 
 # --- every child -> supervisor ------------------------------------------------------------------
-class Heartbeat(Frame):
-    """Sent every heartbeat_interval. Counters are cumulative since the child started.
+class ChildStats(msgspec.Struct, tag=True, kw_only=True):
+    """A role's numbers in its Heartbeat: one Struct per role, so that a number the supervisor
+    reads and no child sends is a type error, not a gauge stuck at 0. Counters are cumulative
+    since the child started; ``frames_dropped`` is filled in by ``child.Child.heartbeat``."""
 
-    ``stats`` carries role-specific numbers (counters, gauges, histogram buckets) and
-    ``errors`` the most recent distinct error lines; both are bounded by the sender.
+    frames_dropped: int = 0
+
+
+class SchedulerStats(ChildStats):
+    accounts: int
+    in_flight: int
+    uidvalidity_changes: int
+    drain_in_flight_accounts: int
+    drain_in_flight_messages: int
+
+
+class WorkerStats(ChildStats):
+    messages_ingested: int
+    bytes_ingested: int
+    idle_connections: int
+    accounts: int
+    busy: int
+    last_ingest: float  # Unix time this worker last stored a message (within a heartbeat); 0: not yet
+
+
+class PublisherStats(ChildStats):
+    published: int
+    publish_errors: int
+    outbox_depth: int
+
+
+AnyStats = Union[SchedulerStats, WorkerStats, PublisherStats]
+
+
+class Heartbeat(Frame):
+    """Sent every heartbeat_interval.
+
+    ``stats`` carries the role's numbers, ``histograms`` and ``labeled`` its histogram buckets
+    and bounded-label counters, ``errors`` the most recent distinct error lines; all are bounded
+    by the sender. A heartbeat without ``stats`` comes from no child of ours.
     """
 
     role: str
     slot: int
     pid: int
     state: str
-    stats: dict[str, float] = {}
+    stats: AnyStats | None = None
     histograms: dict[str, list[float]] = {}
     labeled: dict[str, dict[str, float]] = {}
     errors: list[str] = []

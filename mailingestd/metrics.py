@@ -49,6 +49,11 @@ LABELED_COUNTERS = {
 }
 
 
+def stat(beat: frames.Heartbeat, name: str) -> float:
+    """A counter of the beat's role (``COUNTERS`` names fields of frames.*Stats); 0 for other roles."""
+    return float(getattr(beat.stats, name, 0))
+
+
 class Totals:
     """Adds live heartbeats to the banked numbers of children that are gone."""
 
@@ -57,11 +62,14 @@ class Totals:
         self.banked_labeled: dict[str, dict[str, float]] = {}
         self.banked_hist: dict[str, list[float]] = {}
         self.banked_dropped: dict[str, float] = {}
+        self.banked_last_ingest = 0.0
 
     def bank(self, beat: frames.Heartbeat) -> None:
+        if isinstance(beat.stats, frames.WorkerStats):
+            self.banked_last_ingest = max(self.banked_last_ingest, beat.stats.last_ingest)
         for name in COUNTERS:
-            self.banked[name] = self.banked.get(name, 0) + beat.stats.get(name, 0)
-        self.banked_dropped[beat.role] = self.banked_dropped.get(beat.role, 0) + beat.stats.get("frames_dropped", 0)
+            self.banked[name] = self.banked.get(name, 0) + stat(beat, name)
+        self.banked_dropped[beat.role] = self.banked_dropped.get(beat.role, 0) + stat(beat, "frames_dropped")
         for name in LABELED_COUNTERS:
             into = self.banked_labeled.setdefault(name, {})
             for label, value in beat.labeled.get(name, {}).items():
@@ -70,7 +78,12 @@ class Totals:
             self.banked_hist[name] = Histogram.add_wire(self.banked_hist.get(name, []), wire)
 
     def counter(self, name: str, beats: Iterable[frames.Heartbeat]) -> float:
-        return self.banked.get(name, 0) + sum(b.stats.get(name, 0) for b in beats)
+        return self.banked.get(name, 0) + sum(stat(b, name) for b in beats)
+
+    def last_ingest_at(self, beats: Iterable[frames.Heartbeat]) -> float:
+        """Unix time a message was last stored by any worker, gone ones included (never goes back)."""
+        return max([self.banked_last_ingest] + [b.stats.last_ingest for b in beats
+                                                if isinstance(b.stats, frames.WorkerStats)])
 
     def labeled(self, name: str, beats: Iterable[frames.Heartbeat]) -> dict[str, float]:
         out = dict(self.banked_labeled.get(name, {}))
@@ -89,7 +102,7 @@ class Totals:
     def frames_dropped(self, beats: Iterable[frames.Heartbeat]) -> dict[str, float]:
         out = dict(self.banked_dropped)
         for beat in beats:
-            out[beat.role] = out.get(beat.role, 0) + beat.stats.get("frames_dropped", 0)
+            out[beat.role] = out.get(beat.role, 0) + stat(beat, "frames_dropped")
         return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from . import frames
 from .child import Child
 from .config import Config
 from .publisher import Publisher, PublishStats, make_sqs_client
@@ -21,8 +22,8 @@ def main(config: Config, slot: int, parent_pid: int) -> int:
     def on_tick(stats: PublishStats) -> None:
         now = time.monotonic()
         if child.heartbeat_due(now):
-            child.heartbeat("running", now, stats={"published": stats.sent, "publish_errors": stats.failed,
-                                                   "outbox_depth": stats.outbox_depth})
+            child.heartbeat("running", now, stats=frames.PublisherStats(
+                published=stats.sent, publish_errors=stats.failed, outbox_depth=stats.outbox_depth))
 
     publisher.run(lambda: child.stop_requested or not child.parent_alive(), on_tick)
     store.close()

@@ -432,10 +432,10 @@ class Scheduler:
                 by_state_priority[f"disabled/{key}"] = by_state_priority.get(f"disabled/{key}", 1) - 1
                 by_state_priority[f"{state}/{key}"] = by_state_priority.get(f"{state}/{key}", 0) + 1
         lag = snap.lag
-        self.child.heartbeat(self.state_name(), now, stats={
-            "accounts": snap.accounts, "in_flight": snap.in_flight, "uidvalidity_changes": self.uidvalidity_changes,
-            "drain_in_flight_accounts": self.drain_in_flight[0], "drain_in_flight_messages": self.drain_in_flight[1],
-        }, labeled={
+        self.child.heartbeat(self.state_name(), now, stats=frames.SchedulerStats(
+            accounts=snap.accounts, in_flight=snap.in_flight, uidvalidity_changes=self.uidvalidity_changes,
+            drain_in_flight_accounts=self.drain_in_flight[0], drain_in_flight_messages=self.drain_in_flight[1],
+        ), labeled={
             "accounts": by_state_priority,
             "connection_limit": {s.server: s.max_connections for s in snap.servers},
             "waiting": {s.server: s.waiting for s in snap.servers},

@@ -699,10 +699,20 @@ class Supervisor:
     def beats(self) -> list[frames.Heartbeat]:
         return [s.beat for s in self.slots if s.beat is not None]
 
-    def status_line(self) -> str:
+    def scheduler_stats(self) -> frames.SchedulerStats:
         sched = self.slot_of("scheduler")
-        accounts = int(sched.beat.stats.get("accounts", 0)) if sched and sched.beat else 0
-        idle = sum(b.stats.get("idle_connections", 0) for b in self.beats() if b.role == "worker")
+        stats = sched.beat.stats if sched and sched.beat else None
+        if isinstance(stats, frames.SchedulerStats):
+            return stats
+        return frames.SchedulerStats(accounts=0, in_flight=0, uidvalidity_changes=0, drain_in_flight_accounts=0,
+                                     drain_in_flight_messages=0)
+
+    def worker_stats(self) -> list[frames.WorkerStats]:
+        return [b.stats for b in self.beats() if isinstance(b.stats, frames.WorkerStats)]
+
+    def status_line(self) -> str:
+        accounts = self.scheduler_stats().accounts
+        idle = sum(w.idle_connections for w in self.worker_stats())
         messages = int(self.totals.counter("messages_ingested", self.beats()))
         return f"{self.state.value}; {accounts} accounts, {int(idle)} idling; {messages} messages stored"
 
@@ -738,9 +748,10 @@ class Supervisor:
             "memory_budget": self.config.daemon.memory_budget, "accounts": accounts, "connections": connections,
             "connection_limit": sched_beat.labeled.get("connection_limit", {}) if sched_beat else {},
             "waiting": sched_beat.labeled.get("waiting", {}) if sched_beat else {},
-            "last_ingest": max((b.stats.get("last_ingest", 0) for b in beats), default=0),
-            "idle_connections": sum(b.stats.get("idle_connections", 0) for b in beats if b.role == "worker"),
-            "outbox_depth": pub_beat.stats.get("outbox_depth", 0) if pub_beat else 0,
+            "last_ingest": self.totals.last_ingest_at(beats),
+            "idle_connections": sum(w.idle_connections for w in self.worker_stats()),
+            "outbox_depth": pub_beat.stats.outbox_depth
+            if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0,
             "high_interval": self.config.scheduler.high_interval,
             "leases": lease_counts(self.config, sched_beat.detail if sched_beat else None),
             "notify_failures": notify.failures(),
@@ -789,7 +800,7 @@ class Supervisor:
                            or socket.gethostname(), "store": self.config.store_url.split("://")[0],
                            "memory_bytes": self.memory, "memory_budget": self.config.daemon.memory_budget},
             "children": children,
-            "accounts": {"total": int(sched_beat.stats.get("accounts", 0)) if sched_beat else 0,
+            "accounts": {"total": self.scheduler_stats().accounts,
                          "by_state": by_state, "by_priority": by_priority},
             "servers": servers,
             "traffic": {"polls_total": polls_total, "messages_total": messages_total,
@@ -802,10 +813,8 @@ class Supervisor:
                        "published_total": self.totals.counter("published", beats),
                        "publish_errors_total": self.totals.counter("publish_errors", beats),
                        "publisher_state": pub.beat.state if pub and pub.beat else None},
-            "drain": {"in_flight_accounts": int(sched_beat.stats.get("drain_in_flight_accounts", 0))
-                      if sched_beat else 0,
-                      "in_flight_messages": int(sched_beat.stats.get("drain_in_flight_messages", 0))
-                      if sched_beat else 0},
+            "drain": {"in_flight_accounts": self.scheduler_stats().drain_in_flight_accounts,
+                      "in_flight_messages": self.scheduler_stats().drain_in_flight_messages},
             "cluster": cluster_status(self.config, sched_beat.detail if sched_beat else None),
             "errors": errors[:10],
         }

@@ -645,10 +645,11 @@ class Worker:
                 connections[session.account.host] = connections.get(session.account.host, 0) + 1
                 idle += session.idling
         state = "drained" if self.draining and self.fully_drained() else "draining" if self.draining else "running"
-        self.child.heartbeat(state, now, stats={
-            "messages_ingested": self.messages, "bytes_ingested": self.bytes, "idle_connections": idle,
-            "accounts": len(self.sessions), "busy": sum(s.busy for s in self.sessions.values()),
-        }, histograms={"fetch_duration_seconds": self.fetch_hist.to_wire(),
+        self.child.heartbeat(state, now, stats=frames.WorkerStats(
+            messages_ingested=self.messages, bytes_ingested=self.bytes, idle_connections=idle,
+            accounts=len(self.sessions), busy=sum(s.busy for s in self.sessions.values()),
+            last_ingest=self.child.ingest_clock(self.messages),
+        ), histograms={"fetch_duration_seconds": self.fetch_hist.to_wire(),
                        "new_mail_latency_seconds": self.new_mail_hist.to_wire()},
             labeled={"polls": dict(self.polls), "connections": connections, "connects": dict(self.connects)})
 

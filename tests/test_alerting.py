@@ -237,9 +237,20 @@ def daemon_textfile(textfile_dir: Path) -> Iterator[None]:
         daemon.config_path.write_text(text.replace(str(daemon.metrics_dir / TEXTFILE_NAME),
                                                    str(textfile_dir / TEXTFILE_NAME)))
         with daemon:
+            appended_at = time.time()
             for n, user in enumerate(dovecot.users * 3):
                 dovecot.append(user, f"Message-ID: <alert-{n}@t>\r\nSubject: {n}\r\n\r\nbody\r\n".encode())
             daemon.wait_stored(6, timeout=30)
+
+            def last_ingest() -> float:
+                path = textfile_dir / TEXTFILE_NAME
+                text = path.read_text() if path.exists() else ""
+                match = re.search(r"^mailingestd_last_ingest_timestamp_seconds (\S+)$", text, re.MULTILINE)
+                return float(match.group(1)) if match else 0.0
+
+            # The gauge MailingestdNoNewMail reads moves when mail is stored (it stayed 0 for ever).
+            wait_until(lambda: appended_at <= last_ingest() <= time.time(), 10, 0.3,
+                       f"mailingestd_last_ingest_timestamp_seconds after ingest (is {last_ingest()})")
             wait_until(lambda: daemon.status()["accounts"]["by_state"].get("auth_failed"), 30, 0.5, "auth_failed")
             yield
 

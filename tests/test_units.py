@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from mailingestd import config as cfg
-from mailingestd.frames import Heartbeat, Poll, decode, encode
+from mailingestd.frames import Heartbeat, Poll, WorkerStats, decode, encode
 from mailingestd.ingest import plan_batches
 from mailingestd.message import parse_headers
 from mailingestd.store import StoredMessage, open_store
@@ -128,7 +128,9 @@ def test_store_commit_is_idempotent_and_checkpoint_never_goes_back(tmp_path):
 def test_frames_roundtrip_and_garbage_is_none():
     assert decode(encode(Poll(account_id="a", order_id=3, may_connect=True))) == Poll(account_id="a", order_id=3,
                                                                                       may_connect=True)
-    beat = Heartbeat(role="worker", slot=1, pid=2, state="running", stats={"x": 1.0})
+    beat = Heartbeat(role="worker", slot=1, pid=2, state="running",
+                     stats=WorkerStats(messages_ingested=3, bytes_ingested=9, idle_connections=1, accounts=2,
+                                       busy=0, last_ingest=1.5))
     assert decode(encode(beat)) == beat
     for garbage in (b"", b"\xc1", b"\x92\x01\x02", json.dumps({"type": "Poll"}).encode()):
         assert decode(garbage) is None
