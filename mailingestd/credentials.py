@@ -220,9 +220,11 @@ class Credentials:
 
     def check_transport(self, account: AccountConfig) -> None:
         """Refuse to send a password in clear except to loopback or where the file allows it, and
-        log plaintext and unverified TLS once per account."""
+        log plaintext over the network and unverified TLS once per account."""
         if account.tls == "none":
-            if not is_loopback(account.host) and account.id not in self.policy.plaintext:
+            if is_loopback(account.host):
+                return
+            if account.id not in self.policy.plaintext:
                 raise CredentialRefused(f"account {account.id}: tls = \"none\" would send its credentials in clear "
                                         f"to {account.host}; allowed only to loopback unless the configuration file "
                                         "sets allow_plaintext = true for this account")
