@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import secrets as secrets_module
 import sys
 from pathlib import Path
 import time
@@ -348,14 +349,13 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
     if oauth2_provider:
         if password_file or password_env or password_stdin:
             raise click.UsageError("an OAuth2 account takes no password")
-        if not oauth2_secrets_stdin:
-            raise click.UsageError("give --oauth2-secrets-stdin (client secret and refresh token on two lines)")
-        lines = sys.stdin.read().splitlines()
-        if len(lines) < 2 or not lines[1].strip():
-            raise click.UsageError("standard input must hold two lines: the client secret, then the refresh token")
-        plain = {"client_secret": lines[0].strip(), "refresh_token": lines[1].strip()}
-        if not plain["client_secret"]:
-            del plain["client_secret"]
+        if oauth2_secrets_stdin:
+            lines = sys.stdin.read().splitlines()
+            if len(lines) < 2 or not lines[1].strip():
+                raise click.UsageError("standard input must hold two lines: the client secret, then the refresh token")
+            plain = {"client_secret": lines[0].strip(), "refresh_token": lines[1].strip()}
+            if not plain["client_secret"]:
+                del plain["client_secret"]
         oauth = OAuth2Config(provider=oauth2_provider, token_url=oauth2_token_url, client_id=oauth2_client_id,
                              scopes=list(oauth2_scopes))
     else:
@@ -396,7 +396,9 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
         destination = destination_of(acct)
         secrets = {field: ring.encrypt(value, account_id, field, destination) for field, value in plain.items()}
     store_of(ctx).upsert_account(acct, source="store", secrets=secrets)
-    click.echo(f"account {account_id} saved" + (" (secrets encrypted in the store)" if secrets else ""))
+    click.echo(f"account {account_id} saved" + (" (secrets encrypted in the store)" if secrets else "")
+               + (f"; no refresh token yet: mailingestctl account authorize {account_id}"
+                  if oauth is not None and "refresh_token" not in plain else ""))
 
 
 def keyring_of(ctx: click.Context) -> Keyring:
@@ -563,6 +565,81 @@ def account_test(ctx: click.Context, account_id: str, as_json: bool) -> None:
             click.echo(f"folder {folder}: uidvalidity {st['uidvalidity']} uidnext {st['uidnext']} messages "
                        f"{st['messages']}" + (f" highestmodseq {st['highestmodseq']}"
                                                if st["highestmodseq"] is not None else ""))
+
+
+@account.command("authorize")
+@click.argument("account_id")
+@click.option("--provider", type=click.Choice(["google", "microsoft", "custom"]), default=None,
+              help="Provider (default: the account's); its preset gives the endpoints and scopes.")
+@click.option("--auth-url", default="", help="Authorization endpoint (provider custom, or to override a preset).")
+@click.option("--client-secret-stdin", is_flag=True,
+              help="Read the OAuth2 client secret from standard input and keep it encrypted in the store.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="Port on 127.0.0.1 for the redirect (default: any free one; fix it to forward it over SSH).")
+@click.option("--timeout", type=float, default=300.0, show_default=True, metavar="S",
+              help="Seconds to wait for the browser's redirect.")
+@click.pass_context
+def account_authorize(ctx: click.Context, account_id: str, provider: str | None, auth_url: str,
+                      client_secret_stdin: bool, port: int, timeout: float) -> None:
+    """Obtain the account's OAuth2 refresh token: print the provider's sign-in URL, receive the
+    redirect on 127.0.0.1 (authorization code with PKCE), store the token encrypted."""
+    from .authorize import AUTHORIZATION_URLS, AuthorizeError, LoopbackReceiver, authorization_url, exchange_code, \
+        new_pkce
+    from .credentials import check_token_url, destination_of, endpoint_and_scopes
+    from .secrets import SecretError
+
+    row = _get(ctx, account_id)
+    old = row.account
+    if old.auth != "oauth2" or old.oauth2 is None:
+        fail(EX_USAGE, f"account {account_id} does not use OAuth2: add it with mailingestctl account add ... "
+                       "--oauth2-provider P --oauth2-client-id ID (--replace to change an existing one)")
+    if row.source != "store":
+        fail(EX_USAGE, f"account {account_id} comes from the configuration file, whose refresh token is "
+                       "refresh_token_file or refresh_token_env; authorize accounts kept in the store")
+    oauth = msgspec.structs.replace(old.oauth2, provider=provider or old.oauth2.provider)
+    acct = msgspec.structs.replace(old, oauth2=oauth)
+    try:
+        token_url, scopes = endpoint_and_scopes(oauth)
+        check_token_url(account_id, token_url)
+    except config_mod.ConfigError as exc:
+        fail(EX_USAGE, str(exc))
+    auth_url = auth_url or AUTHORIZATION_URLS.get(oauth.provider, "")
+    if not auth_url:
+        raise click.UsageError("--auth-url is required for provider custom")
+    if not oauth.client_id:
+        fail(EX_USAGE, f"account {account_id} has no OAuth2 client id (account add --oauth2-client-id ... --replace)")
+    ring = keyring_of(ctx)
+    destination = destination_of(acct)
+    client_secret = ""
+    if client_secret_stdin:
+        client_secret = sys.stdin.readline().strip()
+    elif "client_secret" in row.secrets:
+        try:
+            client_secret = ring.decrypt(row.secrets["client_secret"], account_id, "client_secret", destination_of(old))
+        except SecretError as exc:
+            fail(EX_CONFIG, str(exc))
+    pkce, state = new_pkce(), secrets_module.token_urlsafe(24)
+    try:
+        receiver = LoopbackReceiver(state, port)
+    except OSError as exc:
+        fail(EX_UNAVAILABLE, f"cannot listen on 127.0.0.1:{port} for the redirect: {exc.strerror}")
+    try:
+        url = authorization_url(auth_url, oauth.client_id, receiver.redirect_uri, scopes, state, pkce,
+                                oauth.provider, login_hint=acct.username)
+        click.echo(f"Open this URL in a browser, sign in as {acct.username} and allow access:", err=True)
+        click.echo(url)
+        click.echo(f"Waiting up to {timeout:g}s for the redirect to {receiver.redirect_uri}", err=True)
+        code = receiver.wait(timeout)
+        grant = exchange_code(token_url, oauth.client_id, client_secret, code, receiver.redirect_uri, pkce)
+    except AuthorizeError as exc:
+        fail(1, f"account={account_id} error_kind=authorize error={exc}")
+    finally:
+        receiver.close()
+    sealed = {field: ring.encrypt(value, account_id, field, destination)
+              for field, value in (("refresh_token", grant.refresh_token), ("client_secret", client_secret)) if value}
+    store_of(ctx).upsert_account(acct, source="store", secrets=sealed)
+    click.echo(f"account {account_id}: refresh token stored encrypted (check it with mailingestctl account test "
+               f"{account_id})")
 
 
 def _test_failed(as_json: bool, account_id: str, server: str | None, kind: str, detail: str) -> NoReturn:

@@ -1,14 +1,18 @@
 """A small OAuth2 authorization server of the test suite's own, on loopback.
 
-It plays both sides a real deployment has: the provider's token endpoint (refresh-token grant,
-with optional refresh-token rotation and revocation) and the introspection endpoint Dovecot's
+It plays both sides a real deployment has: the provider's authorization endpoint (a person who
+consents at once as ``authorize_as``; authorization code with PKCE S256 to a loopback redirect) and
+token endpoint (authorization-code and refresh-token grants, with optional refresh-token rotation
+and revocation), and the introspection endpoint Dovecot's
 ``oauth2`` passdb asks whether an access token is valid, so XOAUTH2/OAUTHBEARER logins are checked
 by the real IMAP server.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import hashlib
 import http.server
 import json
 import secrets
@@ -30,9 +34,26 @@ class OAuth2Server:
         self.introspections = 0
         self.client_id = "mailingestd-test"
         self.client_secret = "client-" + secrets.token_hex(8)
+        self.authorize_as: str | None = None  # who signs in and consents at /authorize (None: denied)
+        self.codes: dict[str, tuple[str, str, str]] = {}  # code -> (username, redirect_uri, S256 challenge)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                split = urllib.parse.urlsplit(self.path)
+                query = {k: v[0] for k, v in urllib.parse.parse_qs(split.query).items()}
+                if split.path != "/authorize":
+                    self.send_error(404)
+                    return
+                location = server.authorize(query)
+                if location is None:
+                    self.send_error(400, "bad authorization request")
+                    return
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
                 form = {k: v[0] for k, v in urllib.parse.parse_qs(self.rfile.read(length).decode()).items()}
@@ -72,7 +93,38 @@ class OAuth2Server:
             self.access[token] = (username, time.time() + self.expires_in)
         return token
 
+    def authorize(self, query: dict[str, str]) -> str | None:
+        """The redirect for an authorization request, or None for one no provider would accept."""
+        redirect = query.get("redirect_uri", "")
+        if (query.get("response_type") != "code" or query.get("client_id") != self.client_id
+                or query.get("code_challenge_method") != "S256" or not query.get("code_challenge")
+                or not redirect.startswith("http://127.0.0.1:")):
+            return None
+        if self.authorize_as is None:
+            reply = {"error": "access_denied", "state": query.get("state", "")}
+        else:
+            code = "ac-" + secrets.token_hex(12)
+            with self.lock:
+                self.codes[code] = (self.authorize_as, redirect, query["code_challenge"])
+            reply = {"code": code, "state": query.get("state", "")}
+        return redirect + "?" + urllib.parse.urlencode(reply)
+
+    def _authorization_code_grant(self, form: dict[str, str]) -> tuple[int, dict]:
+        with self.lock:
+            username, redirect, challenge = self.codes.pop(form.get("code", ""), ("", "", ""))
+        verifier = form.get("code_verifier", "").encode()
+        if not username or form.get("redirect_uri") != redirect or challenge != \
+                base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode():
+            return 400, {"error": "invalid_grant", "error_description": "bad code, redirect_uri or code_verifier"}
+        return 200, {"token_type": "Bearer", "expires_in": self.expires_in,
+                     "access_token": self.issue_access_token(username),
+                     "refresh_token": self.new_refresh_token(username)}
+
     def handle(self, path: str, form: dict[str, str]) -> tuple[int, dict]:
+        if path == "/token" and form.get("grant_type") == "authorization_code":
+            if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
+                return 401, {"error": "invalid_client"}
+            return self._authorization_code_grant(form)
         if path == "/token":
             refresh = form.get("refresh_token", "")
             with self.lock:

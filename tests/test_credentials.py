@@ -122,7 +122,7 @@ def test_revoked_refresh_token_parks_account_in_reauth_required_without_storm(oa
         assert listed[0]["state"] == "reauth_required"
         # New credentials lift it.
         fresh = server.new_refresh_token("erin")
-        add_oauth(daemon, server, dovecot, "erin", fresh)
+        add_oauth(daemon, server, dovecot, "erin", fresh, "--replace")
         wait_until(lambda: daemon.status()["traffic"]["idle_connections"] == 1, 20, what="erin idling again")
         assert not daemon.status()["accounts"]["by_state"].get("reauth_required")
 
