@@ -73,7 +73,7 @@ class LoopbackReceiver:
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 query = {k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()}
                 if "code" not in query and "error" not in query:
                     self._reply(404, "Not the authorization redirect.")  # a favicon, a probe

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from harness import BIN, Daemon, account_toml, wait_until
 from hostile_imap import HostileServer
+
 from mailingestd import __version__
 from mailingestd.ctl import cli
 
@@ -28,7 +28,7 @@ def write_config(root: Path) -> Path:
 def ctl(*args: str, env_file: Path | str = "", **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {"PATH": "/usr/bin:/bin", "MAILINGESTCTL_ENV_FILE": str(env_file), **env}
     return subprocess.run([str(BIN / "mailingestctl"), *args], env=full_env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
 
 
 def add_account(config: Path, account_id: str, *extra: str, env_file: Path | str = "") -> subprocess.CompletedProcess[str]:

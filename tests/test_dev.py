@@ -42,7 +42,7 @@ def run_dev(sandbox: Path, script: str, **env: str) -> subprocess.CompletedProce
     """Source ./dev with the sandbox first on PATH and the policy file inside it, then run ``script``."""
     full_env = dict(os.environ, PATH=f"{sandbox / 'bin'}:{os.environ['PATH']}", **env)
     return subprocess.run(["bash", "-c", f'source "{DEV}"; POLICY_RC="{sandbox}/policy-rc.d"; {script}'],
-                          env=full_env, capture_output=True, text=True, timeout=30)
+                          env=full_env, capture_output=True, text=True, timeout=30, check=False)
 
 
 def apt_log(sandbox: Path) -> list[str]:
