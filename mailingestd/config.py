@@ -150,6 +150,22 @@ class BlobsConfig(_Section):
     concurrency: int = 8
 
 
+# A batch goes to PostgreSQL as one multi-row INSERT of 18 parameters a message, and a statement
+# takes at most 65,535 parameters (3,640 messages); batch_bytes usually ends a batch far sooner.
+MAX_BATCH_MESSAGES = 3000
+# SQS takes a FIFO MessageGroupId (the account id, SPEC section 5) of 1-128 characters from ASCII
+# letters, digits and punctuation; '/' separates the parts of a message key, so it is refused too.
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9!\"#$%&'()*+,\-.:;<=>?@\[\\\]^_`{|}~]{1,128}")
+
+
+def account_id_problem(account_id: str) -> str | None:
+    """Why ``account_id`` cannot be an account id, or None. Shared by the file and mailingestctl."""
+    if _ACCOUNT_ID.fullmatch(account_id) is None:
+        return ("id must be 1-128 ASCII letters, digits or punctuation and contain no '/' or space (it is "
+                "part of message keys and the SQS FIFO MessageGroupId)")
+    return None
+
+
 class ImapConfig(_Section):
     timeout: Duration = Duration(60)
     idle_renew: Duration = Duration(600)
@@ -481,8 +497,9 @@ def _validate(config: Config, where: str, env_keys: Mapping[str, str] | None = N
         problems.append("store: retention_batch and partitions_ahead must be at least 1")
     if config.blobs.kind == "s3" and not config.blobs.bucket:
         problems.append("blobs.bucket: required when blobs.kind = \"s3\"")
-    if config.imap.batch_messages < 1:
-        problems.append("imap.batch_messages: expected at least 1")
+    if not 1 <= config.imap.batch_messages <= MAX_BATCH_MESSAGES:
+        problems.append(f"imap.batch_messages: expected 1..{MAX_BATCH_MESSAGES} (a batch is one PostgreSQL "
+                        "statement, at most 65,535 parameters)")
     cluster = config.cluster
     if cluster.lease_time < 3 or cluster.capacity < 0 or cluster.release_per_round < 1:
         problems.append("cluster: expected lease_time of at least 3s, capacity >= 0 and release_per_round >= 1")
@@ -497,8 +514,9 @@ def _validate(config: Config, where: str, env_keys: Mapping[str, str] | None = N
         if account.id in seen:
             problems.append(f"{label}: duplicate account id")
         seen.add(account.id)
-        if "/" in account.id or not account.id.strip():
-            problems.append(f"{label}: id must be non-empty and contain no '/' (it is part of message keys)")
+        id_problem = account_id_problem(account.id)
+        if id_problem:
+            problems.append(f"{label}: {id_problem}")
         if account.auth == "password" and not (account.password_file or account.password_env):
             problems.append(f"{label}: needs password_file or password_env")
         if account.auth == "oauth2" and account.oauth2 is None:

@@ -221,7 +221,7 @@ def format_status(data: dict[str, Any]) -> str:
     out = data["outbox"]
     if out["enabled"]:
         lines.append(f"  outbox depth {int(out['depth'])}   published {int(out['published_total'])}   "
-                     f"publish errors {int(out['publish_errors_total'])}")
+                     f"publish errors {int(out['publish_errors_total'])}   parked {int(out.get('parked', 0))}")
     else:
         lines.append("  queue: none (queue.kind = \"none\")")
     lines += ["", "RECENT ERRORS"] + ([f"  {printable(e)}" for e in data["errors"]] or ["  none"])
@@ -340,8 +340,9 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
                 oauth2_scopes: tuple[str, ...], oauth2_secrets_stdin: bool, folders: tuple[str, ...],
                 priority: str, no_idle: bool, disabled: bool, replace: bool) -> None:
     """Add an account to the store (--replace: or replace one). Secrets given on standard input are encrypted."""
-    if "/" in account_id:
-        raise click.UsageError("an account id cannot contain '/' (it is part of message keys)")
+    id_problem = config_mod.account_id_problem(account_id)
+    if id_problem:
+        raise click.UsageError(f"account {account_id!r}: {id_problem}")
     if not replace and store_of(ctx).get_account(account_id) is not None:
         fail(1, f"account {account_id} exists already (--replace replaces it)")
     oauth = None

@@ -133,6 +133,7 @@ class PublisherStats(ChildStats):
     published: int
     publish_errors: int
     outbox_depth: int
+    parked: int  # outbox entries that failed publisher.PARK_AFTER times (still retried)
 
 
 AnyStats = Union[SchedulerStats, WorkerStats, PublisherStats]

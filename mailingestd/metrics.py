@@ -181,6 +181,8 @@ class DaemonCollector:
         yield gauge("last_ingest_timestamp_seconds", "Unix time a message was last stored.", snap["last_ingest"])
         yield gauge("idle_connections", "Connections in IDLE.", snap["idle_connections"])
         yield gauge("outbox_depth", "Messages stored but not yet announced on the queue.", snap["outbox_depth"])
+        yield gauge("outbox_parked", "Outbox entries the queue refused again and again (retried every "
+                    "queue.retry_max).", snap.get("outbox_parked", 0))
         yield labeled_gauge("leases", "Unexpired account leases held, by cluster node (PostgreSQL store).", "node",
                             snap.get("leases", {}))
         yield gauge("scheduler_high_interval_seconds", "Configured high-priority poll interval.",

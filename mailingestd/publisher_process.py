@@ -23,7 +23,8 @@ def main(config: Config, slot: int, parent_pid: int) -> int:
         now = time.monotonic()
         if child.heartbeat_due(now):
             child.heartbeat("running", now, stats=frames.PublisherStats(
-                published=stats.sent, publish_errors=stats.failed, outbox_depth=stats.outbox_depth))
+                published=stats.sent, publish_errors=stats.failed, outbox_depth=stats.outbox_depth,
+                parked=stats.parked))
 
     publisher.run(lambda: child.stop_requested or not child.parent_alive(), on_tick)
     store.close()

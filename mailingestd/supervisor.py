@@ -752,6 +752,8 @@ class Supervisor:
             "idle_connections": sum(w.idle_connections for w in self.worker_stats()),
             "outbox_depth": pub_beat.stats.outbox_depth
             if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0,
+            "outbox_parked": pub_beat.stats.parked
+            if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0,
             "high_interval": self.config.scheduler.high_interval,
             "leases": lease_counts(self.config, sched_beat.detail if sched_beat else None),
             "notify_failures": notify.failures(),
@@ -810,6 +812,7 @@ class Supervisor:
                         "lag_p50": Histogram.quantile(LAG_BUCKETS, lag, 0.5) if lag else None,
                         "lag_p99": Histogram.quantile(LAG_BUCKETS, lag, 0.99) if lag else None},
             "outbox": {"enabled": self.config.queue.kind != "none", "depth": snap["outbox_depth"],
+                       "parked": snap["outbox_parked"],
                        "published_total": self.totals.counter("published", beats),
                        "publish_errors_total": self.totals.counter("publish_errors", beats),
                        "publisher_state": pub.beat.state if pub and pub.beat else None},

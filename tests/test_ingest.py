@@ -14,9 +14,10 @@ from harness import Daemon, account_toml, wait_until
 from mailingestd import imap
 from mailingestd.config import AccountConfig, ImapConfig, QueueConfig
 from mailingestd.ingest import sync_folder
+from mailingestd import publisher as publisher_mod
 from mailingestd.publisher import Publisher, make_sqs_client
 from mailingestd.samplemail import corpus, make_large
-from mailingestd.store import open_store
+from mailingestd.store import StoredMessage, open_store
 
 
 def account_for(dovecot, user: str) -> AccountConfig:
@@ -246,3 +247,37 @@ def test_account_commands_against_the_store(dovecot, mailbox, tmp_path):
     daemon.ctl("account", "remove", "a1")
     assert json.loads(daemon.ctl("account", "list", "--json").stdout) == []
     assert daemon.ctl("account", "remove", "a1", check=False).returncode == 1
+
+
+def _stored(uid: int, subject: str) -> StoredMessage:
+    raw = f"Subject: {subject}\r\nMessage-ID: <p{uid}@t>\r\n\r\nbody\r\n".encode()
+    return StoredMessage(uid=uid, raw=raw, size=len(raw), internaldate=None, message_id=f"<p{uid}@t>", from_=None,
+                         to=None, cc=None, subject=subject, date=None, in_reply_to=None, references=None)
+
+
+def test_the_publisher_moves_past_rows_that_always_fail(moto, tmp_path, monkeypatch):
+    """More outbox rows than one scan window that SQS always refuses (here: bodies over the queue's
+    MaximumMessageSize; 500 rows in production, a window of 50 here to keep the test short) ahead
+    of good ones: the good ones are announced anyway, the bad ones parked with a visible count."""
+    monkeypatch.setattr(publisher_mod, "SCAN_WINDOW", 50)
+    sqs = moto.client("sqs")
+    url = sqs.create_queue(QueueName=f"poison-{time.monotonic_ns()}",
+                           Attributes={"MaximumMessageSize": "1024"})["QueueUrl"]
+    store = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    mailbox = store.start_mailbox("acct", "INBOX", 1)
+    poison = [_stored(uid, "x" * 1500) for uid in range(1, 61)]
+    store.commit_batch(mailbox, poison, settled_uid=60)
+    store.commit_batch(mailbox, [_stored(uid, f"good {uid}") for uid in range(61, 64)], settled_uid=63)
+    clock = [0.0]
+    publisher = Publisher(store, QueueConfig(kind="sqs", url=url, endpoint_url=moto.endpoint_url, retry_base=1,
+                                             retry_max=60), clock=lambda: clock[0])
+    for _ in range(40):  # each step at a later (fake) time: every backoff comes due in turn
+        publisher.publish_once()
+        clock[0] += 5.0
+        if store.outbox_depth() == 60 and publisher.stats.parked == 60:
+            break
+    assert store.outbox_depth() == 60, "the good rows behind the failing ones were never announced"
+    assert publisher.stats.parked == 60
+    received = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)["Messages"]
+    assert sorted(json.loads(m["Body"])["subject"] for m in received) == ["good 61", "good 62", "good 63"]
+    store.close()

@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 
 from harness import Daemon, account_toml, wait_until
 from hostile_imap import HostileServer, Session
+from mailingestd import config
 from mailingestd.backoff import retry_delay
 from mailingestd.config import LimitsConfig, SchedulerConfig
 from mailingestd.imap import classify
@@ -122,3 +123,30 @@ def test_a_wrong_password_costs_auth_failure_limit_logins_across_restarts(doveco
     with daemon:
         wait_until(lambda: dovecot.login_count(bad) >= 1, 20, 0.3, "the account with new credentials to log in")
         assert auth_failed() == 0 and failed_logins(dovecot, bad) == 4
+
+
+# --- what the configuration lets in ---------------------------------------------------------------------
+@pytest.mark.parametrize("account_id", ["has space", "naïve", "x" * 129, "tab\there", "a/b", ""])
+def test_account_ids_sqs_refuses_as_message_group_id_are_refused(tmp_path, account_id: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[accounts]]\nid = "{account_id}"\nhost = "h"\nusername = "u"\npassword_env = "P"\n'
+                    .replace("\t", "\\t"))
+    with pytest.raises(config.ConfigError, match="accounts\\[0\\].*id"):
+        config.load(str(path), environ={})
+
+
+@pytest.mark.parametrize("account_id", ["support@acme.example", "a" * 128, "Acme_Corp-01.(eu)!~"])
+def test_account_ids_sqs_takes_are_accepted(tmp_path, account_id: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[accounts]]\nid = "{account_id}"\nhost = "h"\nusername = "u"\npassword_env = "P"\n')
+    assert config.load(str(path), environ={}).accounts[0].id == account_id
+
+
+def test_imap_batch_messages_has_an_upper_bound(tmp_path) -> None:
+    """A batch goes to PostgreSQL as one multi-row statement, which takes at most 65,535 parameters."""
+    path = tmp_path / "c.toml"
+    path.write_text("[imap]\nbatch_messages = 5000\n")
+    with pytest.raises(config.ConfigError, match="imap.batch_messages"):
+        config.load(str(path), environ={})
+    path.write_text(f"[imap]\nbatch_messages = {config.MAX_BATCH_MESSAGES}\n")
+    assert config.load(str(path), environ={}).imap.batch_messages == config.MAX_BATCH_MESSAGES
