@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import signal
@@ -137,15 +138,17 @@ def test_publish_fifo_each_key_exactly_once_with_claim_check(dovecot, mailbox, p
     for raw in messages:
         dovecot.append(mailbox, raw)
     ingest(dovecot, mailbox, store)
-    queue = QueueConfig(kind="sqs", url=sqs_fifo_queue, endpoint_url=moto.endpoint_url)
+    queue = QueueConfig(kind="sqs", url=sqs_fifo_queue, endpoint_url=moto.endpoint_url, inline_raw=True)
     publisher = Publisher(store, queue)
+    resent = store.outbox_batch(1)[0]
     deadline = time.monotonic() + 30
     while store.outbox_depth() and time.monotonic() < deadline:
         publisher.publish_once()
     assert store.outbox_depth() == 0
-    # Re-announcing the same keys (as a crash between send and delete would) is deduplicated by FIFO.
-    publisher.client.send_message(QueueUrl=sqs_fifo_queue, MessageBody="{}", MessageGroupId=mailbox,
-                                  MessageDeduplicationId=hashlib.sha256(f"{mailbox}/INBOX/x".encode()).hexdigest())
+    # Announcing a real key again (as a crash between send and outbox delete does), with the same
+    # deduplication id: the FIFO queue drops it (its five-minute window; the original is still queued).
+    publisher.client.send_message(QueueUrl=sqs_fifo_queue, MessageBody=resent.envelope, MessageGroupId=mailbox,
+                                  MessageDeduplicationId=hashlib.sha256(resent.key.encode()).hexdigest())
     sqs = make_sqs_client(queue)
     keys = []
     bodies = []
@@ -154,45 +157,63 @@ def test_publish_fifo_each_key_exactly_once_with_claim_check(dovecot, mailbox, p
                                     AttributeNames=["MessageGroupId"])
         for m in reply.get("Messages", []):
             body = json.loads(m["Body"])
-            if body:
-                keys.append(body["key"])
-                bodies.append(body)
+            keys.append(body["key"])
+            bodies.append(body)
+            assert m["Attributes"]["MessageGroupId"] == mailbox
             sqs.delete_message(QueueUrl=sqs_fifo_queue, ReceiptHandle=m["ReceiptHandle"])
         if len(keys) >= len(messages) and not reply.get("Messages"):
             break
+    assert keys.count(resent.key) == 1, "the same key announced twice with one deduplication id"
     assert len(keys) == len(set(keys)) == len(messages)
+    # Claim check with inline_raw on: what fits in an SQS message carries the raw bytes, byte for byte;
+    # the 300 KiB one carries only its key, and the store holds its bytes.
     large = [b for b in bodies if b["size"] == len(big)]
     assert len(large) == 1 and "raw_base64" not in large[0], "a message over 256 KiB is announced by claim check"
     assert store.message_raw(large[0]["key"]) == big
+    inlined = [b for b in bodies if b["size"] != len(big)]
+    assert inlined and all(base64.b64decode(b["raw_base64"]) == store.message_raw(b["key"]) for b in inlined)
     for body in bodies:
         assert {"v", "key", "account_id", "folder", "uidvalidity", "uid", "message_id", "from", "to", "cc",
                 "subject", "date", "in_reply_to", "references", "size", "ingested_at"} <= set(body)
     store.close()
 
 
-def test_sigkill_mid_batch_many_times_loses_and_duplicates_nothing(dovecot, mailbox, tmp_path):
-    payload = b"x" * 60_000
+def test_sigkill_inside_a_commit_loses_and_duplicates_nothing(dovecot, mailbox, pg_url, tmp_path):
+    """The whole daemon SIGKILLed while a worker's batch transaction is open (proven: PostgreSQL shows
+    its INSERT INTO messages waiting, after the batch's message_keys rows went in), then started
+    again: every message stored exactly once, nothing of the killed transaction left behind."""
+    import psycopg
+
     expected = 150
     for n in range(expected):
-        dovecot.append(mailbox, f"Message-ID: <kill-{n}@test>\r\nSubject: {n}\r\n\r\n".encode() + payload + b"\r\n")
-    daemon = Daemon(tmp_path / "d", accounts=account_toml(mailbox, dovecot.host, dovecot.port),
-                    password=dovecot.password, workers=1,
-                    sections='[imap]\nbatch_messages = 25\nbatch_bytes = "4MiB"\n')
-    kills = 0
-    for round_ in range(8):
+        dovecot.append(mailbox, f"Message-ID: <kill-{n}@test>\r\nSubject: {n}\r\n\r\n".encode() + b"x" * 20_000
+                       + b"\r\n")
+    daemon = Daemon(tmp_path / "d", accounts=account_toml(mailbox, dovecot.host, dovecot.port), store_url=pg_url,
+                    password=dovecot.password, workers=1, sections="[imap]\nbatch_messages = 25\n")
+
+    def scalar(conn, sql: str) -> object:
+        return conn.execute(sql).fetchone()[0]
+
+    def stuck_in_commit(conn) -> bool:
+        return bool(scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                 "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO messages %'"))
+
+    with psycopg.connect(pg_url, autocommit=True) as observer, psycopg.connect(pg_url) as blocker:
         daemon.start(wait=False)
-        wait_until(lambda: len(daemon.child_pids()) >= 2, 20, 0.05, "the children forked\n" + daemon.log_tail())
-        time.sleep(0.5 + 0.15 * round_)  # into the ingest: fetching, committing, or in between
-        workers = daemon.child_pids()
+        wait_until(lambda: scalar(observer, "SELECT to_regclass('messages') IS NOT NULL"), 30, 0.05,
+                   "the store migrated\n" + daemon.log_tail())
+        blocker.execute("LOCK TABLE messages IN EXCLUSIVE MODE")  # the next batch's INSERT waits here
+        wait_until(lambda: stuck_in_commit(observer), 30, 0.05, "a batch inside its transaction\n" + daemon.log_tail())
+        committed = scalar(observer, "SELECT count(*) FROM message_keys")
         daemon.kill()  # SIGKILL the supervisor and every child: no drain, no cleanup
-        kills += 1
-        assert workers, daemon.log_tail()
-        if len(daemon.stored_keys()) >= expected:
-            break
+        blocker.rollback()
+        wait_until(lambda: not stuck_in_commit(observer), 30, 0.1, "the killed transaction to end")
+        assert scalar(observer, "SELECT count(*) FROM message_keys") == committed < expected
+        assert scalar(observer, "SELECT count(*) FROM messages") == committed, "a half batch survived the kill"
     daemon.start()
     daemon.wait_stored(expected, timeout=60)
     keys = daemon.stored_keys()
-    assert len(keys) == len(set(keys)) == expected, f"after {kills} SIGKILLs"
+    assert len(keys) == len(set(keys)) == expected
     ids = {r[0] for r in daemon.query("SELECT message_id FROM messages")}
     assert ids == {f"<kill-{n}@test>" for n in range(expected)}
     (last_uid,) = daemon.query("SELECT last_uid FROM mailboxes WHERE account_id = ?", (mailbox,))[0]
