@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from . import frames
+from . import frames, hardening
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ class Child:
         self.stored_seen = 0
         self.last_ingest = 0.0
         die_with_parent(parent_pid)
+        hardening.not_dumpable()  # decrypted secrets live here: no core dump, no same-user ptrace
+        self.pss_bytes = 0
+        self.next_pss = 0.0
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_int)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go through the supervisor
@@ -130,6 +133,12 @@ class Child:
     def heartbeat(self, state: str, now: float, stats: frames.AnyStats, **fields: Any) -> None:
         self.last_heartbeat = now
         stats.frames_dropped = self.frames_dropped
+        if now >= self.next_pss:
+            from .supervisor import pss_bytes  # loaded already: children are forked from it
+
+            self.next_pss = now + 15.0  # PSS makes the kernel walk every mapping: not too often
+            self.pss_bytes = pss_bytes(self.pid)
+        stats.pss_bytes = self.pss_bytes
         send(self.to_supervisor, frames.Heartbeat(role=self.role, slot=self.slot, pid=self.pid, state=state,
                                                   stats=stats, errors=self.errors.lines(), **fields))
 

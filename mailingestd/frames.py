@@ -107,9 +107,12 @@ class Control(Frame):
 class ChildStats(msgspec.Struct, tag=True, kw_only=True):
     """A role's numbers in its Heartbeat: one Struct per role, so that a number the supervisor
     reads and no child sends is a type error, not a gauge stuck at 0. Counters are cumulative
-    since the child started; ``frames_dropped`` is filled in by ``child.Child.heartbeat``."""
+    since the child started; ``frames_dropped`` and ``pss_bytes`` (the child's own proportional
+    set size: children are not dumpable, so the supervisor cannot read it) are filled in by
+    ``child.Child.heartbeat``."""
 
     frames_dropped: int = 0
+    pss_bytes: int = 0
 
 
 class SchedulerStats(ChildStats):

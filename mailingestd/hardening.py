@@ -64,3 +64,25 @@ def postgres_transport_warning(url: str) -> str | None:
     return (f"store.url: PostgreSQL on {', '.join(h for h in hosts if not local(h))} without sslmode=verify-full "
             f"(sslmode={sslmode or 'prefer, the default'}): a man in the middle can read and rewrite the store, "
             "accounts included; add ?sslmode=verify-full")
+
+
+PR_SET_DUMPABLE = 4  # linux/prctl.h
+PR_GET_DUMPABLE = 3
+
+
+def not_dumpable() -> None:
+    """No core dump, and no ptrace or /proc/PID/mem by other processes of the same user (a
+    mailingestctl run as mailingestd, say): for the children, which hold decrypted secrets.
+    Their memory use is then reported by themselves (child.Child.heartbeat), since the
+    supervisor may no longer read their smaps_rollup."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def dumpable() -> bool:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1

@@ -662,10 +662,17 @@ class Supervisor:
             self.stop_deadline = now + 5.0
         return False
 
+    @staticmethod
+    def child_pss(slot: ChildSlot) -> int:
+        """A child's own report (children are not dumpable: their smaps_rollup is closed to us
+        unless we are root), else a read of it."""
+        reported = slot.beat.stats.pss_bytes if slot.beat is not None and slot.beat.stats is not None else 0
+        return reported or pss_bytes(slot.pid)
+
     def write_metrics(self, now: float) -> None:
         if now >= self.next_memory:
             self.next_memory = now + 15.0  # PSS makes the kernel walk every mapping: not too often
-            self.memory = pss_bytes(self.pid) + sum(pss_bytes(s.pid) for s in self.slots if s.pid)
+            self.memory = pss_bytes(self.pid) + sum(self.child_pss(s) for s in self.slots if s.pid)
         if now < self.next_metrics:
             return
         self.next_metrics = now + self.config.metrics.interval

@@ -463,6 +463,28 @@ def test_unit_forbids_core_dumps() -> None:
     assert "\nLimitCORE=0\n" in unit
 
 
+def test_children_are_not_dumpable(tmp_path):
+    """Every child role starts through child.Child: after it, no core dump and no same-user ptrace."""
+    from mailingestd import hardening
+    from mailingestd.child import Child
+    from mailingestd.config import DaemonConfig
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            before = hardening.dumpable()
+            child = Child(Config(daemon=DaemonConfig(runtime_dir=str(tmp_path))), "worker", 0, os.getppid())
+            os.write(write_end, f"{int(before)}{int(hardening.dumpable())}".encode())
+            child.close()
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 2) == b"10", "dumpable before Child(), not after"
+    os.close(read_end)
+
+
 def test_workers_reload_the_keyring_after_rotation(tmp_path):
     """A long-lived Credentials (a worker's) encrypts under the key file's new first key."""
     old = generate_key_line()
