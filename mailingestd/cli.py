@@ -15,9 +15,9 @@ import click
 import msgspec
 
 from . import __version__, config as config_mod, logs, sysexits
+from .hardening import no_core_dumps, private_files, refuse_root
 from .store import StoreError
 from .sysexits import EX_CONFIG, EX_OK, EX_UNAVAILABLE
-from .hardening import no_core_dumps, private_files, refuse_root
 
 # Migration 5 sets lz4 compression on a column (ALTER ... SET COMPRESSION, PostgreSQL 14); the
 # test suite and the benchmarks run PostgreSQL 15.

@@ -27,8 +27,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import msgspec
 
@@ -113,7 +113,7 @@ class SecretPolicy(msgspec.Struct, frozen=True):
     plaintext: frozenset[str] = frozenset()
 
     @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> "SecretPolicy":
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> SecretPolicy:
         environ = os.environ if environ is None else environ
         dirs = [d for d in config.secrets.allowed_dirs if d]
         if environ.get("CREDENTIALS_DIRECTORY"):

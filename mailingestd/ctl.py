@@ -369,7 +369,8 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
                          password_file=password_file, password_env=password_env,
                          folders=list(folders) or ["INBOX"], priority=priority, idle=not no_idle,
                          enabled=not disabled)
-    from .credentials import CredentialRefused, SecretPolicy, check_token_url, destination_of, is_loopback
+    from .credentials import (CredentialRefused, SecretPolicy, check_token_url, destination_of,
+                              endpoint_and_scopes, is_loopback)
 
     # What the daemon will refuse, said now (the daemon checks again at every login).
     policy = SecretPolicy.from_config(load_config(ctx))
@@ -384,8 +385,6 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
             raise CredentialRefused(f"--tls none to {host} would send the credentials in clear; only loopback, or "
                                     "an [[accounts]] table with allow_plaintext = true in the configuration file")
         if oauth is not None:
-            from .credentials import endpoint_and_scopes
-
             check_token_url(account_id, endpoint_and_scopes(oauth)[0])
     except config_mod.ConfigError as exc:
         fail(EX_USAGE, str(exc))
@@ -503,9 +502,7 @@ def account_disable(ctx: click.Context, account_id: str) -> None:
 def account_test(ctx: click.Context, account_id: str, as_json: bool) -> None:
     """Log in once and report capabilities and folder state; changes and stores nothing."""
     from . import imap
-    from .credentials import Credentials, ReauthRequired, TokenEndpointError
-
-    from .credentials import SecretPolicy
+    from .credentials import Credentials, ReauthRequired, SecretPolicy, TokenEndpointError
 
     cfg = load_config(ctx)
     try:  # the [[accounts]] tables too: the files and variables they name are allowed secrets
@@ -841,7 +838,10 @@ _accept_config_anywhere(cli)
 
 
 def main() -> None:
-    os.umask(0o077)  # every file it creates (a message, a key, a store file) is private
+    from .hardening import no_core_dumps, private_files
+
+    private_files()  # every file it creates (a message, a store file) is private
+    no_core_dumps()  # account test and secrets rotate hold decrypted secrets
     try:
         sysexits.run(cli)
     except Exception as exc:

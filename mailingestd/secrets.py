@@ -33,7 +33,6 @@ import stat
 from pathlib import Path
 
 import msgspec
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -96,7 +95,7 @@ class Keyring:
         self.path = path
 
     @classmethod
-    def load(cls, path: str) -> "Keyring":
+    def load(cls, path: str) -> Keyring:
         try:
             with open(path, "rb") as handle:
                 mode = os.fstat(handle.fileno()).st_mode

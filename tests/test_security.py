@@ -4,6 +4,7 @@ where a server is involved; the scripted server only for what Dovecot will not d
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -12,7 +13,6 @@ import socket
 import sqlite3
 import stat
 import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -21,12 +21,23 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from harness import BIN, Daemon, wait_until
 from hostile_imap import HostileServer, Session
+
 from mailingestd import imap, logs
-from mailingestd.config import AccountConfig, Config, ConfigError, OAuth2Config, SecretsConfig
-from mailingestd.credentials import Credentials, CredentialRefused, SecretPolicy, destination_of
+from mailingestd.config import (
+    AccountConfig,
+    Config,
+    ConfigError,
+    OAuth2Config,
+    SecretsConfig,
+)
+from mailingestd.credentials import (
+    CredentialRefused,
+    Credentials,
+    SecretPolicy,
+    destination_of,
+)
 from mailingestd.imap import FailureKind, ImapError
 from mailingestd.secrets import Keyring, SecretBindingError, generate_key_line
 
@@ -43,6 +54,27 @@ def key_file(path: Path, *lines: str) -> Path:
 def keyed_daemon(root: Path, **kw: Any) -> Daemon:
     key = key_file(root / "secrets.key")
     return Daemon(root / "d", sections=kw.pop("sections", "") + f'\n[secrets]\nkey_file = "{key}"\n', **kw)
+
+
+def ctl_with_input(daemon: Daemon, stdin: str, *args: str) -> None:
+    """mailingestctl with ``stdin`` (secrets given on standard input); must succeed."""
+    result = subprocess.run([str(BIN / "mailingestctl"), "--config", str(daemon.config_path), *args], input=stdin,
+                            capture_output=True, text=True, env=daemon.env, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def add_password_account(daemon: Daemon, account_id: str, dovecot: Any, username: str, password: str) -> None:
+    ctl_with_input(daemon, password + "\n", "account", "add", account_id, "--host", dovecot.host, "--port",
+                   str(dovecot.port), "--tls", "none", "--username", username, "--password-stdin")
+
+
+def v1_envelope(ring: Keyring, account_id: str, field: str, plaintext: str) -> str:
+    """A secret as mailingestd stored it before binding: associated data id and field only."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    sealed = AESGCM(ring.keys[0][1]).encrypt(nonce, plaintext.encode(), f"{account_id}\0{field}".encode())
+    return f"v1:{ring.current_id}:{base64.b64encode(nonce + sealed).decode()}"
 
 
 class Listener:
@@ -77,11 +109,7 @@ class Listener:
 
 def test_update_of_port_in_the_store_sends_no_password_and_shows_a_binding_error(dovecot, mailbox, tmp_path):
     daemon = keyed_daemon(tmp_path, workers=1, env={"MAILINGESTD_SCHEDULER_AUTH_FAILURE_LIMIT": "1"})
-    result = subprocess.run([str(BIN / "mailingestctl"), "--config", str(daemon.config_path), "account", "add",
-                             "acme", "--host", dovecot.host, "--port", str(dovecot.port), "--tls", "none",
-                             "--username", mailbox, "--password-stdin"], input=dovecot.password + "\n",
-                            capture_output=True, text=True, env=daemon.env)
-    assert result.returncode == 0, result.stderr
+    add_password_account(daemon, "acme", dovecot, mailbox, dovecot.password)
     listener = Listener()
     try:
         with daemon:
@@ -110,7 +138,7 @@ def test_binding_covers_every_destination_field_and_v1_secrets_are_refused(tmp_p
     assert ring.decrypt(sealed, "a", "password", destination_of(account)) == "pw"
     for change in ({"host": "evil.example"}, {"port": 994}, {"tls": "starttls"}, {"tls_verify": False},
                    {"username": "other"}):
-        moved = AccountConfig(**{**{"id": "a", "host": "imap.example.com", "username": "u"}, **change})
+        moved = AccountConfig(**{"id": "a", "host": "imap.example.com", "username": "u", **change})
         with pytest.raises(SecretBindingError, match="not bound to"):
             ring.decrypt(sealed, "a", "password", destination_of(moved))
     oauth = AccountConfig(id="o", host="h", username="u", auth="oauth2",
@@ -121,12 +149,7 @@ def test_binding_covers_every_destination_field_and_v1_secrets_are_refused(tmp_p
     with pytest.raises(SecretBindingError):
         ring.decrypt(token, "o", "refresh_token", destination_of(elsewhere))
     # A secret sealed before binding (account id and field only) is never used as it stands.
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    import base64
-
-    nonce = os.urandom(12)
-    v1 = "v1:%s:%s" % (ring.current_id, base64.b64encode(
-        nonce + AESGCM(ring.keys[0][1]).encrypt(nonce, b"old", b"a\0password")).decode())
+    v1 = v1_envelope(ring, "a", "password", "old")
     with pytest.raises(SecretBindingError, match="secrets rotate"):
         ring.decrypt(v1, "a", "password", destination_of(account))
     assert ring.decrypt_unbound(v1, "a", "password") == "old"
@@ -134,19 +157,8 @@ def test_binding_covers_every_destination_field_and_v1_secrets_are_refused(tmp_p
 
 def test_secrets_rotate_binds_v1_secrets_to_the_row_and_says_where(dovecot, mailbox, tmp_path):
     daemon = keyed_daemon(tmp_path)
-    result = subprocess.run([str(BIN / "mailingestctl"), "--config", str(daemon.config_path), "account", "add",
-                             "old", "--host", dovecot.host, "--port", str(dovecot.port), "--tls", "none",
-                             "--username", mailbox, "--password-stdin"], input=dovecot.password + "\n",
-                            capture_output=True, text=True, env=daemon.env)
-    assert result.returncode == 0, result.stderr
-    ring = Keyring.load(str(tmp_path / "secrets.key"))
-    import base64
-
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    nonce = os.urandom(12)  # what an older mailingestd stored
-    v1 = "v1:%s:%s" % (ring.current_id, base64.b64encode(
-        nonce + AESGCM(ring.keys[0][1]).encrypt(nonce, dovecot.password.encode(), b"old\0password")).decode())
+    add_password_account(daemon, "old", dovecot, mailbox, dovecot.password)
+    v1 = v1_envelope(Keyring.load(str(tmp_path / "secrets.key")), "old", "password", dovecot.password)
     daemon.query("UPDATE accounts SET secrets = ? WHERE id = 'old'", (json.dumps({"password": v1}),))
     refused = daemon.ctl("account", "test", "old", check=False)
     assert refused.returncode == 78 and "secrets rotate" in refused.stderr
@@ -157,15 +169,12 @@ def test_secrets_rotate_binds_v1_secrets_to_the_row_and_says_where(dovecot, mail
 
 def test_account_add_with_a_password_file_replaces_the_stored_password(dovecot, mailbox, tmp_path):
     daemon = keyed_daemon(tmp_path)
-    add = [str(BIN / "mailingestctl"), "--config", str(daemon.config_path), "account", "add", "acme", "--host",
-           dovecot.host, "--port", str(dovecot.port), "--tls", "none", "--username", mailbox]
-    result = subprocess.run([*add, "--password-stdin"], input="the-old-wrong-password\n", capture_output=True,
-                            text=True, env=daemon.env)
-    assert result.returncode == 0, result.stderr
+    add_password_account(daemon, "acme", dovecot, mailbox, "the-old-wrong-password")
     secret = daemon.root / "secrets" / "acme"
     secret.parent.mkdir(mode=0o700, exist_ok=True)
     secret.write_text(dovecot.password + "\n")
-    daemon.ctl(*add[3:], "--password-file", str(secret), "--replace")
+    daemon.ctl("account", "add", "acme", "--host", dovecot.host, "--port", str(dovecot.port), "--tls", "none",
+               "--username", mailbox, "--password-file", str(secret), "--replace")
     assert daemon.query("SELECT secrets FROM accounts WHERE id = 'acme'") == [("{}",)]
     assert "logged in" in daemon.ctl("account", "test", "acme").stdout
 
@@ -429,9 +438,9 @@ def test_messages_get_output_is_private_and_never_follows_a_symlink(tmp_path):
 def test_files_created_by_mailingestctl_are_private(tmp_path):
     daemon = Daemon(tmp_path)
     env = dict(daemon.env)
-    result = subprocess.run(["sh", "-c", f'umask 022; exec "$0" --config "$1" account list',
+    result = subprocess.run(["sh", "-c", 'umask 022; exec "$0" --config "$1" account list',
                              str(BIN / "mailingestctl"), str(daemon.config_path)], env=env, capture_output=True,
-                            text=True)
+                            text=True, check=False)
     assert result.returncode == 0, result.stderr
     database = tmp_path / "state" / "mailingestd.sqlite3"
     assert stat.S_IMODE(database.stat().st_mode) == 0o600
@@ -452,7 +461,7 @@ def test_daemon_refuses_root_without_allow_root(tmp_path):
     daemon = Daemon(tmp_path)
     try:
         result = subprocess.run([str(BIN / "mailingestd"), "--config", str(daemon.config_path)], env=daemon.env,
-                                capture_output=True, text=True, timeout=15)
+                                capture_output=True, text=True, timeout=15, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail("mailingestd ran as root without --allow-root")
     assert result.returncode == 64 and "--allow-root" in result.stderr
@@ -498,8 +507,9 @@ def test_workers_reload_the_keyring_after_rotation(tmp_path):
 
 @pytest.fixture(scope="module")
 def rotating_oauth(tmp_path_factory):
-    from mailingestd.devservers import Dovecot
     from oauth2_server import OAuth2Server
+
+    from mailingestd.devservers import Dovecot
 
     server = OAuth2Server(expires_in=3600, rotate=True)  # every refresh rotates (and kills) the token
     root = tmp_path_factory.mktemp("oauth2-rotating")
@@ -515,13 +525,10 @@ def test_account_test_uses_the_refresh_token_the_provider_rotated(rotating_oauth
     server, dovecot = rotating_oauth
     daemon = keyed_daemon(tmp_path, workers=1)
     original = server.new_refresh_token("rita")
-    result = subprocess.run(
-        [str(BIN / "mailingestctl"), "--config", str(daemon.config_path), "account", "add", "rita", "--host",
-         dovecot.host, "--port", str(dovecot.port), "--tls", "none", "--username", "rita", "--oauth2-provider",
-         "custom", "--oauth2-token-url", f"{server.url}/token", "--oauth2-client-id", server.client_id,
-         "--oauth2-secrets-stdin"], input=f"{server.client_secret}\n{original}\n", capture_output=True, text=True,
-        env=daemon.env)
-    assert result.returncode == 0, result.stderr
+    ctl_with_input(daemon, f"{server.client_secret}\n{original}\n", "account", "add", "rita", "--host", dovecot.host,
+                   "--port", str(dovecot.port), "--tls", "none", "--username", "rita", "--oauth2-provider", "custom",
+                   "--oauth2-token-url", f"{server.url}/token", "--oauth2-client-id", server.client_id,
+                   "--oauth2-secrets-stdin")
     with daemon:
         wait_until(lambda: daemon.query("SELECT refresh_token FROM oauth_tokens"), 20, what="a rotated token")
     assert original in server.revoked, "the daemon's refresh rotated it away"
