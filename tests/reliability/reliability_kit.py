@@ -29,12 +29,6 @@ from harness import Daemon, account_toml, wait_until
 LONG = os.environ.get("RELIABILITY_LONG") == "1"
 
 
-def long_only() -> None:
-    """Skip in the short suite (the default test run): this fault runs in ``./dev test-long``."""
-    if not LONG:
-        pytest.skip("long suite only: ./dev test-long")
-
-
 def pick(short: Any, long: Any) -> Any:
     """The short suite's value, or the long one's under RELIABILITY_LONG=1."""
     return long if LONG else short
