@@ -75,9 +75,9 @@ class _Notifier:
 
     def send(self, fields: tuple[str, ...]) -> None:
         datagram = "\n".join(fields).encode()
-        if not self.flush() or not self._send_one(datagram):
-            if not _droppable(fields):
-                self.pending.append(datagram)
+        sent = self.flush() and self._send_one(datagram)  # never ahead of older state notifications
+        if not sent and not _droppable(fields):
+            self.pending.append(datagram)
 
     def flush(self, wait: float = 0.0) -> bool:
         """Send what is pending; True when nothing is left. ``wait``: seconds to wait for room."""

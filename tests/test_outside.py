@@ -8,10 +8,11 @@ import random
 import time
 
 import pytest
-from hypothesis import given, strategies as st
-
 from harness import Daemon, account_toml, wait_until
 from hostile_imap import HostileServer, Session
+from hypothesis import given
+from hypothesis import strategies as st
+
 from mailingestd import config
 from mailingestd.backoff import retry_delay
 from mailingestd.config import LimitsConfig, SchedulerConfig

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from harness import Daemon, account_toml, wait_until
 
 LONG = os.environ.get("RELIABILITY_LONG") == "1"
