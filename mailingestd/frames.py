@@ -14,11 +14,60 @@ not decode is counted and dropped by the receiver (``decode`` returns None).
 
 from __future__ import annotations
 
+import enum
 from typing import Union
 
 import msgspec
 
 from .config import AccountConfig
+
+
+class FailureKind(enum.StrEnum):
+    """Why a job failed: one vocabulary for the IMAP edge, the worker, the scheduler and the planner.
+
+    What the scheduler does with each (``Scheduler.on_result``, whatever started the job):
+
+    ``NETWORK``: connection refused, reset or closed, or the server said BYE: back off, reconnect.
+    ``TIMEOUT``: the server went silent or answered too slowly: drop the connection, back off.
+    ``TLS``: handshake or certificate verification failed, or the server wants TLS for login:
+    a configuration problem, retrying soon will not help.
+    ``AUTH``: the credentials were refused: counts towards the account's circuit breaker.
+    ``THROTTLED``: the provider limits this account or client (rate, bandwidth, simultaneous
+    connections): wait ``retry_after`` when given, otherwise back off; open fewer connections.
+    ``SERVER_BUSY``: the server is temporarily unavailable for everyone: back off and retry.
+    ``MAILBOX``: a folder does not exist or may not be read: a per-folder configuration problem.
+    ``PROTOCOL``: the server broke IMAP or our limits (garbage, oversized line or literal,
+    unexpected reply): back off long and make it visible.
+    ``REAUTH``: the OAuth2 provider refused the refresh token: only a person can fix it
+    (``reauth_required``, no retries until the credentials change).
+    ``DISCONNECTED``, ``DRAINING``, ``UNASSIGNED``: not the account's fault (no connection to use
+    and no grant to open one, the worker is draining, the account moved): due again at once.
+    """
+
+    NETWORK = "network"
+    TIMEOUT = "timeout"
+    TLS = "tls"
+    AUTH = "auth"
+    THROTTLED = "throttled"
+    SERVER_BUSY = "server_busy"
+    MAILBOX = "mailbox"
+    PROTOCOL = "protocol"
+    REAUTH = "reauth"
+    DISCONNECTED = "disconnected"
+    DRAINING = "draining"
+    UNASSIGNED = "unassigned"
+
+
+NOT_THE_ACCOUNTS_FAULT = frozenset({FailureKind.DISCONNECTED, FailureKind.DRAINING, FailureKind.UNASSIGNED})
+
+
+class Trigger(enum.StrEnum):
+    """What started a worker job. Every trigger runs the same job and reports the same Result."""
+
+    ORDER = "order"            # a Poll from the scheduler
+    PUSH = "push"              # IDLE or NOTIFY announced new mail (in the folders it named)
+    RENEWAL = "renewal"        # IDLE renewal or keepalive probe answered: every folder is checked
+    CONNECTION = "connection"  # the worker's loop found the connection broken
 
 
 class Frame(msgspec.Struct, tag=True, kw_only=True):
@@ -65,7 +114,12 @@ class WorkerReady(Frame):
 
 
 class Result(Frame):
-    """The outcome of one Poll order (order_id > 0) or of a connection event (order_id 0)."""
+    """The outcome of one job, whatever started it (``trigger``; ``order_id`` > 0 for an order).
+
+    ``watches_all``: while idling, the server pushes news for every configured folder (NOTIFY,
+    or IDLE on the account's only folder); otherwise the other folders need polls at the tier
+    interval. ``missing_folders``: configured folders the server does not have (the others go on).
+    """
 
     slot: int
     account_id: str
@@ -73,12 +127,15 @@ class Result(Frame):
     ok: bool
     connected: bool
     idling: bool
+    trigger: Trigger = Trigger.ORDER
+    watches_all: bool = True
     new_messages: int = 0  # arrivals; a first sync's backlog is not counted (it is not a burst of mail)
     new_bytes: int = 0
-    failure_kind: str | None = None
+    failure_kind: FailureKind | None = None
     detail: str | None = None
     retry_after: float | None = None
     uidvalidity_changed: bool = False
+    missing_folders: list[str] = []
 
 
 class NewMail(Frame):

@@ -34,6 +34,7 @@ import numpy as np
 
 from mailingestd.backoff import retry_delay
 from mailingestd.config import LimitsConfig, SchedulerConfig
+from mailingestd.frames import FailureKind
 from mailingestd.priority import (
     LONGEST_FACTOR,
     SHORTEST_FACTOR,
@@ -68,10 +69,10 @@ class AccountState(IntEnum):
 S = AccountState
 _ALLOWED: dict[AccountState, frozenset[AccountState]] = {
     S.NEW: frozenset({S.SCHEDULED, S.WAITING, S.POLLING, S.DISABLED}),
-    S.SCHEDULED: frozenset({S.WAITING, S.POLLING, S.IDLING, S.BACKOFF, S.DISABLED}),
+    S.SCHEDULED: frozenset({S.WAITING, S.POLLING, S.IDLING, S.BACKOFF, S.AUTH_FAILED, S.DISABLED}),
     S.WAITING: frozenset({S.POLLING, S.SCHEDULED, S.DISABLED}),
     S.POLLING: frozenset({S.SCHEDULED, S.IDLING, S.BACKOFF, S.AUTH_FAILED, S.DISABLED}),
-    S.IDLING: frozenset({S.SCHEDULED, S.POLLING, S.WAITING, S.DISABLED}),
+    S.IDLING: frozenset({S.SCHEDULED, S.POLLING, S.WAITING, S.BACKOFF, S.AUTH_FAILED, S.DISABLED}),
     S.BACKOFF: frozenset({S.SCHEDULED, S.WAITING, S.POLLING, S.IDLING, S.DISABLED}),
     S.AUTH_FAILED: frozenset({S.SCHEDULED, S.DISABLED}),
     S.DISABLED: frozenset({S.SCHEDULED}),
@@ -573,31 +574,39 @@ class Planner:
     # -- results ---------------------------------------------------------------------------------
 
     def on_result(self, account_id: str, now: float, *, ok: bool, new_messages: int = 0,
-                  failure_kind: str | None = None, retry_after: float | None = None,
-                  connected: bool, idling: bool) -> None:
-        """One worker result (see ``on_results``); ``failure_kind`` "auth" counts toward
+                  failure_kind: FailureKind | None = None, retry_after: float | None = None,
+                  connected: bool, idling: bool, ordered: bool = True, watches_all: bool = True) -> None:
+        """One worker result (see ``on_results``); ``failure_kind`` AUTH counts toward
         ``auth_failure_limit``. An unknown account is counted as a stale result."""
         index = self._index.get(account_id)
         if index is None:
             self.results_total += 1
             self.stale_results_total += 1
             return
-        self.on_results(now, [index], [ok], [connected], [idling], [new_messages], [failure_kind == "auth"],
-                        [math.nan if retry_after is None else retry_after])
+        self.on_results(now, [index], [ok], [connected], [idling], [new_messages],
+                        [failure_kind == FailureKind.AUTH], [math.nan if retry_after is None else retry_after],
+                        [ordered], [watches_all])
 
     def on_results(self, now: float, indexes: Sequence[int] | np.ndarray, ok: Sequence[bool] | np.ndarray,
                    connected: Sequence[bool] | np.ndarray, idling: Sequence[bool] | np.ndarray,
                    new_messages: Sequence[int] | np.ndarray | None = None,
                    auth_failure: Sequence[bool] | np.ndarray | None = None,
-                   retry_after: Sequence[float] | np.ndarray | None = None) -> None:
+                   retry_after: Sequence[float] | np.ndarray | None = None,
+                   ordered: Sequence[bool] | np.ndarray | None = None,
+                   watches_all: Sequence[bool] | np.ndarray | None = None) -> None:
         """Worker results for a batch of accounts (parallel sequences; ``retry_after`` NaN: none).
 
         ``connected``: the worker keeps a connection open for the account; ``idling``: that
-        connection is in IDLE. Success resets backoff; an ``auth_failure`` counts toward
-        ``auth_failure_limit``; other failures back off with jitter, never sooner than
-        ``retry_after`` seconds. A result for an account with no order out (expired, requeued,
-        disabled, removed) only updates the connection count. An account appearing twice in
-        one batch is handled as two results in order.
+        connection is in IDLE, and ``watches_all`` (default True) that the server pushes news of
+        every configured folder: the account needs only the slow safety poll; otherwise its
+        next poll (which checks the other folders) is at its tier interval. Success resets
+        backoff; an ``auth_failure`` counts toward ``auth_failure_limit``; other failures back
+        off with jitter, never sooner than ``retry_after`` seconds. ``ordered`` (default True):
+        the result answers an order; a result the worker sent on its own (a push, a renewal, a
+        lost connection) is classified the same way when the account is idling or scheduled. A
+        result for an account with no order out (expired, requeued, disabled, removed) only
+        updates the connection count. An account appearing twice in one batch is handled as
+        two results in order.
         """
         self._now = now
         index = np.asarray(indexes, dtype=np.int64)
@@ -610,12 +619,13 @@ class Planner:
         mail = np.zeros(count, dtype=np.int64) if new_messages is None else np.asarray(new_messages, dtype=np.int64)
         auth = np.zeros(count, dtype=bool) if auth_failure is None else np.asarray(auth_failure, dtype=bool)
         wait = np.full(count, math.nan) if retry_after is None else np.asarray(retry_after, dtype=float)
+        asked = np.ones(count, dtype=bool) if ordered is None else np.asarray(ordered, dtype=bool)
+        pushed = np.ones(count, dtype=bool) if watches_all is None else np.asarray(watches_all, dtype=bool)
         if count > 1 and _has_repeats(index):
             for position in range(count):
-                self.on_results(now, index[position:position + 1], ok[position:position + 1],
-                                connected[position:position + 1], idling[position:position + 1],
-                                mail[position:position + 1], auth[position:position + 1],
-                                wait[position:position + 1])
+                one = slice(position, position + 1)
+                self.on_results(now, index[one], ok[one], connected[one], idling[one], mail[one], auth[one],
+                                wait[one], asked[one], pushed[one])
             return
         self.results_total += count
         # Usually every account has its order out (polling; a removed account is disabled).
@@ -624,23 +634,28 @@ class Planner:
             live = self._live[index]
             if not live.all():
                 self.stale_results_total += count - int(np.count_nonzero(live))
-                index, ok, connected, idling, mail, auth, wait = (
-                    part[live] for part in (index, ok, connected, idling, mail, auth, wait))
+                index, ok, connected, idling, mail, auth, wait, asked, pushed = (
+                    part[live] for part in (index, ok, connected, idling, mail, auth, wait, asked, pushed))
         holds = self._holds_slot[index]
         changed = connected != holds
         if changed.any():
             self._recount_slots(index[changed], connected[changed])
         if not all_polling:
-            polling = self._state[index] == AccountState.POLLING
+            state = self._state[index]
+            polling = state == AccountState.POLLING
+            if not asked.all():
+                # The worker's own results (a push, a renewal) for an account not waiting on an
+                # order: classified like any other (a failure backs off, AUTH counts).
+                polling |= ~asked & ((state == AccountState.IDLING) | (state == AccountState.SCHEDULED))
             self.stale_results_total += len(index) - int(np.count_nonzero(polling))
-            index, ok, connected, idling, mail, auth, wait = (
-                part[polling] for part in (index, ok, connected, idling, mail, auth, wait))
+            index, ok, connected, idling, mail, auth, wait, pushed = (
+                part[polling] for part in (index, ok, connected, idling, mail, auth, wait, pushed))
         if not ok.all():
             failed = ~ok
             for account, auth_failed, retry in zip(index[failed].tolist(), auth[failed].tolist(),
                                                     wait[failed].tolist()):
                 self._on_failure(account, now, auth_failed, None if math.isnan(retry) else retry)
-            index, connected, idling, mail = index[ok], connected[ok], idling[ok], mail[ok]
+            index, connected, idling, mail, pushed = index[ok], connected[ok], idling[ok], mail[ok], pushed[ok]
         self._failure_counts[index] = 0  # failures and auth_failures
         intervals = self._kind_intervals[self._kind[index]]
         adaptive = np.isnan(intervals)
@@ -656,23 +671,32 @@ class Planner:
                 changed.append(priority)
             self._set_adaptive(observed, changed)
         idle = idling & connected if idling.any() else None
+        partly_pushed = None
         if idle is not None and idle.any():
-            idle_index = index[idle]
-            self._state[idle_index] = AccountState.IDLING
-            self._set_due(idle_index, np.full(len(idle_index), now + self.config.idle_safety_interval))
-            index, intervals, adaptive = index[~idle], intervals[~idle], adaptive[~idle]
+            watched = idle & pushed
+            if watched.any():
+                idle_index = index[watched]
+                self._state[idle_index] = AccountState.IDLING
+                self._set_due(idle_index, np.full(len(idle_index), now + self.config.idle_safety_interval))
+                rest = ~watched
+                index, intervals, adaptive, idle = index[rest], intervals[rest], adaptive[rest], idle[rest]
+            # Idling on one folder while others need polls: IDLING, next poll at the tier interval.
+            partly_pushed = idle if idle.any() else None
         # Polling -> scheduled (allowed), never due at once.
         if adaptive.any():
             intervals[adaptive] = self._adaptive_intervals(index[adaptive], now)
         jitter = self.config.jitter
         intervals *= self._np_rng.uniform(1.0 - jitter, 1.0 + jitter, len(index))
         self._state[index] = AccountState.SCHEDULED
+        if partly_pushed is not None:
+            self._state[index[partly_pushed]] = AccountState.IDLING
         self._set_due(index, intervals + now)
 
     def _on_failure(self, index: int, now: float, auth_failed: bool, retry_after: float | None) -> None:
         if auth_failed:
             self._auth_failures[index] += 1
             if self._auth_failures[index] >= self.config.auth_failure_limit:
+                self._wheel.cancel(index)  # an idling or scheduled account is still in the wheel
                 self._move(index, AccountState.AUTH_FAILED)
                 return
         self._back_off(index, now, retry_after)

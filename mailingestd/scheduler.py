@@ -256,8 +256,9 @@ class Scheduler:
             self.child.errors.add(f"account={result.account_id} event=result_failed "
                                   f"error={type(exc).__name__}: {exc}")
             try:
-                self.planner.on_result(result.account_id, now, ok=False, failure_kind="protocol",
-                                       connected=result.connected, idling=False)
+                self.planner.on_result(result.account_id, now, ok=False,
+                                       failure_kind=frames.FailureKind.PROTOCOL, connected=result.connected,
+                                       idling=False, ordered=result.order_id > 0)
             except Exception:
                 log.exception("event=result_failed account=%s action=none", result.account_id)
 
@@ -267,6 +268,10 @@ class Scheduler:
         self.credits_used[slot] = max(0, self.credits_used.get(slot, 0) - 1)
 
     def on_result(self, result: frames.Result, now: float) -> None:
+        """One job's outcome, whatever started it (an order, a push, a renewal, a lost
+        connection): every result goes through the same classification (backoff and
+        ``retry_after``, the auth breaker, ``reauth_required``); only the order bookkeeping
+        differs."""
         account_id = result.account_id
         if result.uidvalidity_changed:
             self.uidvalidity_changes += 1
@@ -274,31 +279,35 @@ class Scheduler:
             if result.order_id not in self.in_flight:
                 return  # an order already taken back (its worker was replaced)
             self.forget_order(result.order_id)
-            if result.failure_kind in ("disconnected", "draining", "unassigned"):
-                # Not the account's fault: the worker had no connection to use. Due again at once.
-                self.planner.on_connection_closed(account_id, now)
-                self.planner.requeue([account_id], now)
-                return
-            if result.failure_kind == "reauth":
-                self.park_for_reauth(account_id, now, result)
-                return
-            before = self.planner.state_of(account_id)
-            self.planner.on_result(account_id, now, ok=result.ok, new_messages=result.new_messages,
-                                   failure_kind=result.failure_kind, retry_after=result.retry_after,
-                                   connected=result.connected, idling=result.idling)
-            self.note_state(account_id, before, result)
-            return
-        # An event: a connection entered or left IDLE, or closed, outside any order.
-        self.planner.on_result(account_id, now, ok=result.ok, connected=result.connected, idling=result.idling)
-        if result.connected and result.idling:
-            self.planner.on_idle(account_id, now, True)
-        elif not result.connected:
+        if result.failure_kind in frames.NOT_THE_ACCOUNTS_FAULT:
+            # The worker had no connection to use: due again at once, no failure counted.
             self.planner.on_connection_closed(account_id, now)
+            if result.order_id:
+                self.planner.requeue([account_id], now)
+            return
+        if result.failure_kind is frames.FailureKind.REAUTH:
+            self.park_for_reauth(account_id, now, result)
+            return
+        if result.missing_folders:
+            self.child.errors.add(f"account={account_id} error_kind=mailbox "
+                                  f"error=folders missing on the server: {', '.join(result.missing_folders)}")
+        before = self.planner.state_of(account_id)
+        self.planner.on_result(account_id, now, ok=result.ok, new_messages=result.new_messages,
+                               failure_kind=result.failure_kind, retry_after=result.retry_after,
+                               connected=result.connected, idling=result.idling,
+                               ordered=result.order_id > 0, watches_all=result.watches_all)
+        if not result.order_id and result.ok:
+            if result.connected and result.idling:
+                self.planner.on_idle(account_id, now, True)
+            elif not result.connected:
+                self.planner.on_connection_closed(account_id, now)
+        self.note_state(account_id, before, result)
 
     def park_for_reauth(self, account_id: str, now: float, result: frames.Result) -> None:
         """The provider refused the refresh token: only a person can fix that, so no retries (no
         backoff loop against the token endpoint) until the account's credentials change."""
-        self.planner.on_result(account_id, now, ok=False, failure_kind="reauth", connected=result.connected,
+        self.planner.on_result(account_id, now, ok=False, failure_kind=frames.FailureKind.REAUTH,
+                               connected=result.connected, ordered=result.order_id > 0,
                                idling=False)
         self.planner.disable(account_id)
         self.reauth.add(account_id)

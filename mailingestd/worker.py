@@ -47,7 +47,7 @@ from .child import Child, bind_pull, connect_push, ipc_path, send
 from .config import AccountConfig, Config, ConfigError
 from .credentials import Credentials, ReauthRequired, TokenEndpointError
 from .histogram import Histogram
-from .ingest import sync_folder
+from .ingest import SyncResult, sync_folder
 from .leases import fence_for
 from .store import Store, open_store
 
@@ -70,7 +70,8 @@ class Session:
     """
 
     __slots__ = ("account", "busy", "checked_at", "client", "fd", "generation", "heard_at", "idle_capable",
-                 "idling", "keepalive_after", "pending_order", "probe_deadline", "renew_at")
+                 "idle_folder", "idling", "keepalive_after", "pending_order", "probe_deadline", "renew_at",
+                 "watches_all")
 
     def __init__(self, account: AccountConfig) -> None:
         self.account = account
@@ -86,6 +87,8 @@ class Session:
         self.pending_order: frames.Poll | None = None
         self.fd: int | None = None
         self.checked_at = -math.inf  # when every folder was last checked (a poll or a renewal)
+        self.watches_all = True  # while idling: the server pushes news of every configured folder
+        self.idle_folder: str | None = None  # the folder IDLE runs on (None with NOTIFY)
 
 
 class IdleTimers:
@@ -144,27 +147,31 @@ class IdleTimers:
 
 
 class Outcome(msgspec.Struct):
-    """What a pool job reports back to the loop."""
+    """What a pool job reports back to the loop (the loop turns it into one ``frames.Result``)."""
 
     account_id: str
     order_id: int
+    trigger: frames.Trigger
     ok: bool
     client: Any = None
     idling: bool = False
     idle_capable: bool = False
+    watches_all: bool = True
     new_messages: int = 0
     new_bytes: int = 0
     fetch_seconds: float = 0.0
-    failure_kind: str | None = None
+    failure_kind: frames.FailureKind | None = None
     detail: str | None = None
     retry_after: float | None = None
     uidvalidity_changed: bool = False
-    news_pending: bool = False
+    pushed_pending: tuple[str, ...] = ()  # folders announced as IDLE began: check them at once
     checked_all: bool = False
     backlog: int = 0
     connected_now: bool = False
     notified_at: float | None = None
-    inbox_current: bool = False  # INBOX was EXAMINEd last and nothing ran since: IDLE may follow
+    primary_current: bool = False  # the primary folder was EXAMINEd last and nothing ran since
+    idle_folder: str | None = None  # the folder selected for IDLE (None: NOTIFY, nothing selected)
+    missing_folders: list[str] = []
 
 
 class Worker:
@@ -195,8 +202,9 @@ class Worker:
         self.selector.register(self.pull.getsockopt(zmq.FD), selectors.EVENT_READ, None)
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.sessions: dict[str, Session] = {}
-        # folder -> (UIDVALIDITY, UIDNEXT) at the last STATUS that found it complete, by account
+        # folder -> (UIDVALIDITY, UIDNEXT) at the last check that found it complete, by account
         self.folders_current: dict[str, dict[str, tuple[int, int]]] = {}
+        self.missing: dict[str, frozenset[str]] = {}  # configured folders the server does not have
         self.draining = False
         self.drained_sent = False
         self.drain_in_flight = (0, 0)
@@ -264,6 +272,7 @@ class Worker:
             if account_id not in wanted:
                 self.retire(self.sessions.pop(account_id))
                 self.folders_current.pop(account_id, None)
+                self.missing.pop(account_id, None)
         for account_id, account in wanted.items():
             session = self.sessions.get(account_id)
             if session is None:
@@ -276,22 +285,23 @@ class Worker:
     def on_poll(self, order: frames.Poll) -> None:
         session = self.sessions.get(order.account_id)
         if session is None or self.draining:
+            kind = frames.FailureKind.UNASSIGNED if session is None else frames.FailureKind.DRAINING
             send(self.to_scheduler, frames.Result(slot=self.slot, account_id=order.account_id, order_id=order.order_id,
-                                                  ok=False, connected=False, idling=False,
-                                                  failure_kind="unassigned" if session is None else "draining"))
+                                                  ok=False, connected=False, idling=False, failure_kind=kind))
             return
         if session.busy:
             session.pending_order = order
             return
-        if (session.idling and not order.release
+        if (session.idling and session.watches_all and not order.release
                 and time.monotonic() - session.checked_at < self.config.imap.idle_renew):
-            # The safety poll of an idling account whose IDLE renewal checked every folder since:
-            # that renewal was the poll; answering without IMAP work halves a quiet daemon's CPU.
+            # The safety poll of an account whose every folder is pushed and whose IDLE renewal
+            # checked every folder since: that renewal was the poll; answering without IMAP work
+            # halves a quiet daemon's CPU. Without push for every folder, the order checks them.
             self.polls["ok"] = self.polls.get("ok", 0) + 1
             send(self.to_scheduler, frames.Result(slot=self.slot, account_id=order.account_id,
                                                   order_id=order.order_id, ok=True, connected=True, idling=True))
             return
-        self.start_job(session, order.order_id, order.may_connect, release=order.release)
+        self.start_job(session, frames.Trigger.ORDER, order.order_id, order.may_connect, release=order.release)
 
     def on_readable(self, session: Session, now: float) -> None:
         if session.busy or not session.idling:
@@ -299,16 +309,34 @@ class Worker:
         try:
             responses = imap.idle_read(session.client)
         except imap.ImapError as exc:
-            self.start_job(session, 0, False, failure=imap.ImapError(
+            self.start_job(session, frames.Trigger.CONNECTION, failure=imap.ImapError(
                 exc.kind, f"idle connection lost: {exc.detail}", exc.retry_after))
             return
         if responses:
             session.heard_at = now
-        notified = now if imap.has_new_mail(responses) else None
+        pushed = self.pushed(session.account, session.idle_folder, responses)
+        notified = now if pushed else None
         if not imap.idling(session.client):  # the server answered our DONE: renew, all folders
-            self.start_job(session, 0, False, notified=notified, all_folders=True)
-        elif notified is not None:
-            self.start_job(session, 0, False, notified=notified)
+            self.start_job(session, frames.Trigger.RENEWAL, notified=notified)
+        elif pushed:
+            self.start_job(session, frames.Trigger.PUSH, notified=notified, pushed=pushed)
+
+    def pushed(self, account: AccountConfig, idle_folder: str | None,
+               responses: list[tuple[Any, ...]]) -> tuple[str, ...]:
+        """The configured folders an idling connection's responses announce news for: the folder
+        IDLE runs on for ``EXISTS``/``RECENT``/``FETCH``, and each folder a NOTIFY ``STATUS``
+        names, unless its UIDNEXT is the one the last complete check saw (an expunge)."""
+        folders: list[str] = []
+        if idle_folder is not None and imap.has_new_mail(responses):
+            folders.append(idle_folder)
+        known = self.folders_current.get(account.id, {})
+        for folder, uidnext in imap.pushed_folders(responses).items():
+            if folder not in account.folders or folder in folders:
+                continue  # never act on a folder the account does not configure
+            if uidnext is not None and folder in known and known[folder][1] == uidnext:
+                continue
+            folders.append(folder)
+        return tuple(folders)
 
     def select_timeout(self, now: float) -> float:
         """Sleep until the next renewal, probe or probe deadline is due, at most LOOP_TICK."""
@@ -326,7 +354,7 @@ class Worker:
         while self.probes and self.probes[0][0] <= now:
             _, generation, session = self.probes.popleft()
             if session.generation == generation and session.probe_deadline is not None and not session.busy:
-                self.start_job(session, 0, False, failure=imap.ImapError(
+                self.start_job(session, frames.Trigger.CONNECTION, failure=imap.ImapError(
                     imap.FailureKind.TIMEOUT, f"no reply to DONE within {timeout:g}s: connection presumed dead"))
         if self.job_backlog:
             return
@@ -334,22 +362,25 @@ class Worker:
             try:
                 imap.idle_done_send(session.client)
             except imap.ImapError as exc:
-                self.start_job(session, 0, False, failure=exc)
+                self.start_job(session, frames.Trigger.CONNECTION, failure=exc)
                 continue
             session.probe_deadline = now + timeout
             self.probes.append((session.probe_deadline, session.generation, session))
 
     # --- handing sessions to the pool ---------------------------------------------------------
-    def start_job(self, session: Session, order_id: int, may_connect: bool, notified: float | None = None,
-                  failure: imap.ImapError | None = None, all_folders: bool = False, release: bool = False) -> None:
+    def start_job(self, session: Session, trigger: frames.Trigger, order_id: int = 0, may_connect: bool = False,
+                  notified: float | None = None, failure: imap.ImapError | None = None,
+                  pushed: tuple[str, ...] = (), release: bool = False) -> None:
+        """Hand the session to :meth:`job`: every trigger (an order, a push, a renewal, a broken
+        connection) runs the same job and comes back as one Outcome through :meth:`on_outcome`."""
         if session.fd is not None:
             self.selector.unregister(session.fd)
             session.fd = None
         session.busy = True
         session.probe_deadline = None
         was_idling, session.idling = session.idling, False
-        self.submit(self.job, session.account, session.client, order_id, may_connect, was_idling, notified,
-                    failure, all_folders, release)
+        self.submit(self.job, session.account, session.client, trigger, order_id, may_connect, was_idling,
+                    notified, failure, pushed, release)
 
     def submit(self, function: Callable[..., Outcome | None], *args: Any) -> None:
         """Run ``function(*args)`` on the pool, or queue it while ``max_jobs`` are running."""
@@ -393,7 +424,7 @@ class Worker:
         session = self.sessions.get(outcome.account_id)
         now = time.monotonic()
         if session is None:  # retired while the job ran: just close what it holds
-            if not outcome.ok and outcome.failure_kind not in ("disconnected", "draining"):
+            if not outcome.ok and outcome.failure_kind not in frames.NOT_THE_ACCOUNTS_FAULT:
                 # Still one line: e.g. a commit refused after the account's lease moved away.
                 log.warning("event=poll_failed account=%s error_kind=%s error=%s detail=account_no_longer_assigned",
                             outcome.account_id, outcome.failure_kind, outcome.detail)
@@ -405,23 +436,26 @@ class Worker:
             session.checked_at = now
         session.client = outcome.client
         session.idle_capable = outcome.idle_capable
+        session.watches_all = outcome.watches_all
+        session.idle_folder = outcome.idle_folder
         server = session.account.host
         if outcome.connected_now:
             self.connects[server] = self.connects.get(server, 0) + 1
-        result_key = "ok" if outcome.ok else (outcome.failure_kind or "protocol")
+        result_key = "ok" if outcome.ok else (outcome.failure_kind or frames.FailureKind.PROTOCOL).value
         if outcome.order_id or not outcome.ok or outcome.new_messages:
             self.polls[result_key] = self.polls.get(result_key, 0) + 1
+        self.note_missing_folders(session.account, outcome.missing_folders, outcome.checked_all)
         self.messages += outcome.new_messages
         self.bytes += outcome.new_bytes
         if outcome.fetch_seconds:
             self.fetch_hist.observe(outcome.fetch_seconds)
         if outcome.notified_at is not None and outcome.new_messages:
             self.new_mail_hist.observe(now - outcome.notified_at)
-        if not outcome.ok and outcome.failure_kind not in ("disconnected", "draining"):
+        if not outcome.ok and outcome.failure_kind not in frames.NOT_THE_ACCOUNTS_FAULT:
             self.child.errors.add(f"account={outcome.account_id} server={server} error_kind={outcome.failure_kind} "
                                   f"error={outcome.detail}")
-            log.warning("event=poll_failed account=%s server=%s error_kind=%s error=%s",
-                        outcome.account_id, server, outcome.failure_kind, outcome.detail)
+            log.warning("event=poll_failed account=%s server=%s trigger=%s error_kind=%s error=%s",
+                        outcome.account_id, server, outcome.trigger, outcome.failure_kind, outcome.detail)
         if outcome.idling and session.client is not None:
             session.idling = True
             try:
@@ -439,37 +473,64 @@ class Worker:
             send(self.to_scheduler, frames.NewMail(slot=self.slot, account_id=outcome.account_id, count=arrivals))
         if report:
             send(self.to_scheduler, frames.Result(
-                slot=self.slot, account_id=outcome.account_id, order_id=outcome.order_id, ok=outcome.ok,
-                connected=session.client is not None, idling=session.idling, new_messages=arrivals,
-                new_bytes=outcome.new_bytes, failure_kind=outcome.failure_kind, detail=outcome.detail,
-                retry_after=outcome.retry_after, uidvalidity_changed=outcome.uidvalidity_changed))
+                slot=self.slot, account_id=outcome.account_id, order_id=outcome.order_id, trigger=outcome.trigger,
+                ok=outcome.ok, connected=session.client is not None, idling=session.idling,
+                watches_all=outcome.watches_all, new_messages=arrivals, new_bytes=outcome.new_bytes,
+                failure_kind=outcome.failure_kind, detail=outcome.detail, retry_after=outcome.retry_after,
+                uidvalidity_changed=outcome.uidvalidity_changed, missing_folders=outcome.missing_folders))
         if self.draining and session.client is not None:
             self.retire(session)
         elif session.pending_order is not None:
             order, session.pending_order = session.pending_order, None
             self.on_poll(order)
-        elif outcome.news_pending and session.idling and not session.busy:
-            self.start_job(session, 0, False, notified=now)  # mail announced as IDLE began
+        elif outcome.pushed_pending and session.idling and not session.busy:
+            # Mail announced as IDLE began (or found by NOTIFY's first STATUS): fetch it now.
+            self.start_job(session, frames.Trigger.PUSH, notified=now, pushed=outcome.pushed_pending)
+
+    def note_missing_folders(self, account: AccountConfig, missing: list[str], checked_all: bool) -> None:
+        """Keep which configured folders the server does not have; log each change once."""
+        before = self.missing.get(account.id, frozenset())
+        after = frozenset(missing) if checked_all else before | frozenset(missing)
+        if after == before:
+            return
+        if after:
+            self.missing[account.id] = after
+        else:
+            self.missing.pop(account.id, None)
+        for folder in sorted(after - before):
+            self.polls["missing_folder"] = self.polls.get("missing_folder", 0) + 1
+            self.child.errors.add(f"account={account.id} folder={folder} error_kind=mailbox "
+                                  f"error=configured folder does not exist on the server")
+            log.error("event=folder_missing account=%s server=%s folder=%s action=other_folders_go_on",
+                      account.id, account.host, folder)
+        for folder in sorted(before - after):
+            log.info("event=folder_found account=%s folder=%s", account.id, folder)
 
     # --- the blocking work (pool threads) -----------------------------------------------------
-    def job(self, account: AccountConfig, client: Any, order_id: int, may_connect: bool, was_idling: bool,
-            notified: float | None, failure: imap.ImapError | None, all_folders: bool,
-            release: bool = False) -> Outcome:
+    def job(self, account: AccountConfig, client: Any, trigger: frames.Trigger, order_id: int, may_connect: bool,
+            was_idling: bool, notified: float | None, failure: imap.ImapError | None,
+            pushed: tuple[str, ...], release: bool) -> Outcome:
         """Connect if granted, check the folders, ingest what is new, and re-enter IDLE.
 
-        An IDLE notification checks INBOX only; an order, a renewal (``all_folders``) or a
-        connection not idling checks every folder with STATUS first. ``failure``: the loop found
-        the connection broken; report it and close. ``release``: others wait for this server's
-        connection cap, so LOGOUT instead of keeping the connection (time-sharing the cap).
+        An order, a renewal or a connection not idling checks every configured folder; a push
+        checks the folders it named (``pushed``). ``failure``: the loop found the connection
+        broken; report it and close. ``release``: others wait for this server's connection cap,
+        so LOGOUT instead of keeping the connection (time-sharing the cap). Only configured
+        folders are ever named to the server.
+
+        How a connection waits for news: with NOTIFY (RFC 5465) and several folders, no folder
+        selected and the server reports every configured folder; otherwise IDLE on the primary
+        folder (``AccountConfig.primary_folder``), the others checked at the tier interval by
+        the scheduler's orders (``Result.watches_all`` False).
         """
-        outcome = Outcome(account_id=account.id, order_id=order_id, ok=False, notified_at=notified)
+        outcome = Outcome(account_id=account.id, order_id=order_id, trigger=trigger, ok=False, notified_at=notified)
         timeout = self.config.imap.timeout
         try:
             if failure is not None:
                 raise failure
             if client is None:
                 if not may_connect:
-                    outcome.failure_kind = "disconnected"
+                    outcome.failure_kind = frames.FailureKind.DISCONNECTED
                     outcome.detail = "no open connection; waiting for a connect grant"
                     return outcome
                 client = self.login(account)
@@ -477,9 +538,18 @@ class Worker:
             elif was_idling:
                 imap.idle_stop(client, timeout)
             outcome.client = client
-            outcome.idle_capable = account.idle and "IDLE" in imap.capabilities(client)
-            outcome.checked_all = order_id > 0 or not was_idling or all_folders
-            self.check_folders(client, account, outcome, ordered=outcome.checked_all)
+            capabilities = imap.capabilities(client)
+            outcome.idle_capable = account.idle and "IDLE" in capabilities
+            use_notify = outcome.idle_capable and len(account.folders) > 1 and "NOTIFY" in capabilities
+            if imap.notifying(client):
+                imap.notify_none(client)  # replies to our own commands must not mix with notifications
+            outcome.checked_all = trigger in (frames.Trigger.ORDER, frames.Trigger.RENEWAL) or not was_idling
+            folders = account.folders if outcome.checked_all else [f for f in account.folders if f in pushed]
+            self.check_folders(client, account, outcome, folders,
+                               examine_primary=outcome.idle_capable and not use_notify)
+            if outcome.checked_all and len(outcome.missing_folders) == len(account.folders):
+                raise imap.ImapError(imap.FailureKind.MAILBOX,
+                                     f"none of the configured folders exists: {', '.join(account.folders)}")
             if self.draining or self.child.stop_requested:
                 outcome.ok = True
                 return outcome
@@ -494,25 +564,31 @@ class Worker:
                 self.credentials.access_token(account, self.secrets.get(account.id, {}),
                                               valid_for=self.config.imap.idle_renew)
             if outcome.idle_capable:
-                if not outcome.inbox_current:
-                    self.catch_up_inbox(client, account, outcome)
+                if use_notify:
+                    pending = self.watch_folders(client, account)
+                    outcome.watches_all = True
+                else:
+                    outcome.idle_folder = self.catch_up_idle_folder(client, account, outcome)
+                    pending = ()
+                    outcome.watches_all = len(account.folders) == 1
                 early = imap.idle_start(client)
                 outcome.idling = True
-                # Mail that arrived between the last EXAMINE and IDLE is announced as IDLE starts,
-                # often in the continuation's own segment: those lines already sit in our buffer,
-                # where the selector cannot see them, so read them now.
+                # Mail that arrived since the last look is announced as IDLE starts, often in the
+                # continuation's own segment: those lines already sit in our buffer, where the
+                # selector cannot see them, so read them now.
                 early += imap.idle_read(client)
-                outcome.news_pending = imap.has_new_mail(early)
+                announced = self.pushed(account, outcome.idle_folder, early)
+                outcome.pushed_pending = tuple(dict.fromkeys((*pending, *announced)))
             outcome.ok = True
         except ConfigError as exc:
-            outcome.failure_kind, outcome.detail = "auth", str(exc)
+            outcome.failure_kind, outcome.detail = frames.FailureKind.AUTH, str(exc)
         except ReauthRequired as exc:
-            outcome.failure_kind, outcome.detail = "reauth", str(exc)
+            outcome.failure_kind, outcome.detail = frames.FailureKind.REAUTH, str(exc)
         except TokenEndpointError as exc:
-            outcome.failure_kind, outcome.detail = "network", str(exc)
+            outcome.failure_kind, outcome.detail = frames.FailureKind.NETWORK, str(exc)
         except Exception as exc:
-            failure = exc if isinstance(exc, imap.ImapError) else imap.classify(exc)
-            outcome.failure_kind = str(getattr(failure.kind, "value", failure.kind))
+            failure = imap.classify(exc)
+            outcome.failure_kind = failure.kind
             outcome.detail = failure.detail
             outcome.retry_after = failure.retry_after
             if outcome.client is not None or client is not None:
@@ -522,6 +598,7 @@ class Worker:
                     imap.logout(outcome.client or client, min(timeout, 5.0))
             outcome.client = None
             outcome.idling = False
+            outcome.idle_folder = None
         return outcome
 
     def login(self, account: AccountConfig) -> Any:
@@ -541,58 +618,92 @@ class Worker:
             self.credentials.forget(account.id)
             return attempt(True)
 
-    def check_folders(self, client: Any, account: AccountConfig, outcome: Outcome, ordered: bool) -> None:
-        """Check every folder and fetch those with news. INBOX last, so it stays selected for IDLE.
+    def check_folders(self, client: Any, account: AccountConfig, outcome: Outcome, folders: list[str],
+                      examine_primary: bool) -> None:
+        """Check ``folders`` and fetch those with news; a folder the server does not have goes to
+        ``outcome.missing_folders`` and the others go on.
 
-        Folders are asked with STATUS first (a poll is one STATUS per folder), except INBOX on a
-        connection about to IDLE: IDLE needs it selected anyway, so it is EXAMINEd straight away
-        (its UIDNEXT answers the question). When that EXAMINE found nothing newer,
-        ``outcome.inbox_current`` lets IDLE follow at once: the server announces anything later
-        when IDLE starts. An IDLE notification (not ``ordered``) concerns INBOX only.
+        Folders are asked with STATUS first (a quiet poll is one STATUS per folder), except the
+        primary folder on a connection about to IDLE on it (``examine_primary``): IDLE needs it
+        selected anyway, so it is EXAMINEd straight away, last, so that it stays selected (its
+        UIDNEXT answers the question). When that EXAMINE found nothing newer,
+        ``outcome.primary_current`` lets IDLE follow at once.
         """
-        folders = sorted(account.folders, key=lambda f: f.upper() == "INBOX") if ordered else ["INBOX"]
-        examine_inbox = outcome.idle_capable
-        if ordered and any(folder.upper() != "INBOX" or not examine_inbox for folder in folders):
+        primary = account.primary_folder if examine_primary else None
+        folders = sorted(folders, key=lambda folder: folder == primary)
+        if any(folder != primary for folder in folders):
             imap.unselect(client)  # so that STATUS sees the folder afresh (see imap.unselect)
         for folder in folders:
             if self.draining or self.child.stop_requested:
                 return
-            inbox = folder.upper() == "INBOX"
-            if (ordered and not (inbox and examine_inbox)
-                    and not self.folder_has_news(client, account.id, folder)):
+            try:
+                if folder != primary and not self.folder_has_news(client, account.id, folder):
+                    continue
+                result = self.sync(client, account, folder, outcome)
+            except imap.ImapError as exc:
+                if exc.kind is not imap.FailureKind.MAILBOX:
+                    raise
+                outcome.missing_folders.append(folder)
                 continue
-            result = sync_folder(client, self.store, account.id, folder, self.config.imap,
-                                 announce=self.config.queue.kind != "none",
-                                 should_stop=lambda: self.child.fast_stop)
-            outcome.inbox_current = inbox and not result.searched
-            outcome.new_messages += result.new_messages
-            outcome.new_bytes += result.new_bytes
-            outcome.fetch_seconds += result.fetch_seconds
-            outcome.uidvalidity_changed |= result.uidvalidity_changed
-            if result.first_sync:
-                outcome.backlog += result.new_messages
+            outcome.primary_current = folder == primary and not result.searched
 
-    def catch_up_inbox(self, client: Any, account: AccountConfig, outcome: Outcome) -> None:
-        """EXAMINE INBOX right before IDLE and ingest what arrived during the sync just done: a
-        message appended in that gap would otherwise wait for the next safety poll."""
+    def sync(self, client: Any, account: AccountConfig, folder: str, outcome: Outcome) -> SyncResult:
+        """EXAMINE the folder and ingest what is new (ingest.sync_folder); when that completed,
+        remember its (UIDVALIDITY, UIDNEXT) so the next STATUS or NOTIFY saying the same costs
+        no store round trip and fetches nothing."""
+        state = imap.examine(client, folder)
+        result = sync_folder(client, self.store, account.id, folder, self.config.imap,
+                             announce=self.config.queue.kind != "none", state=state,
+                             should_stop=lambda: self.child.fast_stop)
+        if state.uidnext is not None and not result.interrupted and not result.oversize:
+            self.folders_current.setdefault(account.id, {})[folder] = (state.uidvalidity, state.uidnext)
+        outcome.new_messages += result.new_messages
+        outcome.new_bytes += result.new_bytes
+        outcome.fetch_seconds += result.fetch_seconds
+        outcome.uidvalidity_changed |= result.uidvalidity_changed
+        if result.first_sync:
+            outcome.backlog += result.new_messages
+        return result
+
+    def catch_up_idle_folder(self, client: Any, account: AccountConfig, outcome: Outcome) -> str:
+        """Select the folder to IDLE on (the primary one, else the first configured folder the
+        server has) and ingest what arrived in it during the checks just done: a message
+        appended in that gap would otherwise wait for the next safety poll. Returns the folder."""
+        missing = set(outcome.missing_folders)
+        if not outcome.checked_all:
+            missing |= self.missing.get(account.id, frozenset())
+        candidates = [account.primary_folder, *account.folders]
+        folder = next((f for f in candidates if f not in missing), account.primary_folder)
+        if outcome.primary_current and folder == account.primary_folder:
+            return folder
         for _ in range(3):
-            state = imap.examine(client, "INBOX")
-            mailbox = self.store.get_mailbox(account.id, "INBOX")
+            state = imap.examine(client, folder)
+            if self.folders_current.get(account.id, {}).get(folder) == (state.uidvalidity, state.uidnext):
+                return folder
+            mailbox = self.store.get_mailbox(account.id, folder)
             if (mailbox is not None and mailbox.uidvalidity == state.uidvalidity
                     and (state.uidnext is None or state.uidnext <= mailbox.last_uid + 1)):
-                return
-            result = sync_folder(client, self.store, account.id, "INBOX", self.config.imap,
-                                 announce=self.config.queue.kind != "none", state=state,
-                                 should_stop=lambda: self.child.fast_stop)
-            outcome.new_messages += result.new_messages
-            outcome.new_bytes += result.new_bytes
-            outcome.fetch_seconds += result.fetch_seconds
+                return folder
+            self.sync(client, account, folder, outcome)  # leaves the folder selected
+        return folder
 
-    def folder_has_news(self, client: Any, account_id: str, folder: str) -> bool:
-        """STATUS the folder; news when UIDNEXT is above the store's checkpoint. A folder whose
-        (UIDVALIDITY, UIDNEXT) is what it was at the last check that found it complete has none,
-        without asking the store: a quiet poll is one STATUS and no database round trip."""
-        state = imap.status(client, folder)
+    def watch_folders(self, client: Any, account: AccountConfig) -> tuple[str, ...]:
+        """NOTIFY on every configured folder, with none selected (a selected folder would be left
+        out of the notifications). Returns the folders whose state, as NOTIFY's first STATUS
+        reports it, shows mail not yet ingested (arrived during the checks just done)."""
+        imap.unselect(client)
+        states = imap.notify_set(client, account.folders)
+        return tuple(folder for folder in account.folders
+                     if folder in states and self.folder_has_news(client, account.id, folder, states[folder]))
+
+    def folder_has_news(self, client: Any, account_id: str, folder: str,
+                        state: imap.FolderState | None = None) -> bool:
+        """STATUS the folder (unless ``state`` says it already); news when UIDNEXT is above the
+        store's checkpoint. A folder whose (UIDVALIDITY, UIDNEXT) is what it was at the last check
+        that found it complete has none, without asking the store: a quiet poll is one STATUS
+        and no database round trip."""
+        if state is None:
+            state = imap.status(client, folder)
         known = self.folders_current.get(account_id)
         if state.uidnext is not None and known is not None and known.get(folder) == (state.uidvalidity,
                                                                                      state.uidnext):
@@ -619,7 +730,7 @@ class Worker:
 
         def logout() -> Outcome:
             imap.logout(client, min(self.config.imap.timeout, 10.0))
-            return Outcome(account_id=session.account.id, order_id=0, ok=True)
+            return Outcome(account_id=session.account.id, order_id=0, trigger=frames.Trigger.CONNECTION, ok=True)
 
         self.submit(logout)
 

@@ -1,0 +1,283 @@
+"""Folders and push, on every path: only configured folders are named to the server, INBOX in any
+spelling is one folder, NOTIFY pushes every configured folder, IDLE runs on the right folder
+without NOTIFY, and results of jobs the worker starts on its own (a push, a renewal) are
+classified like ordered ones (``reauth_required``, a suggested backoff).
+
+Dovecot records every client command (``rawlog_dir``, see test_worker_engine.py), so the tests
+check what the server received. The scripted server (tests/hostile_imap.py) only answers a fetch
+after an IDLE notification with a throttling reply, which Dovecot does not do on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+from harness import Daemon, account_toml, wait_until
+from hostile_imap import HostileServer, Session
+from test_credentials import add_oauth, keyed_daemon
+from test_worker_engine import (
+    commands,
+    daemon_sessions,
+    idling,
+    message,
+    no_restarts,
+    rawlog_conf,
+    recorded_user,
+    stored_at,
+)
+
+from mailingestd.devservers import _CAPABILITIES_WITHOUT_IDLE, Dovecot
+from oauth2_server import OAuth2Server
+
+# Dovecot's post-login capabilities with IDLE but without NOTIFY: a server that can only push
+# the selected folder (Cyrus 3.6 behaves so).
+CAPABILITIES_WITHOUT_NOTIFY = _CAPABILITIES_WITHOUT_IDLE.replace(" NOTIFY", "") + " IDLE"
+
+
+@pytest.fixture(scope="module")
+def notify_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """Dovecot 2.3 as shipped: IDLE and NOTIFY after login; sessions recorded."""
+    root = tmp_path_factory.mktemp("dovecot-notify")
+    server = Dovecot(root, users=0, extra_conf=rawlog_conf(root))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def idle_only_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """Dovecot with NOTIFY left out of its capabilities (IDLE kept); sessions recorded."""
+    root = tmp_path_factory.mktemp("dovecot-idle-only")
+    server = Dovecot(root, users=0,
+                     extra_conf=rawlog_conf(root) + f"imap_capability = {CAPABILITIES_WITHOUT_NOTIFY}\n")
+    server.start()
+    yield server
+    server.stop()
+
+
+def scheduler_env(interval: str | None = None, **keys: str) -> dict[str, str]:
+    """[scheduler] settings as environment overrides (the harness writes that table already)."""
+    if interval is not None:
+        keys.update(high_interval=interval, medium_interval=interval, low_interval=interval)
+    return {f"MAILINGESTD_SCHEDULER_{key.upper()}": value for key, value in keys.items()}
+
+
+def sent_lines(server: Dovecot, user: str) -> list[str]:
+    return [line for session in daemon_sessions(server, user) for _, line in session]
+
+
+def stored_folders(daemon: Daemon) -> dict[str, str]:
+    return dict(daemon.query("SELECT message_id, folder FROM messages"))
+
+
+def test_only_configured_folders_are_named_to_the_server(notify_dovecot, tmp_path):
+    user = recorded_user(notify_dovecot)
+    notify_dovecot.append(user, message("inbox-old"))
+    notify_dovecot.append(user, message("archive-old"), folder="Archive")
+    accounts = account_toml(user, notify_dovecot.host, notify_dovecot.port, folders=["Archive"])
+    with Daemon(tmp_path, accounts=accounts, password=notify_dovecot.password) as daemon:
+        stored_at(daemon, "archive-old", 15)
+        idling(daemon, 1)
+        appended_at = time.time()
+        notify_dovecot.append(user, message("archive-new"), folder="Archive")
+        notify_dovecot.append(user, message("inbox-new"))
+        # The only folder idles: its new mail is pushed, not found by a poll.
+        assert stored_at(daemon, "archive-new", 10) - appended_at < 1.5
+        time.sleep(1.0)
+        assert stored_folders(daemon) == {"<archive-old@t>": "Archive", "<archive-new@t>": "Archive"}
+        lines = sent_lines(notify_dovecot, user)
+        assert lines and not [line for line in lines if "inbox" in line.lower()], lines
+        assert any(line.split(" ")[1:3] == ["EXAMINE", '"Archive"'] for line in lines), lines
+        no_restarts(daemon)
+
+
+def received(moto, queue_url: str) -> list[dict]:
+    """Every envelope on the queue (read until empty; moto needs no visibility wait here)."""
+    sqs, bodies = moto.client("sqs"), []
+    while batch := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages"):
+        bodies += [json.loads(m["Body"]) for m in batch]
+        sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
+            {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(batch)])
+    return bodies
+
+
+def test_inbox_in_any_case_is_one_folder_keyed_INBOX(notify_dovecot, tmp_path, sqs_queue, moto):
+    user = recorded_user(notify_dovecot)
+    notify_dovecot.append(user, message("spelled-1"))
+    accounts = account_toml(user, notify_dovecot.host, notify_dovecot.port, folders=["Inbox", "inbox"])
+    queue = f'[queue]\nkind = "sqs"\nurl = "{sqs_queue}"\nendpoint_url = "{moto.endpoint_url}"\n'
+    with Daemon(tmp_path, accounts=accounts, password=notify_dovecot.password, sections=queue,
+                env=moto.env) as daemon:
+        stored_at(daemon, "spelled-1", 15)
+        idling(daemon, 1)
+        notify_dovecot.append(user, message("spelled-2"))
+        stored_at(daemon, "spelled-2", 5)
+        wait_until(lambda: daemon.status()["outbox"]["depth"] == 0, 30, 0.2, "the outbox published")
+        time.sleep(1.0)
+        rows = daemon.query("SELECT folder, message_id FROM messages ORDER BY message_id")
+        assert rows == [("INBOX", "<spelled-1@t>"), ("INBOX", "<spelled-2@t>")], rows
+        announced = received(moto, sqs_queue)
+        assert sorted(m["message_id"] for m in announced) == ["<spelled-1@t>", "<spelled-2@t>"], announced
+        assert {m["folder"] for m in announced} == {"INBOX"}
+
+
+def test_notify_pushes_new_mail_in_every_configured_folder(notify_dovecot, tmp_path):
+    user = recorded_user(notify_dovecot)
+    for folder in ("Work", "Archive"):
+        notify_dovecot.append(user, message(f"{folder}-old"), folder=folder)
+    accounts = account_toml(user, notify_dovecot.host, notify_dovecot.port, folders=["INBOX", "Work", "Archive"])
+    # Tier intervals and safety poll far longer than the test: anything stored in time was pushed.
+    with Daemon(tmp_path, accounts=accounts, password=notify_dovecot.password,
+                env=scheduler_env(interval="120s", idle_safety_interval="120s")) as daemon:
+        stored_at(daemon, "Archive-old", 15)
+        idling(daemon, 1)
+        latency = {}
+        for folder in ("Work", "INBOX", "Archive", "Work"):
+            tag = f"{folder}-{len(latency)}"
+            appended_at = time.time()
+            notify_dovecot.append(user, message(tag), folder=folder)
+            latency[tag] = stored_at(daemon, tag, 10) - appended_at
+        assert max(latency.values()) < 1.5, latency
+        [session] = daemon_sessions(notify_dovecot, user)  # one connection watches every folder
+        notify = [line for _, line in session if line.split(" ")[1:2] == ["NOTIFY"]]
+        assert notify and all('"Work"' in line and '"Archive"' in line and '"INBOX"' in line
+                              for line in notify if " SET " in line), notify
+        assert stored_folders(daemon)["<Work-3@t>"] == "Work"
+
+
+def test_without_notify_the_only_folder_idles_and_a_second_is_checked_at_the_tier_interval(
+        idle_only_dovecot, tmp_path):
+    user = recorded_user(idle_only_dovecot)
+    idle_only_dovecot.append(user, message("work-old"), folder="Work")
+    accounts = account_toml(user, idle_only_dovecot.host, idle_only_dovecot.port, folders=["Work"],
+                            id=f"{user}-work")
+    with Daemon(tmp_path / "one", accounts=accounts, password=idle_only_dovecot.password) as daemon:
+        stored_at(daemon, "work-old", 15)
+        idling(daemon, 1)
+        appended_at = time.time()
+        idle_only_dovecot.append(user, message("work-new"), folder="Work")
+        assert stored_at(daemon, "work-new", 10) - appended_at < 1.5
+    lines = sent_lines(idle_only_dovecot, user)
+    assert not [line for line in lines if "NOTIFY" in line or "inbox" in line.lower()], lines
+
+    second = recorded_user(idle_only_dovecot)
+    idle_only_dovecot.append(second, message("other-old"), folder="Other")
+    idle_only_dovecot.append(second, message("work2-old"), folder="Work")
+    accounts = account_toml(second, idle_only_dovecot.host, idle_only_dovecot.port, folders=["Work", "Other"])
+    # Tier interval 3 s for every tier, the safety poll far away: Other is checked by polls.
+    with Daemon(tmp_path / "two", accounts=accounts, password=idle_only_dovecot.password,
+                env=scheduler_env(interval="3s", idle_safety_interval="120s")) as daemon:
+        stored_at(daemon, "other-old", 15)
+        idling(daemon, 1)
+        appended_at = time.time()
+        idle_only_dovecot.append(second, message("work2-new"), folder="Work")
+        assert stored_at(daemon, "work2-new", 10) - appended_at < 1.5  # IDLE on Work, the first listed
+        appended_at = time.time()
+        idle_only_dovecot.append(second, message("other-new"), folder="Other")
+        assert stored_at(daemon, "other-new", 15) - appended_at < 3 * 1.25 + 1.5
+        time.sleep(7)
+        [session] = daemon_sessions(idle_only_dovecot, second)  # DONE, STATUS, IDLE on one connection
+        statuses = [t for t, line in session if line.split(" ")[1:3] == ["STATUS", '"Other"']]
+        gaps = [b - a for a, b in zip(statuses, statuses[1:])]
+        assert len(statuses) >= 3 and all(2.0 <= gap <= 5.0 for gap in gaps), gaps
+        assert all(any(line.endswith(" IDLE") for t, line in session if t > at) for at in statuses)
+        idling(daemon, 1)
+        no_restarts(daemon)
+
+
+def test_a_configured_folder_the_server_lacks_is_an_account_error_and_the_others_go_on(notify_dovecot, tmp_path):
+    user = recorded_user(notify_dovecot)
+    notify_dovecot.append(user, message("present"), folder="Work")
+    accounts = account_toml(user, notify_dovecot.host, notify_dovecot.port, folders=["Work", "Nowhere"])
+    with Daemon(tmp_path, accounts=accounts, password=notify_dovecot.password) as daemon:
+        stored_at(daemon, "present", 15)
+        errors = wait_until(lambda: [e for e in daemon.status()["errors"] if "Nowhere" in e], 10, 0.2,
+                            "the missing folder in status")
+        assert any(f"account={user}" in e and "mailbox" in e for e in errors), errors
+        metrics = (tmp_path / "metrics" / "mailingestd.prom")
+        wait_until(lambda: metrics.exists() and 'result="missing_folder"' in metrics.read_text(), 10, 0.2,
+                   "the missing folder in the metrics")
+        idling(daemon, 1)
+        notify_dovecot.append(user, message("present-2"), folder="Work")
+        stored_at(daemon, "present-2", 5)
+        logged = [line for line in daemon.log_path.read_text().splitlines() if "event=folder_missing" in line]
+        assert len(logged) == 1, logged  # once, not at every check
+
+
+@pytest.fixture(scope="module")
+def oauth_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OAuth2Server, Dovecot]]:
+    server = OAuth2Server(expires_in=4)
+    root = tmp_path_factory.mktemp("oauth2-push")
+    root.chmod(0o755)
+    dovecot = Dovecot(root / "dovecot", users=0, extra_conf=server.dovecot_conf(root / "conf"))
+    dovecot.start()
+    yield server, dovecot
+    dovecot.stop()
+    server.close()
+
+
+def test_refresh_token_revoked_while_idling_becomes_reauth_required(oauth_dovecot, tmp_path):
+    server, dovecot = oauth_dovecot
+    daemon = keyed_daemon(tmp_path, workers=1, sections='[imap]\nidle_renew = "2s"\n')
+    refresh = server.new_refresh_token("frank")
+    add_oauth(daemon, server, dovecot, "frank", refresh)
+    with daemon:
+        idling(daemon, 1)
+        server.revoke(refresh)
+        revoked_at, before = time.monotonic(), server.token_requests[refresh]
+        wait_until(lambda: daemon.status()["accounts"]["by_state"].get("reauth_required"), 4 + 2, 0.1,
+                   "reauth_required within one token lifetime\n" + daemon.log_tail())
+        assert time.monotonic() - revoked_at < 4 + 2
+        metrics = tmp_path / "d" / "metrics" / "mailingestd.prom"
+        wait_until(lambda: re.search(r'mailingestd_accounts\{priority="\w+",state="reauth_required"\} 1', metrics.read_text()),
+                   5, 0.2, "reauth_required in the metrics")
+        time.sleep(3)
+        assert server.token_requests[refresh] - before == 1, "exactly one token request after the revocation"
+
+
+def throttled_after_notification(session: Session) -> None:
+    """Serve normally until IDLE; announce a message during IDLE, then refuse every fetch with
+    Office 365's throttling reply and its suggested backoff."""
+    session.greet()
+    announced = False
+    while True:
+        tag, name, rest = session.read_command()
+        if name == b"IDLE" and not announced:
+            announced = True
+            session.send(b"+ idling\r\n")
+            time.sleep(0.3)
+            session.send(b"* 2 EXISTS\r\n")
+            session.read_line()  # DONE
+            session.send(tag + b" OK Idle completed\r\n")
+        elif name in (b"SELECT", b"EXAMINE") and announced:
+            session.send(b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] next\r\n"
+                         + tag + b" OK [READ-ONLY] done\r\n")
+        elif name in (b"UID SEARCH", b"UID FETCH") and announced:
+            session.send(tag + b" NO [THROTTLED] Request is throttled. "
+                         b"Suggested Backoff Time: 20000 milliseconds\r\n")
+        else:
+            session.answer(tag, name, rest)
+
+
+@pytest.mark.timeout(90)
+def test_backoff_suggested_after_an_idle_notification_is_honoured(tmp_path):
+    server = HostileServer(throttled_after_notification)
+    server.start()
+    try:
+        with Daemon(tmp_path, accounts=account_toml("o365", server.host, server.port, id="o365"), password="pw",
+                    env=scheduler_env(backoff_max="60s")) as daemon:
+            wait_until(lambda: any("error_kind=throttled" in line for line in daemon.status()["errors"]), 30, 0.2,
+                       "the throttling reply seen\n" + daemon.log_tail())
+            throttled_at = time.monotonic()
+            connections = len(server.accepted_at)
+            time.sleep(17)
+            assert len(server.accepted_at) == connections, "a new connection before the suggested 20 s"
+            wait_until(lambda: len(server.accepted_at) > connections, 15, 0.2, "the retry after the backoff")
+            assert server.accepted_at[connections] - throttled_at >= 19.0
+            no_restarts(daemon)
+    finally:
+        server.stop()
