@@ -32,6 +32,7 @@ from pathlib import Path
 
 import msgspec
 
+from . import config as config_mod
 from .config import AccountConfig, Config, ConfigError, OAuth2Config
 from .secrets import Destination, Keyring, SecretError, default_key_path
 from .store import Store
@@ -98,19 +99,35 @@ def is_loopback(host: str) -> bool:
 SECRETS_DIR = "/etc/mailingestd/secrets"
 
 
+def _sources(account: AccountConfig) -> tuple[str | None, ...]:
+    oauth = account.oauth2 or OAuth2Config()
+    return (account.password_file, account.password_env, oauth.client_secret_file, oauth.client_secret_env,
+            oauth.refresh_token_file, oauth.refresh_token_env)
+
+
+class ConfiguredAccount(msgspec.Struct, frozen=True):
+    """An ``[[accounts]]`` table of the configuration file: where its secrets may go and come from."""
+
+    destination: Destination
+    sources: tuple[str | None, ...]
+
+
 class SecretPolicy(msgspec.Struct, frozen=True):
     """What the root-owned configuration allows, never what a store row claims.
 
     ``dirs``: files under these directories may be read as secrets (``secrets.allowed_dirs``,
     default /etc/mailingestd/secrets, plus ``$CREDENTIALS_DIRECTORY``); ``files`` and ``env``:
     the files and environment variables the configuration file's ``[[accounts]]`` name, plus
-    ``secrets.allowed_env``; ``plaintext``: ids of the file's accounts with ``allow_plaintext``.
+    ``secrets.allowed_env``; ``plaintext``: ids of the file's accounts with ``allow_plaintext``;
+    ``configured``: the file's accounts, whose rows must still say what the file says (a file
+    or variable secret is not sealed, so this is what binds it to its server).
     """
 
     dirs: tuple[str, ...] = ()
     files: frozenset[str] = frozenset()
     env: frozenset[str] = frozenset()
     plaintext: frozenset[str] = frozenset()
+    configured: dict[str, tuple[ConfiguredAccount, ...]] = {}
 
     @classmethod
     def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> SecretPolicy:
@@ -125,7 +142,18 @@ class SecretPolicy(msgspec.Struct, frozen=True):
             files.update(f for f in (account.password_file, oauth.client_secret_file, oauth.refresh_token_file) if f)
             names.update(n for n in (account.password_env, oauth.client_secret_env, oauth.refresh_token_env) if n)
         return cls(dirs=tuple(os.path.realpath(d) for d in dirs), files=frozenset(files), env=frozenset(names),
-                   plaintext=frozenset(a.id for a in config.accounts if a.allow_plaintext))
+                   plaintext=frozenset(a.id for a in config.accounts if a.allow_plaintext),
+                   configured={a.id: (ConfiguredAccount(destination_of(a), _sources(a)),) for a in config.accounts})
+
+    def merged(self, other: SecretPolicy) -> SecretPolicy:
+        """What either allows: the configuration a process was started with, and the file as it
+        is now (edited, and maybe not reloaded yet): both were written by root."""
+        configured = dict(self.configured)
+        for account_id, alternatives in other.configured.items():
+            configured[account_id] = tuple(dict.fromkeys(configured.get(account_id, ()) + alternatives))
+        return SecretPolicy(dirs=tuple(dict.fromkeys(self.dirs + other.dirs)), files=self.files | other.files,
+                            env=self.env | other.env, plaintext=self.plaintext | other.plaintext,
+                            configured=configured)
 
     def file_allowed(self, path: str) -> bool:
         if path in self.files:
@@ -133,20 +161,69 @@ class SecretPolicy(msgspec.Struct, frozen=True):
         real = os.path.realpath(path)  # no escape by "..", nor by a symlink inside an allowed directory
         return any(real.startswith(d.rstrip("/") + "/") for d in self.dirs)
 
+    def row_problem(self, account: AccountConfig) -> str | None:
+        """Why the store's row of an account of the configuration file may not be used, or None."""
+        alternatives = self.configured.get(account.id)
+        if not alternatives:
+            return None
+        destination, sources = destination_of(account), _sources(account)
+        if any(c.destination == destination and c.sources == sources for c in alternatives):
+            return None
+        if all(c.destination != destination for c in alternatives):
+            return (f"its row in the store names {destination.describe()}, the configuration file "
+                    f"{alternatives[-1].destination.describe()}")
+        return "its row in the store names other secret files or variables than the configuration file"
 
-_policy: SecretPolicy | None = None
+
+class _InstalledPolicy(msgspec.Struct):
+    path: str
+    stamp: tuple[int, int, int] | None
+    started: SecretPolicy  # from the configuration the process was forked with
+    policy: SecretPolicy  # that, merged with the file as last read
+
+
+_installed: _InstalledPolicy | None = None
+_install_lock = threading.Lock()
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def install_policy(config: Config) -> SecretPolicy:
     """Make ``config``'s policy this process's (and its future children's): the supervisor calls
     it at start and on every reload, before it forks."""
-    global _policy
-    _policy = SecretPolicy.from_config(config)
-    return _policy
+    global _installed
+    policy = SecretPolicy.from_config(config)
+    with _install_lock:
+        _installed = _InstalledPolicy(config.path, _stamp(config.path) if config.path else None, policy, policy)
+    return policy
 
 
 def current_policy() -> SecretPolicy:
-    return _policy if _policy is not None else SecretPolicy.from_config(Config())
+    """The installed policy, merged with the configuration file as it is now when it changed since
+    (a worker is not forked again on reload, and the file may be edited before the reload moves
+    the rows: either version is root's). A file that does not load adds nothing."""
+    global _installed
+    installed = _installed
+    if installed is None:
+        return SecretPolicy.from_config(Config())
+    stamp = _stamp(installed.path) if installed.path else None
+    if stamp == installed.stamp:
+        return installed.policy
+    with _install_lock:
+        if _installed is installed:
+            try:
+                policy = installed.started.merged(SecretPolicy.from_config(config_mod.load(installed.path)))
+            except ConfigError as exc:
+                policy = installed.started
+                log.warning("event=secret_policy_unchanged reason=config_invalid error=%s", exc)
+            _installed = _InstalledPolicy(installed.path, stamp, installed.started, policy)
+        return _installed.policy
 
 
 def _from_source(value_env: str | None, value_file: str | None, what: str, account_id: str,
@@ -218,9 +295,14 @@ class Credentials:
         except SecretError as exc:
             raise CredentialRefused(str(exc)) from None
 
-    def check_transport(self, account: AccountConfig) -> None:
-        """Refuse to send a password in clear except to loopback or where the file allows it, and
-        log plaintext over the network and unverified TLS once per account."""
+    def check_account(self, account: AccountConfig) -> None:
+        """Refuse an account of the configuration file whose row now says otherwise; refuse to send
+        a password in clear except to loopback or where the file allows it; log plaintext over the
+        network and unverified TLS once per account."""
+        problem = self.policy.row_problem(account)
+        if problem:
+            raise CredentialRefused(f"account {account.id}: {problem} (changed outside the file?); refusing to "
+                                    "use its secret")
         if account.tls == "none":
             if is_loopback(account.host):
                 return
@@ -239,7 +321,7 @@ class Credentials:
                         account.effective_port, what)
 
     def password(self, account: AccountConfig, secrets: Mapping[str, str]) -> str:
-        self.check_transport(account)
+        self.check_account(account)
         value = self.stored(account, secrets, "password")
         if value is None:
             value = _from_source(account.password_env, account.password_file, "password", account.id, self.environ,
@@ -258,7 +340,7 @@ class Credentials:
     def access_token(self, account: AccountConfig, secrets: Mapping[str, str], force_refresh: bool = False,
                      valid_for: float = 0.0) -> AccessToken:
         """A cached token still valid for ``valid_for`` seconds (plus a margin), else a fresh one."""
-        self.check_transport(account)
+        self.check_account(account)
         with self.guard:
             lock = self.locks.setdefault(account.id, threading.Lock())
         with lock:  # one refresh per account at a time, even with several threads asking

@@ -21,9 +21,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from harness import BIN, Daemon, wait_until
+from harness import BIN, Daemon, account_toml, wait_until
 from hostile_imap import HostileServer, Session
 
+from mailingestd import credentials as credentials_mod
 from mailingestd import imap, logs
 from mailingestd.config import (
     AccountConfig,
@@ -129,6 +130,50 @@ def test_update_of_port_in_the_store_sends_no_password_and_shows_a_binding_error
             wait_until(lambda: any("not bound to" in e for e in daemon.status()["errors"]), 10, what="status")
     finally:
         listener.close()
+
+
+def test_a_configured_accounts_row_moved_in_the_store_is_refused(dovecot, mailbox, tmp_path):
+    """A password from the environment is not sealed: the configuration file binds it instead."""
+    daemon = Daemon(tmp_path, workers=1, password=dovecot.password,
+                    accounts=account_toml(mailbox, dovecot.host, dovecot.port, id="cfg"),
+                    env={"MAILINGESTD_SCHEDULER_AUTH_FAILURE_LIMIT": "1"})
+    listener = Listener()
+    try:
+        with daemon:
+            dovecot.append(mailbox, b"Message-ID: <configured@t>\r\n\r\nbefore\r\n")
+            daemon.wait_stored(1, timeout=20)
+            daemon.query("UPDATE accounts SET port = ? WHERE id = 'cfg'", (listener.port,))
+
+            def account() -> dict[str, Any]:
+                return json.loads(daemon.ctl("account", "list", "--json").stdout)[0]
+
+            wait_until(lambda: listener.accepted or account()["state"] == "auth_failed", 30,
+                       what="a connection to the new port or the account refused\n" + daemon.log_tail())
+            assert listener.accepted == 0, "the daemon connected to the new port to send the password there"
+            assert "the configuration file" in account()["last_error"], account()
+    finally:
+        listener.close()
+
+
+def test_workers_follow_the_configuration_file_and_keep_what_they_started_with(tmp_path):
+    from mailingestd import config as config_mod
+
+    path = tmp_path / "mailingestd.toml"
+    account = '[[accounts]]\nid = "a"\nhost = "h{n}"\nusername = "u"\npassword_env = "P{n}"\n'
+    path.write_text(account.format(n=1))
+    credentials_mod.install_policy(config_mod.load(str(path)))
+    try:
+        row = AccountConfig(id="a", host="h2", username="u", password_env="P2")
+        assert credentials_mod.current_policy().row_problem(row)
+        path.write_text('[secrets]\nallowed_env = ["EXTRA"]\n' + account.format(n=2))  # edited, not reloaded
+        policy = credentials_mod.current_policy()
+        assert policy.row_problem(row) is None  # the edited file's version
+        assert policy.row_problem(AccountConfig(id="a", host="h1", username="u", password_env="P1")) is None
+        assert {"P1", "P2", "EXTRA"} <= policy.env
+        path.write_text("[daemon\n")  # broken: what the process started with still holds
+        assert credentials_mod.current_policy().row_problem(row)
+    finally:
+        credentials_mod.install_policy(Config())
 
 
 def test_binding_covers_every_destination_field_and_v1_secrets_are_refused(tmp_path):
