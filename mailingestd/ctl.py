@@ -475,6 +475,20 @@ def account_remove(ctx: click.Context, account_id: str) -> None:
     click.echo(f"account {account_id} removed")
 
 
+@account.command("resync")
+@click.argument("account_id")
+@click.pass_context
+def account_resync(ctx: click.Context, account_id: str) -> None:
+    """Re-ingest every folder of an account on purpose: messages the store no longer holds are
+    stored and announced again, marked "resync": true; stored ones are left as they are."""
+    store = store_of(ctx)
+    if store.get_account(account_id) is None:
+        fail(1, f"no account {account_id!r}")
+    folders = store.resync_account(account_id)
+    click.echo(f"account {account_id}: {folders} folder(s) start over when they next change or the daemon "
+               "restarts")
+
+
 @account.command("enable")
 @click.argument("account_id")
 @click.pass_context

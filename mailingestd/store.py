@@ -448,12 +448,27 @@ class Store:
         return _row(r) if r else None
 
     def delete_account(self, account_id: str) -> bool:
-        """Remove the account; its mailboxes' checkpoints go, its stored messages stay."""
+        """Remove the account; its stored messages and its folders' checkpoints stay.
+
+        A checkpoint is one small row per folder, and it is what keeps the account's old mail old:
+        added again after store.metadata_retention pruned its rows, the account would otherwise
+        store and announce every such message again as new. ``resync_account`` starts over on purpose.
+        """
         with self.transaction() as cur:
             deleted = self._exec(cur, "DELETE FROM accounts WHERE id = ?", (account_id,)).rowcount
-            self._exec(cur, "DELETE FROM mailboxes WHERE account_id = ?", (account_id,))
             self._exec(cur, "DELETE FROM oauth_tokens WHERE account_id = ?", (account_id,))
         return deleted > 0
+
+    def resync_account(self, account_id: str) -> int:
+        """Every folder of the account starts over at UID 1 under its UIDVALIDITY: keys still stored
+        stay as they are; messages no longer in the store are stored and announced again, marked
+        ``"resync": true`` (up to the old checkpoint). Returns how many folders start over."""
+        with self.transaction() as cur:
+            return self._exec(cur, """
+                UPDATE mailboxes SET resync_below = CASE WHEN resync_below > last_uid + 1 THEN resync_below
+                                                         ELSE last_uid + 1 END,
+                                     last_uid = 0, highestmodseq = NULL, updated_at = ?
+                WHERE account_id = ?""", (time.time(), account_id)).rowcount
 
     def set_enabled(self, account_id: str, enabled: bool) -> bool:
         with self.transaction() as cur:

@@ -302,3 +302,82 @@ def test_the_publisher_moves_past_rows_that_always_fail(moto, tmp_path, monkeypa
     received = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)["Messages"]
     assert sorted(json.loads(m["Body"])["subject"] for m in received) == ["good 61", "good 62", "good 63"]
     store.close()
+
+
+def _prune_rows_as_retention_does(store_path: Path) -> None:
+    """metadata_retention has run: the message rows (and so their keys) are gone, announcements done."""
+    import sqlite3
+
+    with sqlite3.connect(store_path) as conn:
+        conn.execute("DELETE FROM messages")
+        conn.execute("DELETE FROM outbox")
+    conn.close()
+
+
+def test_an_account_removed_and_added_again_after_retention_announces_nothing_old(dovecot, mailbox, tmp_path):
+    """Removing an account keeps its folders' checkpoints (they are small): added again after
+    retention pruned its rows, its old mail is not stored and announced again as new."""
+    path = tmp_path / "store.sqlite3"
+    store = open_store(f"sqlite:///{path}")
+    for n in range(3):
+        dovecot.append(mailbox, f"Message-ID: <old-{n}@t>\r\n\r\nbody\r\n".encode())
+    store.upsert_account(account_for(dovecot, mailbox))
+    assert ingest(dovecot, mailbox, store).new_messages == 3
+    assert store.delete_account(mailbox)
+    _prune_rows_as_retention_does(path)
+    store.upsert_account(account_for(dovecot, mailbox))
+    dovecot.append(mailbox, b"Message-ID: <new@t>\r\n\r\nbody\r\n")
+    assert ingest(dovecot, mailbox, store).new_messages == 1
+    announced = [json.loads(e.envelope) for e in store.outbox_batch(10)]
+    assert [a["message_id"] for a in announced] == ["<new@t>"] and "resync" not in announced[0]
+    store.close()
+
+
+def test_account_resync_re_ingests_on_purpose_and_says_resync(dovecot, mailbox, tmp_path):
+    """``mailingestctl account resync ID``: every folder starts over; what retention pruned is stored
+    and announced again with "resync": true, what is still stored stays as it is (no duplicate)."""
+    daemon = Daemon(tmp_path / "d", password=dovecot.password)
+    daemon.ctl("account", "add", mailbox, "--host", dovecot.host, "--port", str(dovecot.port), "--tls", "none",
+               "--username", mailbox, "--password-env", "TEST_IMAP_PASSWORD")
+    store = open_store(daemon.store_url)
+    for n in range(3):
+        dovecot.append(mailbox, f"Message-ID: <r-{n}@t>\r\n\r\nbody\r\n".encode())
+    assert ingest(dovecot, mailbox, store).new_messages == 3
+    with store.transaction() as cur:
+        cur.execute("DELETE FROM messages WHERE uid = 1")  # one pruned by retention, two still stored
+        cur.execute("DELETE FROM outbox")
+    daemon.ctl("account", "resync", mailbox)
+    assert store.get_mailbox(mailbox, "INBOX").last_uid == 0
+    assert ingest(dovecot, mailbox, store).new_messages == 1
+    announced = [json.loads(e.envelope) for e in store.outbox_batch(10)]
+    assert [(a["message_id"], a.get("resync")) for a in announced] == [("<r-0@t>", True)]
+    assert sorted(daemon.stored_keys()) == sorted(set(daemon.stored_keys())) and len(daemon.stored_keys()) == 3
+    assert daemon.ctl("account", "resync", "nobody-such", check=False).returncode == 1
+    store.close()
+
+
+def _set_uidvalidity(dovecot, user: str, value: int) -> None:
+    """What a restore from backup does to a folder: its UIDVALIDITY becomes an older value again."""
+    import subprocess
+
+    subprocess.run([dovecot._doveadm, "-c", str(dovecot.config_path), "mailbox", "update", "-u", user,
+                    "--uid-validity", str(value), "INBOX"], check=True, capture_output=True, timeout=30)
+
+
+def test_uidvalidity_back_to_a_known_value_announces_re_ingested_mail_as_resync(dovecot, mailbox, tmp_path):
+    """A, B, A (a restore): what comes again under a UIDVALIDITY already seen says "resync": true."""
+    path = tmp_path / "store.sqlite3"
+    store = open_store(f"sqlite:///{path}")
+    for n in range(3):
+        dovecot.append(mailbox, f"Message-ID: <aba-{n}@t>\r\n\r\nbody\r\n".encode())
+    assert ingest(dovecot, mailbox, store).new_messages == 3
+    first = store.get_mailbox(mailbox, "INBOX").uidvalidity
+    _set_uidvalidity(dovecot, mailbox, first + 1)
+    assert ingest(dovecot, mailbox, store).uidvalidity_changed
+    _prune_rows_as_retention_does(path)
+    _set_uidvalidity(dovecot, mailbox, first)
+    result = ingest(dovecot, mailbox, store)
+    assert result.uidvalidity_changed and result.new_messages == 3
+    announced = [json.loads(e.envelope) for e in store.outbox_batch(10)]
+    assert len(announced) == 3 and all(a.get("resync") is True and a["uidvalidity"] == first for a in announced)
+    store.close()
