@@ -100,9 +100,11 @@ SECRETS_DIR = "/etc/mailingestd/secrets"
 
 
 def _sources(account: AccountConfig) -> tuple[str | None, ...]:
+    """Where the account's secrets are read from, as a store row keeps them (one secret_ref: the
+    variable when both a variable and a file are configured, as the password is read)."""
     oauth = account.oauth2 or OAuth2Config()
-    return (account.password_file, account.password_env, oauth.client_secret_file, oauth.client_secret_env,
-            oauth.refresh_token_file, oauth.refresh_token_env)
+    return (None if account.password_env else account.password_file, account.password_env,
+            oauth.client_secret_file, oauth.client_secret_env, oauth.refresh_token_file, oauth.refresh_token_env)
 
 
 class ConfiguredAccount(msgspec.Struct, frozen=True):
