@@ -66,6 +66,7 @@ __all__ = [
     "idle_start",
     "idle_stop",
     "idling",
+    "literal_waiting",
     "logout",
     "noop",
     "notify_none",
@@ -92,6 +93,9 @@ IDLE_MAX_LINE = 64 * 1024
 # Bytes read from the socket per idle_read call, so one chatty connection cannot starve the others
 # in the selector loop. What is left stays in the kernel buffer and keeps the socket readable.
 IDLE_READ_BUDGET = 1024 * 1024
+# The largest literal an untagged response may carry while IDLE runs (a mailbox name in a NOTIFY
+# STATUS, say). Nobody asked for message bodies then: a server announcing more is hostile.
+IDLE_MAX_LITERAL = 64 * 1024
 
 _RECV_CHUNK = 256 * 1024
 _DETAIL_MAX = 300
@@ -436,6 +440,11 @@ class _BoundedIMAP4(imaplib.IMAP4):
     def take_buffered_line(self) -> bytes | None:
         line = self._take_line(min(self.max_line, IDLE_MAX_LINE))
         return line[:-2] if line is not None and line.endswith(b"\r\n") else line
+
+    def put_back_line(self, line: bytes) -> None:
+        """Undo :meth:`take_buffered_line`: the line is read again, first, by the next reader."""
+        self._rbuf[:0] = line + b"\r\n"
+        self._scanned = 0
 
 
 class _Client(imapclient.IMAPClient):
@@ -844,15 +853,24 @@ def idle_read(client: imapclient.IMAPClient) -> list[tuple[Any, ...]]:
     Reads what the socket and the TLS object already hold (at most ``IDLE_READ_BUDGET`` bytes;
     the rest keeps the socket readable) and returns the complete untagged responses, parsed as by
     imapclient's ``idle_check``, e.g. ``[(3, b'EXISTS'), (b'OK', b'Still here')]``. A partial line
-    stays buffered for the next call. A response announcing a literal is completed blocking,
-    within the usual deadline. After :func:`idle_done_send`, the server's completion of IDLE ends
+    stays buffered for the next call. A response announcing a literal is not read here (that could
+    block for as long as the server drips it): it stays buffered, :func:`literal_waiting` turns
+    True, and :func:`idle_stop` in a job reads it within ``IDLE_MAX_LITERAL`` and its deadline. After :func:`idle_done_send`, the server's completion of IDLE ends
     the read: what follows stays buffered and :func:`idling` is False. Raises :class:`ImapError` when
     the server closed the connection, said BYE, or ended the IDLE command unasked.
     """
     imap = _bounded(client)
+    if literal_waiting(client):
+        return []  # a job must read it (idle_stop): nothing here may block on it
     closed = imap.recv_available(IDLE_READ_BUDGET)
     responses: list[tuple[Any, ...]] = []
     while (line := imap.take_buffered_line()) is not None:
+        if imap.Literal.match(line):
+            # Reading a literal may take as long as the server wants: left for a job, which
+            # reads it within a byte budget and a deadline (idle_stop), never in a selector loop.
+            imap.put_back_line(line)
+            client.idle_literal_waiting = True
+            return responses
         if client.idle_tag is not None and line.startswith(client.idle_tag + b" "):
             asked, tag = client.idle_done_sent, client.idle_tag
             client.idle_tag = client._idle_tag = None
@@ -868,6 +886,12 @@ def idle_read(client: imapclient.IMAPClient) -> list[tuple[Any, ...]]:
     if closed:
         raise _ServerClosed("server closed the connection during IDLE")
     return responses
+
+
+def literal_waiting(client: imapclient.IMAPClient) -> bool:
+    """True when :func:`idle_read` met a response carrying a literal and left it unread: hand the
+    connection to a job, whose :func:`idle_stop` reads it (bounded) and ends IDLE."""
+    return getattr(client, "idle_literal_waiting", False)
 
 
 def has_new_mail(responses: list[tuple[Any, ...]]) -> bool:
@@ -913,6 +937,8 @@ def idle_stop(client: imapclient.IMAPClient, timeout: float) -> list[tuple[Any, 
     if tag is None:
         return []
     saved_timeout, imap.io_timeout = imap.io_timeout, timeout
+    saved_literal, imap.max_literal = imap.max_literal, min(imap.max_literal, IDLE_MAX_LITERAL)
+    client.idle_literal_waiting = False
     try:
         if not client.idle_done_sent:
             imap.send(b"DONE\r\n")
@@ -933,6 +959,7 @@ def idle_stop(client: imapclient.IMAPClient, timeout: float) -> list[tuple[Any, 
         raise TimeoutError(f"IDLE did not end within {timeout:g}s of DONE")
     finally:
         imap.io_timeout = saved_timeout
+        imap.max_literal = saved_literal
 
 
 def logout(client: imapclient.IMAPClient, timeout: float = 5.0) -> None:

@@ -315,6 +315,9 @@ class Worker:
         if responses:
             session.heard_at = now
         pushed = self.pushed(session.account, session.idle_folder, responses)
+        if imap.literal_waiting(session.client):
+            # A response with a literal: a job reads it (bounded), never this loop.
+            pushed = tuple(session.account.folders)
         notified = now if pushed else None
         if not imap.idling(session.client):  # the server answered our DONE: renew, all folders
             self.start_job(session, frames.Trigger.RENEWAL, notified=notified)
@@ -578,6 +581,8 @@ class Worker:
                 # selector cannot see them, so read them now.
                 early += imap.idle_read(client)
                 announced = self.pushed(account, outcome.idle_folder, early)
+                if imap.literal_waiting(client):
+                    announced = tuple(account.folders)
                 outcome.pushed_pending = tuple(dict.fromkeys((*pending, *announced)))
             outcome.ok = True
         except ConfigError as exc:

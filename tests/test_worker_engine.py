@@ -391,6 +391,46 @@ def test_throttling_replies_are_surfaced_and_the_suggested_backoff_is_honoured(t
         no_restarts(daemon)
 
 
+def literal_during_idle(session: Session) -> None:
+    """After the IDLE continuation, a 67 MB literal announced and dripped a byte a second: a
+    response that would hold whoever reads it for as long as the server likes."""
+    session.greet()
+    session.serve_until(b"IDLE")
+    session.send(b"+ idling\r\n")
+    session.sleep(0.5)
+    session.send(b"* 1 FETCH (UID 1 BODY[] {67000000}\r\n")
+    session.drip(b"x" * 120, every=1.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_literal_during_idle_costs_one_connection_never_the_worker(idle_dovecot, tmp_path):
+    hostile = HostileServer(literal_during_idle, host="127.0.0.2")
+    hostile.start()
+    user = recorded_user(idle_dovecot)
+    accounts = (account_toml("dripper", hostile.host, hostile.port, id="dripper")
+                + account_toml(user, idle_dovecot.host, idle_dovecot.port))
+    try:
+        # One worker holds both accounts; heartbeat_timeout 5 s would kill a worker whose loop blocks.
+        with Daemon(tmp_path, accounts=accounts, password=idle_dovecot.password, workers=1) as daemon:
+            wait_until(lambda: hostile.connections >= 1, 20, 0.1, "the hostile server reached")
+            idling(daemon, 1)
+            latencies = []
+            for n in range(8):
+                appended_at = time.time()
+                idle_dovecot.append(user, message(f"beside-{n}"))
+                latencies.append(stored_at(daemon, f"beside-{n}", 10) - appended_at)
+                time.sleep(0.5)
+            assert max(latencies) < 3.0, latencies
+            logged = failures_logged(daemon, "dripper")
+            assert logged and any("error_kind=protocol" in line and "literal" in line for line in logged), logged
+            # Backed off: not reconnected at once after each refusal (backoff_base 1 s, jittered).
+            gaps = [b - a for a, b in pairwise(hostile.accepted_at)]
+            assert all(gap >= 0.2 for gap in gaps), gaps
+            no_restarts(daemon)
+    finally:
+        hostile.stop()
+
+
 def mail_announced_with_the_continuation(session: Session) -> None:
     """Dovecot's race, on demand: a message delivered between the client's last EXAMINE and its
     IDLE is announced at once, in the same segment as the ``+`` continuation. A client that reads
