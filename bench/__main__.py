@@ -1,6 +1,7 @@
 """``python -m bench quick|full [--only SCENARIO,...] [--keep]``: run the benchmarks, write the report.
 
-Scenarios in order: hold (+ latency on the same daemon), quiet, status, backlog, polling, scheduler.
+Scenarios in order: hold (+ latency on the same daemon), latency-folders, quiet, status, backlog, polling,
+scheduler.
 Results: bench/results/<date>/report.json (one entry per mode) and PNG plots beside it.
 """
 
@@ -18,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import backlog, idle, plots, polling
+from bench import backlog, folders, idle, plots, polling
 from bench.common import BENCH_DIR, SCALES, Report, Scale, raise_fd_limit
 from mailingestd.devservers import Dovecot, MotoServer, Postgres
 
-SCENARIOS = ("hold", "quiet", "status", "backlog", "polling", "scheduler")
+SCENARIOS = ("hold", "latency-folders", "quiet", "status", "backlog", "polling", "scheduler")
 
 
 def run_scheduler(scale: Scale, report: Report) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "hold": lambda: idle.run_hold_and_latency(scale, root, dovecot(), postgres(), moto(), drawn),
+        "latency-folders": lambda: folders.run_latency_folders(scale, root, dovecot(), postgres()),
         "quiet": lambda: idle.run_quiet(scale, root, dovecot(), postgres()),
         "status": lambda: idle.run_status(scale, root, dovecot(), postgres()),
         "backlog": lambda: backlog.run_backlog(scale, root, dovecot(), postgres(), moto(), drawn),

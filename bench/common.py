@@ -56,6 +56,9 @@ class Scale:
     poll_warmup: float
     poll_window: float
     scheduler_accounts: int
+    folders_accounts: int
+    folders_rate: float
+    folders_seconds: float
 
 
 SCALES = {
@@ -64,11 +67,13 @@ SCALES = {
     "quick": Scale("quick", hold_accounts=1_000, hold_threads=64, quiet_accounts=0, quiet_seconds=15,
                    status_accounts=10_000, latency_rate=50, latency_seconds=10, watcher_sample=100,
                    backlog_accounts=20, backlog_messages=5_000, poll_accounts=1_000, poll_warmup=5,
-                   poll_window=90, scheduler_accounts=100_000),
+                   poll_window=90, scheduler_accounts=100_000, folders_accounts=100, folders_rate=10,
+                   folders_seconds=30),
     "full": Scale("full", hold_accounts=10_000, hold_threads=64, quiet_accounts=1_000, quiet_seconds=60,
                   status_accounts=10_000, latency_rate=50, latency_seconds=60, watcher_sample=500,
                   backlog_accounts=100, backlog_messages=100_000, poll_accounts=10_000, poll_warmup=30,
-                  poll_window=180, scheduler_accounts=1_000_000),
+                  poll_window=180, scheduler_accounts=1_000_000, folders_accounts=1_000, folders_rate=20,
+                  folders_seconds=60),
 }
 
 

@@ -176,8 +176,8 @@ class SqsReceiver:
 # --- the load generator -------------------------------------------------------------------------
 
 def append_load(port: int, users: list[str], messages: list[bytes], rate: float, seed: int,
-                threads: int = 32) -> list[dict[str, Any]]:
-    """APPEND ``messages`` to random ``users`` at ``rate`` per second.
+                threads: int = 32, folders: tuple[str, ...] = ("INBOX",)) -> list[dict[str, Any]]:
+    """APPEND ``messages`` to random ``users`` (and a random one of ``folders``) at ``rate`` per second.
 
     Logged-in connections are kept per user and reused (a user's connection serves one APPEND at
     a time), so the generator's own logins do not compete with the daemon for the two cores.
@@ -185,8 +185,8 @@ def append_load(port: int, users: list[str], messages: list[bytes], rate: float,
     Dovecot answered OK (the message exists from then on; latencies are measured from it).
     """
     rng = random.Random(seed)
-    plan = [(rng.choice(users), raw) for raw in messages]
-    jobs: queue.Queue[tuple[float, str, bytes] | None] = queue.Queue()
+    plan = [(rng.choice(users), rng.choice(folders) if len(folders) > 1 else folders[0], raw) for raw in messages]
+    jobs: queue.Queue[tuple[float, str, str, bytes] | None] = queue.Queue()
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
     spare: dict[str, list[imapclient.IMAPClient]] = {}
@@ -204,26 +204,26 @@ def append_load(port: int, users: list[str], messages: list[bytes], rate: float,
 
     def worker() -> None:
         while (job := jobs.get()) is not None:
-            due, user, raw = job
+            due, user, folder, raw = job
             imap = connection(user)
             delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
             sent = time.time()
-            reply = imap.append("INBOX", raw)
+            reply = imap.append(folder, raw)
             acked = time.time()
             uid = int(reply.split(b"APPENDUID ")[1].split(b" ")[1].rstrip(b"]"))
             with lock:
                 spare.setdefault(user, []).append(imap)
-                records.append({"user": user, "uid": uid, "size": len(raw), "due": due, "sent": sent,
-                                "acked": acked})
+                records.append({"user": user, "folder": folder, "uid": uid, "size": len(raw), "due": due,
+                                "sent": sent, "acked": acked})
 
     pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
     for thread in pool:
         thread.start()
     started = time.time() + 0.5
-    for index, (user, raw) in enumerate(plan):
-        jobs.put((started + index / rate, user, raw))
+    for index, (user, folder, raw) in enumerate(plan):
+        jobs.put((started + index / rate, user, folder, raw))
     for _ in pool:
         jobs.put(None)
     for thread in pool:
