@@ -24,6 +24,11 @@ from . import blobs as blobs_mod, partitions
 from .config import AccountConfig, OAuth2Config
 
 
+# Ids per DELETE of acknowledged outbox rows: within SQLite's bound parameters (32,766 since 3.32,
+# 999 before) and a publisher step's 500 rows in one statement.
+OUTBOX_DELETE_CHUNK = 500
+
+
 class StoreError(Exception):
     """The store cannot be used (unreachable, disk full, schema newer than this code)."""
 
@@ -52,6 +57,7 @@ class StoredMessage(msgspec.Struct):
     date: str | None
     in_reply_to: str | None
     references: str | None
+    body_omitted: bool = False  # over imap.max_message_size with imap.oversize = "skip": raw is the header
 
 
 class OutboxEntry(msgspec.Struct):
@@ -105,6 +111,8 @@ def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMes
     if resync:
         # Rule 1: a UIDVALIDITY change re-ingests the folder; say so instead of posing as new mail.
         body["resync"] = True
+    if msg.body_omitted:
+        body["body_omitted"] = True  # the store holds the header only; the body is on the server
     if extra:
         body.update(extra)  # raw bytes in S3: the payload pointer and sha256 (blobs.py)
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
@@ -273,6 +281,19 @@ CREATE TABLE uidvalidity_changes (
     # credentials_version), so that the open circuit survives a restart unless they changed
     # meanwhile (a new password file). Not a watched column: writing it is no account change.
     (6, "ALTER TABLE accounts ADD COLUMN state_credentials TEXT"),
+    # 7: outbox claims (PostgreSQL, scale-out): a publisher sends a row only while it holds the
+    # row's claim (claimed_by, claim_until on the database clock), so several nodes never send the
+    # same row at once; a dead node's claims lapse with its leases (Store.outbox_claim). The partial
+    # index finds another node's claims on an account's rows (order within a FIFO message group);
+    # claimed rows are few (in flight, or waiting for a retry). SQLite has one publisher.
+    (7, {
+        "sqlite": [],
+        "postgresql": [
+            "ALTER TABLE outbox ADD COLUMN claimed_by TEXT",
+            "ALTER TABLE outbox ADD COLUMN claim_until TIMESTAMPTZ",
+            "CREATE INDEX outbox_claimed ON outbox (account_id) WHERE claimed_by IS NOT NULL",
+        ],
+    }),
 ]
 
 
@@ -644,16 +665,34 @@ class Store:
                                    "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
         return [OutboxEntry(*r) for r in rows]
 
+    def outbox_claim(self, node: str, limit: int, after_id: int, claim_seconds: float) -> list[OutboxEntry]:
+        """Up to ``limit`` rows after ``after_id``, oldest first, that this node may send now.
+
+        SQLite has one publisher: every row. PostgreSQL overrides this with claims across nodes."""
+        return self.outbox_batch(limit, after_id)
+
+    def outbox_release(self, node: str) -> None:
+        """Give back this node's claims (the publisher's shutdown): other nodes may send them at once."""
+
     def outbox_delete(self, ids: Sequence[int]) -> None:
+        """Forget acknowledged rows: one statement per call (up to OUTBOX_DELETE_CHUNK ids each)."""
         if not ids:
             return
         with self.transaction() as cur:
-            for outbox_id in ids:
-                self._exec(cur, "DELETE FROM outbox WHERE id = ?", (outbox_id,))
+            for start in range(0, len(ids), OUTBOX_DELETE_CHUNK):
+                chunk = list(ids[start:start + OUTBOX_DELETE_CHUNK])
+                self._exec(cur, f"DELETE FROM outbox WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
 
     def outbox_depth(self) -> int:
         with self.transaction() as cur:
             return self._exec(cur, "SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def outbox_summary(self) -> tuple[int, float]:
+        """(rows in the outbox, age in seconds of the oldest one; 0 when empty), by the store's clock
+        of ``created_at`` (Unix time written by the committing process)."""
+        with self.transaction() as cur:
+            depth, oldest = self._exec(cur, "SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
+        return int(depth), max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
 
 def _split_key(key: str) -> tuple[str, str, int, int]:
@@ -789,6 +828,40 @@ class PostgresStore(Store):
 
     def _lock_for_migration(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('mailingestd-migrate'))")
+
+    def outbox_claim(self, node: str, limit: int, after_id: int, claim_seconds: float) -> list[OutboxEntry]:
+        """Claim up to ``limit`` rows after ``after_id`` for ``node`` for ``claim_seconds`` (database
+        clock), oldest first; rows this node already claims are renewed and returned again.
+
+        A row is this node's to send when nobody else holds a live claim on it, and its account's
+        lease is this node's or no node's (a deleted account, a free or expired lease): each node
+        announces the accounts it ingests, so a message group's rows go out from one node, in
+        order. ``FOR UPDATE SKIP LOCKED``: nodes claiming at once never wait on each other and never
+        take the same row. A row is also skipped while another node holds a live claim on any row
+        of the same account (a lease that just moved: the old holder finishes first, or its claims
+        lapse). A dead node's claims lapse after ``claim_seconds`` (cluster.lease_time), by when its
+        leases have expired too: the survivors then send its rows (docs/scale-out.md).
+        """
+        with self.transaction() as cur:
+            rows = self._exec(cur, """
+                UPDATE outbox SET claimed_by = ?, claim_until = now() + make_interval(secs => ?)
+                WHERE id IN (
+                    SELECT o.id FROM outbox o
+                    WHERE o.id > ?
+                      AND (o.claimed_by = ? OR o.claim_until IS NULL OR o.claim_until <= now())
+                      AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.account_id = o.account_id
+                                      AND l.owner <> ? AND l.expires_at > now())
+                      AND NOT EXISTS (SELECT 1 FROM outbox c WHERE c.account_id = o.account_id
+                                      AND c.claimed_by IS NOT NULL AND c.claimed_by <> ?
+                                      AND c.claim_until > now())
+                    ORDER BY o.id LIMIT ? FOR UPDATE OF o SKIP LOCKED)
+                RETURNING id, key, account_id, envelope, raw_size""",
+                (node, claim_seconds, after_id, node, node, node, limit)).fetchall()
+        return sorted((OutboxEntry(*r) for r in rows), key=lambda e: e.id)
+
+    def outbox_release(self, node: str) -> None:
+        with self.transaction() as cur:
+            self._exec(cur, "UPDATE outbox SET claimed_by = NULL, claim_until = NULL WHERE claimed_by = ?", (node,))
 
     def close(self) -> None:
         if self._pool is not None and self._pid == os.getpid():

@@ -52,11 +52,10 @@ def test_check_leaves_an_older_store_as_it_is_and_migrate_upgrades_it(tmp_path: 
     config = write_config(tmp_path)
     assert mailingestd("migrate", config=config).returncode == 0
     db = tmp_path / "state" / "mailingestd.sqlite3"
-    # An older release's store: the latest migration not applied yet (its row removed and its one
-    # SQLite statement, migration 6's ADD COLUMN, undone: exactly the schema of version 5).
+    # An older release's store: the latest migration not applied yet (its row removed; migration 7
+    # has no SQLite statement, so that is exactly the schema of version 6).
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM schema_migrations WHERE version = ?", (LATEST,))
-        conn.execute("ALTER TABLE accounts DROP COLUMN state_credentials")
     conn.close()
     before = snapshot(db.parent)
     result = mailingestd("--check-config", config=config)
