@@ -44,6 +44,17 @@ def rows(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     (name, "store p99 - floor p99", (f"{lat['p99_minus_floor_p99']} s "
                      f"(machine busy {lat['cpu_during_load']['machine_cores']} of "
                      f"{lat['cpu_during_load']['machine_cpus']} cores)"), f"<= 0.5 s: {_met(lat['meets_target'])}")]
+    if "latency-folders" in s and "error" not in s["latency-folders"]:
+        lf = s["latency-folders"]
+        inbox, other = lf["append_to_store_inbox_seconds"], lf["append_to_store_other_folders_seconds"]
+        out += [("latency-folders", (f"{lf['appended']} appends at {lf['rate_target_per_second']:g}/s to "
+                 f"{lf['accounts']} accounts x {lf['folders_per_account']} folders"),
+                 f"stored {lf['stored']}", "all stored"),
+                ("latency-folders", "append -> store p50 / p99, INBOX", f"{inbox['p50']} / {inbox['p99']} s", ""),
+                ("latency-folders", "append -> store p50 / p99, other folders", f"{other['p50']} / {other['p99']} s",
+                 ""),
+                ("latency-folders", "other folders' p99 - INBOX p99", f"{lf['other_minus_inbox_p99']} s",
+                 f"<= 0.5 s: {_met(lf['meets_target'])}")]
     if "quiet" in s and "error" not in s["quiet"]:
         q = s["quiet"]
         out += [("quiet", f"{q['accounts']} accounts idle after (imap.threads {q['imap_threads']})",
