@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from . import frames, hardening
+from . import credentials, frames, hardening
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,8 @@ class Child:
             self.next_pss = now + 15.0  # PSS makes the kernel walk every mapping: not too often
             self.pss_bytes = pss_bytes(self.pid)
         stats.pss_bytes = self.pss_bytes
+        for line in credentials.take_notices():  # plaintext or unverified TLS, for status
+            self.errors.add(line)
         send(self.to_supervisor, frames.Heartbeat(role=self.role, slot=self.slot, pid=self.pid, state=state,
                                                   stats=stats, errors=self.errors.lines(), **fields))
 

@@ -18,6 +18,7 @@ file marks ``allow_plaintext``; an OAuth2 token endpoint must be https (loopback
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import logging
@@ -184,6 +185,18 @@ class _InstalledPolicy(msgspec.Struct):
     policy: SecretPolicy  # that, merged with the file as last read
 
 
+# Lines for `mailingestctl status` (the child's recent errors, see child.Child.heartbeat): an
+# account that sends credentials in clear over the network or without verifying the certificate.
+_notices: collections.deque[str] = collections.deque(maxlen=64)
+
+
+def take_notices() -> list[str]:
+    lines = []
+    while _notices:
+        lines.append(_notices.popleft())
+    return lines
+
+
 _installed: _InstalledPolicy | None = None
 _install_lock = threading.Lock()
 
@@ -321,6 +334,8 @@ class Credentials:
             self.warned.add((account.id, what))
             log.warning("event=insecure_transport account=%s server=%s:%d %s", account.id, account.host,
                         account.effective_port, what)
+            _notices.append(f"account={account.id} server={account.host}:{account.effective_port} "
+                            f"event=insecure_transport {what}")
 
     def password(self, account: AccountConfig, secrets: Mapping[str, str]) -> str:
         self.check_account(account)

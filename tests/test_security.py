@@ -371,6 +371,17 @@ def test_starttls_runs_the_guard_and_never_assigns_imap4_file(tls_dovecot_for_se
     assert calls == {"guard": 1, "file_sets": 1}
 
 
+def test_unverified_tls_is_logged_and_shown_in_status(tls_dovecot_for_security, tmp_path):
+    server = tls_dovecot_for_security
+    account = (f'\n[[accounts]]\nid = "lax"\nhost = "{server.host}"\nport = {server.port}\ntls = "implicit"\n'
+               f'tls_verify = false\nusername = "{server.users[0]}"\npassword_env = "TEST_IMAP_PASSWORD"\n')
+    daemon = Daemon(tmp_path, workers=1, password=server.password, accounts=account)
+    with daemon:
+        wait_until(lambda: any("event=insecure_transport tls_verify=false" in e and "account=lax" in e
+                               for e in daemon.status()["errors"]), 20, what="the warning in status")
+    assert "event=insecure_transport account=lax" in daemon.log_path.read_text()
+
+
 @pytest.fixture(scope="module")
 def tls_dovecot_for_security(tmp_path_factory):
     from mailingestd.devservers import Dovecot
