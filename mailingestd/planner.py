@@ -17,10 +17,20 @@ Connections: the planner believes an account holds one open connection ("a slot"
 that connected it (``need_connect``) until a result says ``connected=False``,
 ``on_connection_closed``, or the order is expired or requeued (its worker is presumed dead). An
 account with a slot polls on it without asking the server's bucket.
+
+A contended server (more schedulable accounts than its connection cap, docs/contended-servers.md):
+every ``SHARE_INTERVAL`` the planner ranks the server's accounts by tier (the most often polled
+first) and lets the first ``holders`` keep their connections; the others rotate (their orders
+carry ``release``: log out after the poll) through ``reserve`` connections kept for them. A
+freed connection goes to the waiting account whose deadline (due time plus its interval) is
+nearest. When the connect rate cannot carry every rotating account, the intervals of the lowest
+tiers are stretched (``ServerShare.stretch``) so that the rest keep theirs: late in tier order,
+never starved.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import operator
 import random
@@ -49,6 +59,8 @@ from mailingestd.ratelimit import (
     DEFAULT_BURST_SECONDS,
     ConnectionLimits,
     ServerConnections,
+    ServerShare,
+    share_server,
 )
 from mailingestd.wheel import TimingWheel
 
@@ -103,13 +115,15 @@ class AccountPlan(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Order(msgspec.Struct, frozen=True, gc=False):
-    """Poll this account now. ``need_connect``: it has no open connection and was admitted one."""
+    """Poll this account now. ``need_connect``: it has no open connection and was admitted one;
+    ``release``: it rotates on a contended server, so log out after the poll."""
 
     account_id: str
     server: str
     need_connect: bool
     due_at: float
     lag: float
+    release: bool = False
 
 
 class ServerSnapshot(msgspec.Struct, frozen=True):
@@ -123,6 +137,8 @@ class ServerSnapshot(msgspec.Struct, frozen=True):
     connects_per_minute: int
     connect_tokens: float
     waiting: int
+    logins_last_minute: int = 0
+    share: ServerShare | None = None  # holders, rotating, polls needed and possible, late accounts
 
 
 class LagHistogram(msgspec.Struct, frozen=True):
@@ -156,18 +172,26 @@ class PlannerSnapshot(msgspec.Struct, frozen=True):
 
 class OrderBatch(msgspec.Struct, frozen=True, gc=False):
     """The orders of one ``due_batch`` call, as parallel arrays (``index``: account indexes, see
-    ``Planner.account_id``; ``need_connect``: no open connection, one was admitted)."""
+    ``Planner.account_id``; ``need_connect``: no open connection, one was admitted; ``release``:
+    log out after the poll, the account rotates on a contended server)."""
 
     index: np.ndarray
     need_connect: np.ndarray
     due_at: np.ndarray
     lag: np.ndarray
+    release: np.ndarray
 
     def __len__(self) -> int:
         return len(self.index)
 
 
-_NO_ORDERS = OrderBatch(np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), np.empty(0), np.empty(0))
+_NO_ORDERS = OrderBatch(np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), np.empty(0), np.empty(0),
+                        np.empty(0, dtype=bool))
+# How often the holders and rotating accounts of contended servers are chosen again (seconds).
+SHARE_INTERVAL = 2.0
+# A rotating session's login, poll and logout, until measured (seconds); the measurement's weight.
+DEFAULT_SESSION_SECONDS = 1.0
+SESSION_EWMA_WEIGHT = 0.05
 
 
 class Planner:
@@ -194,6 +218,10 @@ class Planner:
         self._priority: list[FixedPriority | AdaptivePriority | None] = []
         # One _ACCOUNT record per account; _state, _due_at, ... are views of its fields (_bind).
         self._accounts = _account_records(0)
+        # Per account: it rotates on a contended server (log out after each poll), and the factor
+        # on its interval when the server's limits cannot carry its tier (1.0: on time).
+        self._rotates = np.zeros(0, dtype=bool)
+        self._stretch = np.ones(0)
         # A copy of each adaptive priority's state (_ADAPTIVE_FIELDS, see _set_priority), one row
         # per account, for adaptive_intervals; and the interval of each kind (NaN: adaptive).
         self._adaptive = np.zeros((0, len(_ADAPTIVE_FIELDS)))
@@ -204,8 +232,13 @@ class Planner:
         self._server_names: list[str] = []
         self._connections: list[ServerConnections] = []
         self._server_accounts: list[int] = []
-        self._waiting: dict[int, deque[int]] = {}
+        # Per server, a heap of (deadline, account index) of the accounts waiting on it.
+        self._waiting: dict[int, list[tuple[float, int]]] = {}
         self._waiting_counts: list[int] = []
+        # Contended servers: the last ServerShare, the measured rotating session time.
+        self._shares: dict[int, ServerShare] = {}
+        self._session_seconds: list[float] = []
+        self._next_share_at = -math.inf
         self._due_backlog: deque[int] = deque()
         # (ordered_at, indexes) chunks in time order; an entry is current while its account is
         # polling with that ordered_at, else stale (dropped by expire_orders or compaction).
@@ -421,9 +454,10 @@ class Planner:
         """``due_batch`` as ``Order`` objects with account ids (for callers that want one object per order)."""
         batch = self.due_batch(now, limit)
         ids, servers, names = self._ids, self._server, self._server_names
-        return [Order(ids[index], names[servers[index]], need_connect, due_at, lag)
-                for index, need_connect, due_at, lag in zip(batch.index.tolist(), batch.need_connect.tolist(),
-                                                             batch.due_at.tolist(), batch.lag.tolist())]
+        return [Order(ids[index], names[servers[index]], need_connect, due_at, lag, release)
+                for index, need_connect, due_at, lag, release in zip(
+                    batch.index.tolist(), batch.need_connect.tolist(), batch.due_at.tolist(), batch.lag.tolist(),
+                    batch.release.tolist())]
 
     def due_batch(self, now: float, limit: int) -> OrderBatch:
         """At most ``limit`` orders for accounts due by ``now`` whose server admits them.
@@ -433,6 +467,8 @@ class Planner:
         (and any later one for that server queues behind it).
         """
         self._now = now
+        if now >= self._next_share_at:
+            self._reshare(now)
         taken: list[int] = []
         connects: list[bool] = []
         if self._waiting:
@@ -509,7 +545,7 @@ class Planner:
             self._lags_held = held + len(lag)
         if self._orders_out_entries > 2 * len(self._index) + 4096:
             self._compact_orders_out()
-        return OrderBatch(indexes, need_connect, due_at, lag)
+        return OrderBatch(indexes, need_connect, due_at, lag, self._rotates[indexes])
 
     def _take(self, index: int, now: float, taken: list[int], connects: list[bool]) -> None:
         """A due account: order it on its open connection, or if its server admits a new one."""
@@ -527,21 +563,23 @@ class Planner:
         connects.append(need_connect)
 
     def _wait(self, index: int) -> None:
-        """Due, but refused by its server (or queued behind accounts that were): wait in line."""
+        """Due, but refused by its server (or queued behind accounts that were): wait, ordered by
+        deadline (due time plus the account's interval: when it would miss a whole poll)."""
         self._move(index, AccountState.WAITING)
         server = int(self._server[index])
         queue = self._waiting.get(server)
         if queue is None:
-            queue = self._waiting[server] = deque()
-        queue.append(index)
+            queue = self._waiting[server] = []
+        interval = self.rules.intervals[self._kind[index] & _TIER_BITS] * self._stretch[index]
+        heapq.heappush(queue, (float(self._due_at[index] + interval), index))
 
     def _admit_waiting(self, now: float, limit: int, taken: list[int], connects: list[bool]) -> None:
         for server, queue in list(self._waiting.items()):
             connections = self._connections[server]
             while queue and len(taken) < limit:
-                index = queue[0]
+                index = queue[0][1]
                 if self._state[index] != AccountState.WAITING or self._server[index] != server:
-                    queue.popleft()
+                    heapq.heappop(queue)
                     continue
                 if self._holds_slot[index]:
                     need_connect = False
@@ -549,7 +587,7 @@ class Planner:
                     self._holds_slot[index] = need_connect = True
                 else:
                     break
-                queue.popleft()
+                heapq.heappop(queue)
                 self._move(index, AccountState.POLLING)
                 taken.append(index)
                 connects.append(need_connect)
@@ -650,6 +688,8 @@ class Planner:
             self.stale_results_total += len(index) - int(np.count_nonzero(polling))
             index, ok, connected, idling, mail, auth, wait, pushed = (
                 part[polling] for part in (index, ok, connected, idling, mail, auth, wait, pushed))
+        if self._shares:
+            self._measure_sessions(now, index[ok & ~connected & self._rotates[index]])
         if not ok.all():
             failed = ~ok
             for account, auth_failed, retry in zip(index[failed].tolist(), auth[failed].tolist(),
@@ -687,6 +727,8 @@ class Planner:
             intervals[adaptive] = self._adaptive_intervals(index[adaptive], now)
         jitter = self.config.jitter
         intervals *= self._np_rng.uniform(1.0 - jitter, 1.0 + jitter, len(index))
+        if self._shares:
+            intervals *= self._stretch[index]  # the late tiers of a server the limits cannot carry
         self._state[index] = AccountState.SCHEDULED
         if partly_pushed is not None:
             self._state[index[partly_pushed]] = AccountState.IDLING
@@ -769,6 +811,70 @@ class Planner:
             requeued += 1
         return requeued
 
+    # -- contended servers -----------------------------------------------------------------------
+
+    def share_of(self, server: str) -> ServerShare:
+        """How the server's connections and logins are shared (see ``ratelimit.share_server``)."""
+        index = self._server_ids.get(server)
+        if index is None:
+            return share_server([], [], 0, 0, DEFAULT_SESSION_SECONDS)
+        share = self._shares.get(index)
+        return share if share is not None else self._uncontended_share(index)
+
+    def _reshare(self, now: float) -> None:
+        """Choose again, on every server with more accounts than its cap, who holds a connection
+        (the most often polled: tier order, those already holding one first, then by index) and
+        who rotates, and stretch the intervals of the tiers its limits cannot carry."""
+        self._next_share_at = now + SHARE_INTERVAL
+        contended = [server for server, count in enumerate(self._server_accounts)
+                     if count > (self._connections[server].limits.max_connections_per_server or 0)]
+        if not contended and not self._shares:
+            return
+        count = len(self._ids)
+        state = self._state[:count]
+        schedulable = self._live[:count] & (state != AccountState.DISABLED) & (state != AccountState.AUTH_FAILED)
+        servers = self._server[:count]
+        intervals = np.array(self.rules.intervals)
+        for server in set(self._shares) - set(contended):
+            accounts = np.flatnonzero(servers == server)
+            self._rotates[accounts] = False
+            self._stretch[accounts] = 1.0
+            del self._shares[server]
+        for server in contended:
+            accounts = np.flatnonzero(schedulable & (servers == server))
+            tiers = self._kind[accounts] & _TIER_BITS
+            ranked = accounts[np.lexsort((accounts, ~self._holds_slot[accounts], tiers))]
+            ranked_tiers = self._kind[ranked] & _TIER_BITS
+            limits = self._connections[server].limits
+            share = share_server(intervals[ranked_tiers], ranked_tiers, limits.max_connections_per_server or 0,
+                                 limits.connects_per_minute or 0, self._session_seconds[server])
+            self._rotates[np.flatnonzero(servers == server)] = False
+            self._stretch[np.flatnonzero(servers == server)] = 1.0
+            rotating = ranked[share.holders:]
+            self._rotates[rotating] = True
+            self._stretch[rotating] = np.array(share.stretch)[ranked_tiers[share.holders:]]
+            self._shares[server] = share
+
+    def _measure_sessions(self, now: float, rotated: np.ndarray) -> None:
+        """Rotating accounts that logged in, polled and logged out: how long that took, per server
+        (sizes the connections kept for them)."""
+        if not len(rotated):
+            return
+        took = now - self._ordered_at[rotated]
+        for server, seconds in zip(self._server[rotated].tolist(), took.tolist()):
+            self._session_seconds[server] += SESSION_EWMA_WEIGHT * (seconds - self._session_seconds[server])
+
+    def _uncontended_share(self, server: int) -> ServerShare:
+        """Every schedulable account holds a connection: the polls needed are all possible."""
+        count = len(self._ids)
+        state = self._state[:count]
+        mine = (self._live[:count] & (self._server[:count] == server) & (state != AccountState.DISABLED)
+                & (state != AccountState.AUTH_FAILED))
+        tiers = self._kind[:count][mine] & _TIER_BITS
+        limits = self._connections[server].limits
+        return share_server(np.array(self.rules.intervals)[tiers], tiers, limits.max_connections_per_server or 0,
+                            limits.connects_per_minute or 0, self._session_seconds[server])
+
     # -- status ----------------------------------------------------------------------------------
 
     def snapshot(self, now: float | None = None) -> PlannerSnapshot:
@@ -784,7 +890,9 @@ class Planner:
                 connections=status.connections, max_connections=status.max_connections,
                 max_connections_per_account=status.max_connections_per_account,
                 connects_per_minute=status.connects_per_minute, connect_tokens=status.connect_tokens,
-                waiting=self._waiting_counts[server] if server is not None else 0))
+                waiting=self._waiting_counts[server] if server is not None else 0,
+                logins_last_minute=self.limits.server(name, now).connects_last_minute(now),
+                share=self.share_of(name)))
         count = len(self._ids)
         live = self._live[:count]
         state_counts = np.bincount(self._state[:count][live], minlength=len(AccountState)).tolist()
@@ -840,7 +948,11 @@ class Planner:
         accounts[:old] = self._accounts
         adaptive = np.zeros((size, len(_ADAPTIVE_FIELDS)))
         adaptive[:old] = self._adaptive
-        self._accounts, self._adaptive = accounts, adaptive
+        rotates = np.zeros(size, dtype=bool)
+        rotates[:old] = self._rotates
+        stretch = np.ones(size)
+        stretch[:old] = self._stretch
+        self._accounts, self._adaptive, self._rotates, self._stretch = accounts, adaptive, rotates, stretch
         self._bind()
         self._wheel.reserve(size)
 
@@ -866,6 +978,7 @@ class Planner:
             self._connections.append(self.limits.server(name, now))
             self._server_accounts.append(0)
             self._waiting_counts.append(0)
+            self._session_seconds.append(DEFAULT_SESSION_SECONDS)
         return server
 
     def _set_priority(self, index: int, priority: FixedPriority | AdaptivePriority) -> None:

@@ -11,9 +11,12 @@ Pure logic: no clock of its own, every call takes ``now`` (monotonic seconds).
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Sequence
 from enum import Enum
 
 import msgspec
+import numpy as np
 
 from mailingestd.config import LimitsConfig, ServerLimits
 
@@ -73,7 +76,7 @@ class Refusal(str, Enum):
 class ServerConnections:
     """One IMAP server's limits in force, its connect bucket and its open connection counts."""
 
-    __slots__ = ("server", "limits", "connect_bucket", "open_connections", "open_by_account")
+    __slots__ = ("server", "limits", "connect_bucket", "open_connections", "open_by_account", "recent_connects")
 
     def __init__(self, server: str, limits: ServerLimits, now: float,
                  burst_seconds: float = DEFAULT_BURST_SECONDS) -> None:
@@ -83,6 +86,13 @@ class ServerConnections:
         self.connect_bucket = TokenBucket(rate, connect_burst(rate, burst_seconds), now)
         self.open_connections = 0
         self.open_by_account: dict[str, int] = {}
+        # [whole second, connects admitted in it] over the last minute, for the logins/min used.
+        self.recent_connects: deque[list[int]] = deque(maxlen=61)
+
+    def connects_last_minute(self, now: float) -> int:
+        """New connections admitted in the last 60 seconds."""
+        since = math.floor(now) - 59
+        return sum(count for second, count in self.recent_connects if second >= since)
 
     def admit_many(self, count: int, now: float) -> int:
         """Admit up to ``count`` new connections, each for an account with none open (the planner's
@@ -94,8 +104,15 @@ class ServerConnections:
         bucket = self.connect_bucket
         bucket.wait_time(now)  # refills
         admitted = max(0, min(count, room, int(bucket.tokens)))
-        bucket.tokens -= admitted
-        self.open_connections += admitted
+        if admitted:
+            bucket.tokens -= admitted
+            self.open_connections += admitted
+            second = math.floor(now)
+            recent = self.recent_connects
+            if recent and recent[-1][0] == second:
+                recent[-1][1] += admitted
+            else:
+                recent.append([second, admitted])
         return admitted
 
     def occupy_many(self, count: int) -> None:
@@ -245,3 +262,95 @@ class ConnectionLimits:
             bucket.rate_per_second = rate / 60.0
             bucket.burst = connect_burst(rate, self.burst_seconds)
             bucket.tokens = min(bucket.tokens, bucket.burst)
+
+
+# -- sharing a capped server (docs/contended-servers.md) -------------------------------------------
+
+# Rotating accounts may use this share of connects_per_minute; the rest is left for held
+# connections that must log in again (a server restart, a dropped connection).
+ROTATION_LOGIN_SHARE = 0.9
+# Connections kept free for rotating accounts are sized to be at most this busy, so a rotating
+# account due finds a free one without waiting behind others.
+ROTATION_UTILISATION = 0.5
+MIN_ROTATION_RESERVE = 2
+# When the logins cannot carry every rotating account, each tier first gets an equal part of this
+# share of them (so no tier starves), the rest goes to the tiers in order, high first.
+LATE_FLOOR_SHARE = 0.1
+TIER_NAMES = ("high", "medium", "low")
+
+
+class ServerShare(msgspec.Struct, frozen=True):
+    """How one server's connections and logins are shared among its accounts (per minute).
+
+    ``holders`` keep a connection between polls; ``rotating`` log in, poll and log out, through
+    ``reserve`` connections kept for them. ``polls_needed``: what the tiers ask for;
+    ``polls_possible``: what the cap and the connect rate allow. ``late[t]``: accounts of tier t
+    (0 high, 1 medium, 2 low) polled less often than their interval, by ``stretch[t]``."""
+
+    holders: int
+    rotating: int
+    reserve: int
+    polls_needed: float
+    polls_possible: float
+    logins_needed: float
+    logins_allowed: float
+    late: list[int]
+    stretch: list[float]
+
+
+def share_server(intervals: Sequence[float] | np.ndarray, tiers: Sequence[int] | np.ndarray, cap: int,
+                 connects_per_minute: float, session_seconds: float) -> ServerShare:
+    """Who holds and who rotates on one server, and what the limits allow.
+
+    ``intervals`` and ``tiers``: the server's schedulable accounts, most often polled first (the
+    first ``holders`` of them keep connections). ``session_seconds``: how long a rotating
+    account's login, poll and logout take (the planner measures it).
+    """
+    per_minute = 60.0 / np.asarray(intervals, dtype=float)
+    tier_of = np.asarray(tiers, dtype=np.int64)
+    needed = float(per_minute.sum())
+    count = len(per_minute)
+    if count <= cap:
+        return ServerShare(holders=count, rotating=0, reserve=0, polls_needed=needed, polls_possible=needed,
+                           logins_needed=0.0, logins_allowed=float(connects_per_minute), late=[0, 0, 0],
+                           stretch=[1.0, 1.0, 1.0])
+    budget = max(0.0, connects_per_minute * ROTATION_LOGIN_SHARE)
+    cumulative = np.concatenate([[0.0], np.cumsum(per_minute)])
+    reserve = MIN_ROTATION_RESERVE
+    for _ in range(4):  # more reserve means fewer holders and more logins: settles in two or three
+        holders = max(0, cap - reserve)
+        logins = min(needed - cumulative[holders], budget)
+        wanted = math.ceil(logins / 60.0 * session_seconds / ROTATION_UTILISATION)
+        reserve = min(cap, max(MIN_ROTATION_RESERVE, wanted))
+    holders = max(0, cap - reserve)
+    rotating_tiers = tier_of[holders:]
+    demand = np.bincount(rotating_tiers, weights=per_minute[holders:], minlength=3)[:3]
+    if demand.sum() <= budget:
+        allotted = demand
+    else:
+        wanting = np.count_nonzero(demand)
+        allotted = np.minimum(demand, budget * LATE_FLOOR_SHARE / max(1, wanting))
+        left = budget - allotted.sum()
+        for tier in range(3):
+            more = min(demand[tier] - allotted[tier], left)
+            allotted[tier] += more
+            left -= more
+    stretch = [float(d / a) if d > a * (1 + 1e-9) and a > 0 else 1.0 for d, a in zip(demand, allotted)]
+    accounts_per_tier = np.bincount(rotating_tiers, minlength=3)[:3]
+    late = [int(accounts_per_tier[tier]) if stretch[tier] > 1.0 else 0 for tier in range(3)]
+    return ServerShare(holders=holders, rotating=count - holders, reserve=reserve, polls_needed=needed,
+                       polls_possible=float(cumulative[holders] + allotted.sum()),
+                       logins_needed=float(demand.sum()), logins_allowed=float(connects_per_minute),
+                       late=late, stretch=stretch)
+
+
+def deficit_line(server: str, share: ServerShare) -> str | None:
+    """One line for ``mailingestctl status`` when the limits cannot carry the tiers, else None:
+    ``imap.example: needs 2,067 polls/min, limits allow 274: 406 high, 7,000 medium and 2,500
+    low accounts will be late``."""
+    late = [f"{count:,} {TIER_NAMES[tier]}" for tier, count in enumerate(share.late) if count]
+    if not late:
+        return None
+    who = late[0] if len(late) == 1 else f"{', '.join(late[:-1])} and {late[-1]}"
+    return (f"{server}: needs {share.polls_needed:,.0f} polls/min, limits allow {share.polls_possible:,.0f}: "
+            f"{who} accounts will be late")

@@ -380,17 +380,6 @@ class Scheduler:
         self.config = msgspec.structs.replace(self.config, scheduler=fresh.scheduler, limits=fresh.limits)
 
     # --- orders -------------------------------------------------------------------------------------
-    def cap_contended(self, server: str) -> bool:
-        """Accounts wait on the server while it is at its connection cap: time-share (Poll.release).
-
-        Waiting on the connect rate alone is no reason to log out: each release would spend another
-        token on a reconnect, and after a server restart the reconnect wave would never end (every
-        account reconnected while others still wait is logged out again).
-        """
-        limits = self.planner.limits
-        cap = limits.limits_for(server).max_connections_per_server or 0
-        return self.planner.waiting_on(server) > 0 and limits.connections(server) >= cap
-
     def send_orders(self, now: float) -> None:
         free = sum(max(0, self.credits_per_worker - self.credits_used.get(s, 0)) for s in range(self.workers))
         self.starved = free <= 0
@@ -404,9 +393,9 @@ class Scheduler:
                 continue
             order_id = self.next_order_id
             self.next_order_id += 1
-            release = self.cap_contended(order.server)
+            # release: the account rotates on a contended server (Planner, docs/contended-servers.md).
             if not self.send_to(slot, frames.Poll(account_id=order.account_id, order_id=order_id,
-                                                  may_connect=order.need_connect, release=release)):
+                                                  may_connect=order.need_connect, release=order.release)):
                 refused.append(order.account_id)
                 continue
             self.in_flight[order_id] = (order.account_id, slot)
