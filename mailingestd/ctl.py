@@ -207,10 +207,15 @@ def format_status(data: dict[str, Any]) -> str:
                                                 for k, v in sorted(acc["by_state"].items()) if v) or "-"))
     lines.append("  by priority: " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc["by_priority"].items()) if v)
                                       or "-"))
-    lines += ["", "SERVERS", f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8}"]
+    lines += ["", "SERVERS", f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8} "
+                             f"{'rotating':>8} {'logins/min':>13} {'polls/min':>15}"]
     for server, s in data["servers"].items():
+        # logins/min: used of allowed; polls/min: what the limits allow of what the tiers need.
+        capacity = (f"{s['rotating']:>8} {s['logins_last_minute']:>6}/{s['logins_allowed']:<6} "
+                    f"{s['polls_possible']:>7.0f}/{s['polls_needed']:<7.0f}" if "polls_needed" in s else "")
         lines.append(f"  {server:<32} {int(s['connections']):>11} {'-' if s['limit'] is None else int(s['limit']):>6} "
-                     f"{int(s['waiting']):>8}")
+                     f"{int(s['waiting']):>8} {capacity}".rstrip())
+    lines += [f"  {s['deficit']}" for s in data["servers"].values() if s.get("deficit")]
     lines += ["", *format_cluster(data.get("cluster"))]
     t = data["traffic"]
     lag = ("-" if t["lag_p99"] is None else f"p50 <= {t['lag_p50']:g}s, p99 <= {t['lag_p99']:g}s")

@@ -27,6 +27,7 @@ from . import __version__, frames
 from .config import parse_listen
 from .histogram import LATENCY_BUCKETS, Histogram
 from .planner import LAG_BUCKETS
+from .ratelimit import TIER_NAMES, deficit_line
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ COUNTERS = {
 }
 LABELED_COUNTERS = {
     "polls": ("polls", "result", "Account checks, by result."),
+# Per-server capacity of contended servers, from the scheduler's heartbeat (docs/contended-servers.md).
+CAPACITY_STATS = ("polls_needed", "polls_possible", "logins_last_minute", "connects_per_minute",
+                  "accounts_holding", "accounts_rotating", "late_accounts")
     "connects": ("connects", "server", "New IMAP connections established, by server."),
 }
 
@@ -56,6 +60,48 @@ def stat(beat: frames.Heartbeat, name: str) -> float:
 
 class Totals:
     """Adds live heartbeats to the banked numbers of children that are gone."""
+def server_capacity(server: str, capacity: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """One server's capacity for ``mailingestctl status``: connections holding and rotating,
+    logins and polls per minute, late accounts per priority and the one-line deficit (or None)."""
+    if server not in capacity.get("polls_needed", {}):
+        return {}
+    late = {tier: int(capacity["late_accounts"].get(f"{server}/{tier}", 0)) for tier in TIER_NAMES}
+    needed, possible = capacity["polls_needed"][server], capacity["polls_possible"][server]
+    return {"holding": int(capacity["accounts_holding"].get(server, 0)),
+            "rotating": int(capacity["accounts_rotating"].get(server, 0)),
+            "logins_last_minute": int(capacity["logins_last_minute"].get(server, 0)),
+            "logins_allowed": int(capacity["connects_per_minute"].get(server, 0)),
+            "polls_needed": needed, "polls_possible": possible, "late": late,
+            "deficit": deficit_line(server, needed, possible, list(late.values()))}
+
+
+def _capacity_families(capacity: dict[str, dict[str, float]]) -> Iterable[GaugeMetricFamily]:
+    """Gauges of what each server's limits allow against what the tiers need, per second."""
+    for name, metric, help_text in (
+            ("polls_needed", "server_polls_needed_per_second", "Polls the accounts' tiers need, by server."),
+            ("polls_possible", "server_polls_possible_per_second",
+             "Polls the server's connection cap and connect rate allow, by server."),
+            ("logins_last_minute", "server_logins_per_second", "New connections over the last minute, by server."),
+            ("connects_per_minute", "server_logins_allowed_per_second",
+             "limits.connects_per_minute in force, by server."),
+            ("accounts_holding", "server_accounts_holding", "Accounts that keep their connection, by server."),
+            ("accounts_rotating", "server_accounts_rotating",
+             "Accounts that log in for each poll (more accounts than the cap), by server.")):
+        family = GaugeMetricFamily(f"mailingestd_{metric}", help_text, labels=["server"])
+        per_second = 60.0 if name in ("polls_needed", "polls_possible", "logins_last_minute",
+                                      "connects_per_minute") else 1.0
+        for server, value in sorted(capacity.get(name, {}).items()):
+            family.add_metric([server], value / per_second)
+        yield family
+    late = GaugeMetricFamily("mailingestd_accounts_late", "Accounts a server's limits cannot poll at their "
+                             "tier's interval (lowest tiers first), by server and priority.",
+                             labels=["server", "priority"])
+    for key, value in sorted(capacity.get("late_accounts", {}).items()):
+        server, _, tier = key.rpartition("/")
+        late.add_metric([server, tier], value)
+    yield late
+
+
 
     def __init__(self) -> None:
         self.banked: dict[str, float] = {}
@@ -166,6 +212,7 @@ class DaemonCollector:
                             snap["waiting"])
         for stat, (name, label, help_text) in LABELED_COUNTERS.items():
             family = CounterMetricFamily(f"mailingestd_{name}", help_text, labels=[label])
+        yield from _capacity_families(snap.get("capacity", {}))
             for key, value in sorted(totals.labeled(stat, beats).items()):
                 family.add_metric([key], value)
             yield family

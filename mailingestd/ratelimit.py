@@ -344,13 +344,13 @@ def share_server(intervals: Sequence[float] | np.ndarray, tiers: Sequence[int] |
                        late=late, stretch=stretch)
 
 
-def deficit_line(server: str, share: ServerShare) -> str | None:
-    """One line for ``mailingestctl status`` when the limits cannot carry the tiers, else None:
-    ``imap.example: needs 2,067 polls/min, limits allow 274: 406 high, 7,000 medium and 2,500
-    low accounts will be late``."""
-    late = [f"{count:,} {TIER_NAMES[tier]}" for tier, count in enumerate(share.late) if count]
-    if not late:
+def deficit_line(server: str, polls_needed: float, polls_possible: float, late: Sequence[int]) -> str | None:
+    """One line for ``mailingestctl status`` when the limits cannot carry the tiers (``late``:
+    accounts per tier, high first), else None: ``imap.example: needs 2,067 polls/min, limits
+    allow 274: 406 high, 7,000 medium and 2,500 low accounts will be late``."""
+    named = [f"{count:,} {TIER_NAMES[tier]}" for tier, count in enumerate(late) if count]
+    if not named:
         return None
-    who = late[0] if len(late) == 1 else f"{', '.join(late[:-1])} and {late[-1]}"
-    return (f"{server}: needs {share.polls_needed:,.0f} polls/min, limits allow {share.polls_possible:,.0f}: "
+    who = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+    return (f"{server}: needs {polls_needed:,.0f} polls/min, limits allow {polls_possible:,.0f}: "
             f"{who} accounts will be late")

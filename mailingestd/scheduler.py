@@ -24,7 +24,8 @@ from . import frames, leases, retention
 from .child import Child, bind_pull, connect_push, ipc_path, send
 from . import config as config_mod
 from .config import AccountConfig, Config
-from .planner import AccountPlan, AccountState, Planner
+from .planner import AccountPlan, AccountState, Planner, ServerSnapshot
+from .ratelimit import TIER_NAMES
 from .store import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,27 @@ def credentials_version(account: AccountConfig, secrets: dict[str, str] | None =
              msgspec.json.encode(account.oauth2).decode() if account.oauth2 else "", str(mtime),
              msgspec.json.encode(secrets or {}).decode())
     return hashlib.blake2b("\0".join(p or "" for p in parts).encode(), digest_size=8).hexdigest()
+
+
+def capacity_stats(servers: list[ServerSnapshot]) -> dict[str, dict[str, float]]:
+    """Per server, what a contended server's limits allow against what the tiers need
+    (docs/contended-servers.md); ``late_accounts`` is keyed ``server/priority``."""
+    stats: dict[str, dict[str, float]] = {name: {} for name in (
+        "polls_needed", "polls_possible", "logins_last_minute", "connects_per_minute", "accounts_holding",
+        "accounts_rotating", "late_accounts")}
+    for server in servers:
+        share = server.share
+        if share is None:
+            continue
+        stats["polls_needed"][server.server] = round(share.polls_needed, 3)
+        stats["polls_possible"][server.server] = round(share.polls_possible, 3)
+        stats["logins_last_minute"][server.server] = server.logins_last_minute
+        stats["connects_per_minute"][server.server] = server.connects_per_minute
+        stats["accounts_holding"][server.server] = share.holders
+        stats["accounts_rotating"][server.server] = share.rotating
+        for tier, count in zip(TIER_NAMES, share.late):
+            stats["late_accounts"][f"{server.server}/{tier}"] = count
+    return stats
 
 
 class Scheduler:
@@ -437,6 +459,7 @@ class Scheduler:
             "accounts": by_state_priority,
             "connection_limit": {s.server: s.max_connections for s in snap.servers},
             "waiting": {s.server: s.waiting for s in snap.servers},
+            **capacity_stats(snap.servers),
         }, histograms={"scheduler_lag_seconds": [*lag.counts, lag.sum, lag.count]}, detail=self.leases.detail())
 
     # --- the loop -----------------------------------------------------------------------------------

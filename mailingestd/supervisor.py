@@ -36,6 +36,7 @@ from .child import bind_pull, connect_push, ipc_path, send
 from .config import Config, ConfigError
 from .histogram import Histogram
 from .leases import cluster_status, lease_counts
+from .metrics import CAPACITY_STATS, server_capacity
 from .planner import LAG_BUCKETS
 from .store import Store, StoreError, open_store
 from .sysexits import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
@@ -755,6 +756,7 @@ class Supervisor:
             "memory_budget": self.config.daemon.memory_budget, "accounts": accounts, "connections": connections,
             "connection_limit": sched_beat.labeled.get("connection_limit", {}) if sched_beat else {},
             "waiting": sched_beat.labeled.get("waiting", {}) if sched_beat else {},
+            "capacity": {name: sched_beat.labeled.get(name, {}) if sched_beat else {} for name in CAPACITY_STATS},
             "last_ingest": self.totals.last_ingest_at(beats),
             "idle_connections": sum(w.idle_connections for w in self.worker_stats()),
             "outbox_depth": pub_beat.stats.outbox_depth
@@ -795,7 +797,8 @@ class Supervisor:
         for server in sorted(set(snap["connections"]) | set(snap["connection_limit"]) | set(snap["waiting"])):
             servers[server] = {"connections": snap["connections"].get(server, 0),
                                "limit": snap["connection_limit"].get(server),
-                               "waiting": snap["waiting"].get(server, 0)}
+                               "waiting": snap["waiting"].get(server, 0),
+                               **server_capacity(server, snap["capacity"])}
         lag = self.totals.histogram("scheduler_lag_seconds", beats)
         errors: list[str] = []
         for beat in beats:

@@ -109,7 +109,7 @@ def test_overloaded_limits_make_the_lowest_tier_late_and_say_so() -> None:
             for tier, count in (("high", 10), ("medium", 40), ("low", 100))}
     assert gaps["high"][-1] <= 10 * 1.5 + 2 and gaps["medium"][-1] <= 20 * 1.5 + 2, gaps
     assert 40 * 1.5 < gaps["low"][len(gaps["low"]) // 2] and gaps["low"][-1] < 40 * 3.6 * 1.5, gaps["low"]
-    line = deficit_line("imap.example", share)
+    line = deficit_line("imap.example", share.polls_needed, share.polls_possible, share.late)
     assert line.startswith(f"imap.example: needs {share.polls_needed:,.0f} polls/min, limits allow ")
     assert line.endswith(f"{share.late[2]:,} low accounts will be late")
 
@@ -125,6 +125,6 @@ def test_the_worked_example_of_the_docs() -> None:
     assert share.reserve == 6 and share.holders == 94 and share.rotating == 9906
     assert round(share.polls_possible) == 94 + 180
     assert share.late == [406, 7000, 2500]
-    assert deficit_line("imap.example", share) == (
+    assert deficit_line("imap.example", share.polls_needed, share.polls_possible, share.late) == (
         "imap.example: needs 2,067 polls/min, limits allow 274: "
         "406 high, 7,000 medium and 2,500 low accounts will be late")
