@@ -44,11 +44,11 @@ COUNTERS = {
     "publish_errors": ("publish_errors", "Envelopes the queue refused or could not take (retried)."),
     "uidvalidity_changes": ("uidvalidity_changes", "UIDVALIDITY changes seen (folder started over)."),
 }
-LABELED_COUNTERS = {
-    "polls": ("polls", "result", "Account checks, by result."),
 # Per-server capacity of contended servers, from the scheduler's heartbeat (docs/contended-servers.md).
 CAPACITY_STATS = ("polls_needed", "polls_possible", "logins_last_minute", "connects_per_minute",
                   "accounts_holding", "accounts_rotating", "late_accounts")
+LABELED_COUNTERS = {
+    "polls": ("polls", "result", "Account checks, by result."),
     "connects": ("connects", "server", "New IMAP connections established, by server."),
 }
 
@@ -58,8 +58,6 @@ def stat(beat: frames.Heartbeat, name: str) -> float:
     return float(getattr(beat.stats, name, 0))
 
 
-class Totals:
-    """Adds live heartbeats to the banked numbers of children that are gone."""
 def server_capacity(server: str, capacity: dict[str, dict[str, float]]) -> dict[str, Any]:
     """One server's capacity for ``mailingestctl status``: connections holding and rotating,
     logins and polls per minute, late accounts per priority and the one-line deficit (or None)."""
@@ -102,6 +100,8 @@ def _capacity_families(capacity: dict[str, dict[str, float]]) -> Iterable[GaugeM
     yield late
 
 
+class Totals:
+    """Adds live heartbeats to the banked numbers of children that are gone."""
 
     def __init__(self) -> None:
         self.banked: dict[str, float] = {}
@@ -210,9 +210,9 @@ class DaemonCollector:
         yield labeled_gauge("connection_limit", "Connection cap in force, by server.", "server", snap["connection_limit"])
         yield labeled_gauge("accounts_waiting", "Accounts due but held back by a server limit.", "server",
                             snap["waiting"])
+        yield from _capacity_families(snap.get("capacity", {}))
         for stat, (name, label, help_text) in LABELED_COUNTERS.items():
             family = CounterMetricFamily(f"mailingestd_{name}", help_text, labels=[label])
-        yield from _capacity_families(snap.get("capacity", {}))
             for key, value in sorted(totals.labeled(stat, beats).items()):
                 family.add_metric([key], value)
             yield family
