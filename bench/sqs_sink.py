@@ -15,7 +15,9 @@ application/x-amz-json-1.0``; botocore's ``data/sqs/2012-11-05/service-2.json`` 
 - ``CreateQueue``, ``GetQueueUrl``, ``GetQueueAttributes`` (``MaximumMessageSize``, and the
   number of entries received as ``ApproximateNumberOfMessages``), ``PurgeQueue`` (resets counts).
 - ``GET /stats``: every queue's counts as JSON; with ``--record`` also how often each envelope key
-  (the body's ``"key"``) arrived, for tests that check each outbox row was sent exactly once.
+  (the body's ``"key"``) arrived and in which order, for tests that check each outbox row was sent
+  exactly once and in order within its message group; with ``--delay S`` every request waits S
+  seconds (a distant SQS) and ``"sink:"`` reports the most requests that were in flight at once.
 
 Run: ``python -m bench.sqs_sink --port 9324 [--record]``; :class:`SqsSink` starts and stops it.
 It is a measuring instrument, not an SQS: no receive, no visibility, no deduplication.
@@ -51,12 +53,14 @@ class Queue:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.keys: collections.Counter[str] = collections.Counter()
+        self.order: list[str] = []  # keys in arrival order (--record)
 
     def stats(self, record: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"requests": self.requests, "entries": self.entries, "body_bytes": self.body_bytes,
                                "first_at": self.first_at, "last_at": self.last_at}
         if record:
             out["keys"] = dict(self.keys)
+            out["order"] = self.order
         return out
 
 
@@ -67,9 +71,11 @@ class SqsError(Exception):
 
 
 class Sink:
-    def __init__(self, host: str, port: int, record: bool) -> None:
-        self.host, self.port, self.record = host, port, record
+    def __init__(self, host: str, port: int, record: bool, delay: float = 0.0) -> None:
+        self.host, self.port, self.record, self.delay = host, port, record, delay
         self.queues: dict[str, Queue] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     def url(self, name: str) -> str:
         return f"http://{self.host}:{self.port}/{ACCOUNT}/{name}"
@@ -142,9 +148,11 @@ class Sink:
         if self.record:
             for body in bodies:
                 try:
-                    queue.keys[str(json.loads(body).get("key"))] += 1
+                    key = str(json.loads(body).get("key"))
                 except (ValueError, AttributeError):
-                    queue.keys["?"] += 1
+                    key = "?"
+                queue.keys[key] += 1
+                queue.order.append(key)
 
     ACTIONS = {"CreateQueue": create_queue, "GetQueueUrl": get_queue_url, "GetQueueAttributes": get_queue_attributes,
                "PurgeQueue": purge_queue, "SendMessage": send_message, "SendMessageBatch": send_message_batch}
@@ -152,7 +160,9 @@ class Sink:
     # --- HTTP ----------------------------------------------------------------------------------------
     def dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         if method == "GET" and path.startswith("/stats"):
-            return 200, json.dumps({name: q.stats(self.record) for name, q in self.queues.items()}).encode()
+            stats: dict[str, Any] = {name: q.stats(self.record) for name, q in self.queues.items()}
+            stats["sink:"] = {"max_in_flight": self.max_in_flight}  # ':' is in no SQS queue name
+            return 200, json.dumps(stats).encode()
         target = headers.get("x-amz-target", "")
         action = target.rpartition(".")[2]
         handler = self.ACTIONS.get(action)
@@ -182,6 +192,15 @@ class Sink:
                     if sep:
                         headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
+                if self.delay and method == "POST":
+                    # A round trip to a distant SQS: requests wait side by side, so the number
+                    # in flight at once shows how many the client keeps going.
+                    self.in_flight += 1
+                    self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                    try:
+                        await asyncio.sleep(self.delay)
+                    finally:
+                        self.in_flight -= 1
                 status, reply = self.dispatch(method, path, headers, body)
                 writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Bad Request'}\r\n"
                              f"Content-Type: application/x-amz-json-1.0\r\nContent-Length: {len(reply)}\r\n"
@@ -210,9 +229,10 @@ class SqsSink:
 
     region = "us-east-1"
 
-    def __init__(self, record: bool = False) -> None:
+    def __init__(self, record: bool = False, delay: float = 0.0) -> None:
         self.port = free_port()
         self.record = record
+        self.delay = delay
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -225,7 +245,8 @@ class SqsSink:
         return {"AWS_ACCESS_KEY_ID": "sink", "AWS_SECRET_ACCESS_KEY": "sink", "AWS_DEFAULT_REGION": self.region}
 
     def start(self) -> "SqsSink":
-        args = [sys.executable, "-m", "bench.sqs_sink", "--port", str(self.port)] + (["--record"] if self.record else [])
+        args = ([sys.executable, "-m", "bench.sqs_sink", "--port", str(self.port), "--delay", str(self.delay)]
+                + (["--record"] if self.record else []))
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 15
@@ -271,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9324)
     parser.add_argument("--record", action="store_true", help="count arrivals per envelope key (tests)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each request waits (a distant SQS)")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(Sink(args.host, args.port, args.record).serve())
+        asyncio.run(Sink(args.host, args.port, args.record, args.delay).serve())
     except KeyboardInterrupt:
         pass
     return 0

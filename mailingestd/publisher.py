@@ -9,6 +9,16 @@ always fail once stopped all publishing), a batch SQS refused as a whole for a f
 sender is retried one entry per request so that one bad entry does not hold back nine good
 ones, and an entry that failed ``PARK_AFTER`` times is counted as parked (``parked`` in the
 heartbeat, status and metrics; it is still retried every ``queue.retry_max``, never dropped).
+
+Speed (docs/scale-out.md, "Publishing"): each step claims up to ``SCAN_WINDOW`` rows
+(``Store.outbox_claim``: on PostgreSQL, rows no other node is sending), packs them into
+SendMessageBatch requests of up to ``queue.batch_size`` entries and the queue's maximum message
+size (read from the queue, at most 1 MiB per message and per request), sends up to
+``queue.concurrency`` requests at once, and deletes what SQS acknowledged in one statement. On a
+FIFO queue the requests in flight at once are for different message groups (a group is one
+account; each group keeps to one lane, and a lane sends its requests one after the other), so
+order within a group is kept; a group whose entry failed waits for that entry's retry until
+the entry is parked, so a transient failure does not reorder it either.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import json
 import logging
 import random
 import time
+import zlib
 from typing import Any, Callable
 
 import msgspec
@@ -30,13 +41,24 @@ from .store import OutboxEntry, Store
 
 log = logging.getLogger(__name__)
 
-SQS_MAX_BYTES = 256 * 1024  # per message and per SendMessageBatch request
+# SQS takes up to 1 MiB per message and per SendMessageBatch request (raised from 256 KiB in 2025;
+# botocore's SQS model documents MaximumMessageSize "up to 1,048,576 bytes (1 MiB)"). A queue
+# may be set lower: its MaximumMessageSize attribute is read and honoured.
+SQS_MAX_BYTES = 1024 * 1024
+MAX_SIZE_RECHECK = 60.0  # seconds before asking the queue for its maximum again after a failure
 SCAN_WINDOW = 500
 SCAN_PAGES = 20  # a step reads at most this many windows to find due rows behind waiting ones
 PARK_AFTER = 5
 # One publish_once step starts no new SendMessageBatch after this long, so the process heartbeats
 # between steps even when SQS answers slowly and the outbox is deep.
 STEP_SECONDS = 1.0
+RATE_WINDOW = 60.0  # seconds over which PublishStats.rate is measured
+# Depth and oldest age are counted at most this often while the publisher is busy (a COUNT over a
+# deep outbox each step would cost the store more than the step's own statements).
+SUMMARY_EVERY = 1.0
+
+Item = tuple[OutboxEntry, dict[str, Any]]
+Reply = tuple[list[Item], "dict[str, Any] | None", str, bool]
 
 
 class PublishStats(msgspec.Struct):
@@ -44,6 +66,8 @@ class PublishStats(msgspec.Struct):
     failed: int = 0
     outbox_depth: int = 0
     parked: int = 0
+    oldest_age: float = 0.0  # seconds the oldest outbox row has waited (0: empty)
+    rate: float = 0.0  # envelopes acknowledged per second over the last RATE_WINDOW
 
 
 def make_sqs_client(queue: QueueConfig, timeout: float = 10.0) -> Any:
@@ -52,7 +76,8 @@ def make_sqs_client(queue: QueueConfig, timeout: float = 10.0) -> Any:
 
     return boto3.client(
         "sqs", region_name=queue.region, endpoint_url=queue.endpoint_url,
-        config=BotoConfig(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2}),
+        config=BotoConfig(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2},
+                          max_pool_connections=max(10, queue.concurrency)),
     )
 
 
@@ -61,28 +86,51 @@ def dedup_id(key: str) -> str:
 
 
 class Publisher:
-    """Moves outbox rows to the queue; ``publish_once`` is one bounded step of that."""
+    """Moves outbox rows to the queue; ``publish_once`` is one bounded step of that.
+
+    ``node`` names this publisher's claims on a shared PostgreSQL outbox; ``claim_seconds`` (the
+    cluster's lease time) is how long a claim lasts if this node dies holding it."""
 
     def __init__(self, store: Store, queue: QueueConfig, client: Any = None,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
+                 node: str = "", claim_seconds: float = 30.0) -> None:
         self.store = store
         self.queue = queue
         self.client = client if client is not None else make_sqs_client(queue)
         self.fifo = queue.url.endswith(".fifo")
-        # Several SendMessageBatch calls in flight on a standard queue: one at a time, each a
-        # network round trip, caps the publisher at a few hundred envelopes a second. A FIFO
-        # queue sends one at a time so that no message group is reordered.
-        self.concurrency = 1 if self.fifo else max(1, queue.concurrency)
+        self.node = node
+        self.claim_seconds = claim_seconds
+        self.concurrency = max(1, queue.concurrency)
         self.pool = (concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="sqs-send")
                      if self.concurrency > 1 else None)
         self.rng = rng or random.Random()
         self.clock = clock
+        self.max_bytes: int | None = None  # the queue's MaximumMessageSize, once read
+        self.max_bytes_checked = -MAX_SIZE_RECHECK
         self.attempts: dict[int, int] = {}
         self.retry_at: dict[int, float] = {}
         self.alone: set[int] = set()  # entries of a batch refused as a whole: sent one per request
+        self.sent_log: list[tuple[float, int]] = []  # (when, sent) of recent steps, for the rate
         self.stats = PublishStats()
 
-    def _body(self, entry: OutboxEntry) -> str:
+    # --- what one request holds -------------------------------------------------------------------
+    def message_limit(self) -> int:
+        """The queue's MaximumMessageSize (at most SQS_MAX_BYTES), asked once; SQS_MAX_BYTES until known."""
+        now = self.clock()
+        if self.max_bytes is None and now - self.max_bytes_checked >= MAX_SIZE_RECHECK:
+            self.max_bytes_checked = now
+            try:
+                attributes = self.client.get_queue_attributes(QueueUrl=self.queue.url,
+                                                              AttributeNames=["MaximumMessageSize"])["Attributes"]
+                self.max_bytes = min(SQS_MAX_BYTES, int(attributes["MaximumMessageSize"]))
+                log.info("event=queue_limits max_message_bytes=%d fifo=%s concurrency=%d", self.max_bytes,
+                         self.fifo, self.concurrency)
+            except Exception as exc:  # endpoint down, no permission: the documented maximum for now
+                log.warning("event=queue_limits_unknown assumed=%d error=%s", SQS_MAX_BYTES,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return self.max_bytes or SQS_MAX_BYTES
+
+    def _body(self, entry: OutboxEntry, limit: int) -> str:
         if not self.queue.inline_raw:
             return entry.envelope
         raw = self.store.message_raw(entry.key)
@@ -92,37 +140,52 @@ class Publisher:
         body["raw_base64"] = base64.b64encode(raw).decode()
         inlined = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
         # Inline only when it fits; otherwise the key is the claim check.
-        return inlined if len(inlined.encode()) < SQS_MAX_BYTES else entry.envelope
+        return inlined if len(inlined.encode()) <= limit else entry.envelope
 
-    def _request(self, entries: list[OutboxEntry]) -> list[tuple[OutboxEntry, dict[str, Any]]]:
+    def _request(self, entries: list[OutboxEntry], limit: int) -> list[Item]:
         out = []
         for entry in entries:
-            item: dict[str, Any] = {"Id": str(entry.id), "MessageBody": self._body(entry)}
+            item: dict[str, Any] = {"Id": str(entry.id), "MessageBody": self._body(entry, limit)}
             if self.fifo:
                 item["MessageGroupId"] = entry.account_id
                 item["MessageDeduplicationId"] = dedup_id(entry.key)
             out.append((entry, item))
         return out
 
-    def _groups(self, items: list[tuple[OutboxEntry, dict[str, Any]]]) -> list[list[tuple[OutboxEntry, dict]]]:
-        """Up to batch_size entries and 256 KiB of bodies per SendMessageBatch."""
-        groups: list[list[tuple[OutboxEntry, dict]]] = []
-        current: list[tuple[OutboxEntry, dict]] = []
+    def _batches(self, items: list[Item], limit: int) -> list[list[Item]]:
+        """Up to batch_size entries and ``limit`` bytes of bodies per SendMessageBatch, in order."""
+        batches: list[list[Item]] = []
+        current: list[Item] = []
         size = 0
         for entry, item in items:
             body_size = len(item["MessageBody"].encode())
             if entry.id in self.alone:
-                groups.append([(entry, item)])
+                batches.append([(entry, item)])
                 continue
-            if current and (len(current) >= self.queue.batch_size or size + body_size > SQS_MAX_BYTES):
-                groups.append(current)
+            if current and (len(current) >= self.queue.batch_size or size + body_size > limit):
+                batches.append(current)
                 current, size = [], 0
             current.append((entry, item))
             size += body_size
         if current:
-            groups.append(current)
-        return groups
+            batches.append(current)
+        return batches
 
+    def lanes(self, items: list[Item], limit: int) -> list[list[list[Item]]]:
+        """The step's requests split into at most ``concurrency`` lanes that run side by side; a
+        lane sends its requests one after the other. FIFO: a message group (an account) always
+        falls in the same lane, so its entries leave in order; standard: requests dealt in turn."""
+        if not self.fifo:
+            lanes: list[list[list[Item]]] = [[] for _ in range(self.concurrency)]
+            for index, batch in enumerate(self._batches(items, limit)):
+                lanes[index % self.concurrency].append(batch)
+            return [lane for lane in lanes if lane]
+        by_lane: dict[int, list[Item]] = {}
+        for entry, item in items:
+            by_lane.setdefault(zlib.crc32(entry.account_id.encode()) % self.concurrency, []).append((entry, item))
+        return [self._batches(lane_items, limit) for _, lane_items in sorted(by_lane.items())]
+
+    # --- one step -------------------------------------------------------------------------------------
     def _failed(self, entry: OutboxEntry, reason: str, now: float) -> None:
         attempt = self.attempts.get(entry.id, 0) + 1
         self.attempts[entry.id] = attempt
@@ -137,12 +200,21 @@ class Publisher:
                         reason)
 
     def due_entries(self, now: float) -> list[OutboxEntry]:
-        """Up to SCAN_WINDOW entries due now, oldest first, read past the ones waiting for a retry."""
+        """Up to SCAN_WINDOW entries due now, oldest first, read (and claimed) past the ones waiting
+        for a retry. FIFO: an entry behind one of its group's that waits for a retry (and is not
+        parked) waits too, so the group is not reordered by a transient failure."""
         due: list[OutboxEntry] = []
+        held: set[str] = set()
         after = 0
         for _ in range(SCAN_PAGES):
-            window = self.store.outbox_batch(SCAN_WINDOW, after_id=after)
-            due += [e for e in window if self.retry_at.get(e.id, 0.0) <= now]
+            window = self.store.outbox_claim(self.node, SCAN_WINDOW, after, self.claim_seconds)
+            for entry in window:
+                if self.fifo and entry.account_id in held:
+                    continue
+                if self.retry_at.get(entry.id, 0.0) <= now:
+                    due.append(entry)
+                elif self.fifo and self.attempts.get(entry.id, 0) < PARK_AFTER:
+                    held.add(entry.account_id)
             if len(due) >= SCAN_WINDOW or len(window) < SCAN_WINDOW:
                 break
             after = window[-1].id
@@ -151,44 +223,65 @@ class Publisher:
     def publish_once(self) -> int:
         """Send what is due in the oldest part of the outbox; returns how many were acknowledged."""
         now = self.clock()
+        limit = self.message_limit()
         due = self.due_entries(now)
-        sent = 0
-        groups = self._groups(self._request(due))
-        for start in range(0, len(groups), self.concurrency):
-            if self.clock() - now > STEP_SECONDS:
-                break
-            wave = groups[start:start + self.concurrency]
-            replies = (list(self.pool.map(self._send, wave)) if self.pool is not None and len(wave) > 1
-                       else [self._send(group) for group in wave])
-            done: list[int] = []
-            for group, (reply, reason, sender_fault) in zip(wave, replies):
-                if reply is None:  # endpoint down, credentials, throttling: the whole group waits
-                    for entry, _ in group:
-                        self._failed(entry, reason, now)
-                        if sender_fault and len(group) > 1:
-                            self.alone.add(entry.id)
-                    continue
-                by_id = {item["Id"]: entry for entry, item in group}
-                done += [by_id[ok["Id"]].id for ok in reply.get("Successful", [])]
-                for failure in reply.get("Failed", []):
-                    self._failed(by_id[failure["Id"]], f"{failure.get('Code')}: {failure.get('Message', '')}", now)
-            if done:
-                self.store.outbox_delete(done)
-                for outbox_id in done:
-                    self.attempts.pop(outbox_id, None)
-                    self.retry_at.pop(outbox_id, None)
-                    self.alone.discard(outbox_id)
-                sent += len(done)
-        self.stats.sent += sent
+        lanes = self.lanes(self._request(due, limit), limit)
+        deadline = now + STEP_SECONDS
+        if self.pool is not None and len(lanes) > 1:
+            replies = [r for lane in self.pool.map(lambda lane: self._send_lane(lane, deadline), lanes) for r in lane]
+        else:
+            replies = [r for lane in lanes for r in self._send_lane(lane, deadline)]
+        done: list[int] = []
+        for batch, reply, reason, sender_fault in replies:
+            if reply is None:  # endpoint down, credentials, throttling: the whole request waits
+                for entry, _ in batch:
+                    self._failed(entry, reason, now)
+                    if sender_fault and len(batch) > 1:
+                        self.alone.add(entry.id)
+                continue
+            by_id = {item["Id"]: entry for entry, item in batch}
+            done += [by_id[ok["Id"]].id for ok in reply.get("Successful", [])]
+            for failure in reply.get("Failed", []):
+                self._failed(by_id[failure["Id"]], f"{failure.get('Code')}: {failure.get('Message', '')}", now)
+        if done:
+            self.store.outbox_delete(done)  # one statement for the whole step
+            for outbox_id in done:
+                self.attempts.pop(outbox_id, None)
+                self.retry_at.pop(outbox_id, None)
+                self.alone.discard(outbox_id)
+        self.stats.sent += len(done)
         self.stats.parked = sum(1 for attempts in self.attempts.values() if attempts >= PARK_AFTER)
-        return sent
+        self._measure_rate(len(done))
+        return len(done)
 
-    def _send(self, group: list[tuple[OutboxEntry, dict]]) -> tuple[dict[str, Any] | None, str, bool]:
+    def _measure_rate(self, sent: int) -> None:
+        now = self.clock()
+        self.sent_log.append((now, sent))
+        while self.sent_log and now - self.sent_log[0][0] > RATE_WINDOW:
+            self.sent_log.pop(0)
+        span = now - self.sent_log[0][0] if len(self.sent_log) > 1 else 0.0
+        counted = sum(n for _, n in self.sent_log[1:])
+        self.stats.rate = round(counted / span, 1) if span > 0 else 0.0
+
+    def _send_lane(self, lane: list[list[Item]], deadline: float) -> list[Reply]:
+        """One lane's requests in order; none started after ``deadline``. FIFO: a request that
+        failed as a whole stops the lane, so no later entry of its groups overtakes it."""
+        replies: list[Reply] = []
+        for batch in lane:
+            if replies and self.clock() > deadline:
+                break
+            reply, reason, sender_fault = self._send(batch)
+            replies.append((batch, reply, reason, sender_fault))
+            if reply is None and self.fifo:
+                break
+        return replies
+
+    def _send(self, batch: list[Item]) -> tuple[dict[str, Any] | None, str, bool]:
         """One SendMessageBatch: (the reply, "", False) or (None, the reason it failed as one line,
         whether SQS refused the request itself as the sender's fault: an entry of it is bad)."""
         try:
             return self.client.send_message_batch(QueueUrl=self.queue.url,
-                                                  Entries=[item for _, item in group]), "", False
+                                                  Entries=[item for _, item in batch]), "", False
         except Exception as exc:
             error = getattr(exc, "response", {}).get("Error", {})  # botocore's ClientError
             code = str(error.get("Code", ""))
@@ -197,11 +290,15 @@ class Publisher:
             return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", sender_fault
 
     def run(self, should_stop: Callable[[], bool], on_tick: Callable[[PublishStats], None] | None = None) -> None:
-        """Publish until ``should_stop``; idles ``poll_interval`` when the outbox has nothing due."""
+        """Publish until ``should_stop``; idles ``poll_interval`` when the outbox has nothing due.
+        On the way out, this node's claims are given back so other nodes need not wait them out."""
+        summarized = -SUMMARY_EVERY
         while not should_stop():
             try:
                 sent = self.publish_once()
-                self.stats.outbox_depth = self.store.outbox_depth()
+                if not sent or time.monotonic() - summarized >= SUMMARY_EVERY:
+                    summarized = time.monotonic()
+                    self.stats.outbox_depth, self.stats.oldest_age = self.store.outbox_summary()
             except Exception as exc:  # a store outage must not kill the publisher: wait and retry
                 log.error("event=publisher_error error=%s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 sent = 0
@@ -210,3 +307,10 @@ class Publisher:
                 on_tick(self.stats)
             if not sent:
                 time.sleep(self.queue.poll_interval)
+        try:
+            self.store.outbox_release(self.node)
+        except Exception as exc:
+            log.warning("event=outbox_release_failed node=%s error=%s (the claims lapse instead)", self.node,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
