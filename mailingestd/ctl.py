@@ -225,7 +225,8 @@ def format_status(data: dict[str, Any]) -> str:
               f"  idling connections {int(t['idle_connections'])}   scheduler lag {lag}"]
     out = data["outbox"]
     if out["enabled"]:
-        lines.append(f"  outbox depth {int(out['depth'])}   published {int(out['published_total'])}   "
+        lines.append(f"  outbox depth {int(out['depth'])}   oldest {out.get('oldest_age', 0):g}s   "
+                     f"published {int(out['published_total'])} ({out.get('publish_rate', 0):g}/s on this node)   "
                      f"publish errors {int(out['publish_errors_total'])}   parked {int(out.get('parked', 0))}")
     else:
         lines.append("  queue: none (queue.kind = \"none\")")

@@ -197,6 +197,8 @@ class PublisherStats(ChildStats):
 
 
 AnyStats = Union[SchedulerStats, WorkerStats, PublisherStats]
+    outbox_oldest_age: float = 0.0  # seconds the oldest outbox row has waited (0: empty)
+    publish_rate: float = 0.0  # envelopes this node's publisher had acknowledged per second, last minute
 
 
 class Heartbeat(Frame):

@@ -234,6 +234,11 @@ class DaemonCollector:
                             snap.get("leases", {}))
         yield gauge("scheduler_high_interval_seconds", "Configured high-priority poll interval.",
                     snap["high_interval"])
+        yield gauge("outbox_oldest_age_seconds", "How long the oldest outbox row has waited (0: empty).",
+                    snap.get("outbox_oldest_age", 0.0))
+        yield labeled_gauge("publish_rate_per_second", "Envelopes this node's publisher had acknowledged per "
+                            "second over the last minute, by node.", "node",
+                            {snap["node_id"]: snap.get("publish_rate", 0.0)} if "node_id" in snap else {})
         for name, (bounds, help_text) in HISTOGRAMS.items():
             yield _histogram_family(name, bounds, help_text, totals.histogram(name, beats))
 

@@ -763,6 +763,11 @@ class Supervisor:
             if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0,
             "outbox_parked": pub_beat.stats.parked
             if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0,
+            "outbox_oldest_age": pub_beat.stats.outbox_oldest_age
+            if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0.0,
+            "publish_rate": pub_beat.stats.publish_rate
+            if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0.0,
+            "node_id": self.config.daemon.node_id or socket.gethostname(),
             "high_interval": self.config.scheduler.high_interval,
             "leases": lease_counts(self.config, sched_beat.detail if sched_beat else None),
             "notify_failures": notify.failures(),
@@ -824,6 +829,8 @@ class Supervisor:
             "outbox": {"enabled": self.config.queue.kind != "none", "depth": snap["outbox_depth"],
                        "parked": snap["outbox_parked"],
                        "published_total": self.totals.counter("published", beats),
+                       "oldest_age": round(snap["outbox_oldest_age"], 1),
+                       "publish_rate": snap["publish_rate"], "node_id": snap["node_id"],
                        "publish_errors_total": self.totals.counter("publish_errors", beats),
                        "publisher_state": pub.beat.state if pub and pub.beat else None},
             "drain": {"in_flight_accounts": self.scheduler_stats().drain_in_flight_accounts,
