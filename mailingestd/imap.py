@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_LITERAL",
     "MIN_LITERAL_RATE",
     "Account",
+    "NotifyRefused",
     "FailureKind",
     "Fetched",
     "FolderState",
@@ -139,6 +140,11 @@ class ImapError(Exception):
 
     def __repr__(self) -> str:
         return f"ImapError({self.kind.value!r}, {self.detail!r}, retry_after={self.retry_after!r})"
+
+
+class NotifyRefused(ImapError):
+    """The server answered ``NOTIFY SET`` with NO or BAD: the session is intact, only NOTIFY is
+    not available for this request (the caller falls back to IDLE on one folder)."""
 
 
 class _LimitExceeded(Exception):
@@ -745,9 +751,14 @@ def notify_set(client: imapclient.IMAPClient, folders: list[str]) -> dict[str, F
     """
     imap = _bounded(client)
     names = b" ".join(client._normalise_folder(folder) for folder in folders)
-    typ, data = imap._simple_command("NOTIFY", b"SET STATUS (MAILBOXES (" + names + b") " + _NOTIFY_EVENTS + b")")
-    if typ != "OK":
-        raise imaplib.IMAP4.error(f"NOTIFY refused: {data!r}")
+    try:
+        typ, data = imap._simple_command("NOTIFY", b"SET STATUS (MAILBOXES (" + names + b") " + _NOTIFY_EVENTS + b")")
+    except imaplib.IMAP4.abort:
+        raise
+    except imaplib.IMAP4.error as exc:  # a tagged BAD: the session goes on
+        raise NotifyRefused(FailureKind.PROTOCOL, f"NOTIFY SET refused: {exc}") from None
+    if typ != "OK":  # a tagged NO
+        raise NotifyRefused(FailureKind.PROTOCOL, f"NOTIFY SET refused: {data!r}")
     client.notify_active = True
     _, lines = imap._untagged_response(typ, data, "STATUS")
     states: dict[str, FolderState] = {}

@@ -41,7 +41,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import child as child_mod, frames, imap
+from . import child as child_mod, frames, imap, ingest
 from .blobs import open_blobs
 from .child import Child, bind_pull, connect_push, ipc_path, send
 from .config import AccountConfig, Config, ConfigError
@@ -205,6 +205,7 @@ class Worker:
         # folder -> (UIDVALIDITY, UIDNEXT) at the last check that found it complete, by account
         self.folders_current: dict[str, dict[str, tuple[int, int]]] = {}
         self.missing: dict[str, frozenset[str]] = {}  # configured folders the server does not have
+        self.notify_refused: set[str] = set()  # servers that advertise NOTIFY but refused NOTIFY SET
         self.draining = False
         self.drained_sent = False
         self.drain_in_flight = (0, 0)
@@ -543,7 +544,8 @@ class Worker:
             outcome.client = client
             capabilities = imap.capabilities(client)
             outcome.idle_capable = account.idle and "IDLE" in capabilities
-            use_notify = outcome.idle_capable and len(account.folders) > 1 and "NOTIFY" in capabilities
+            use_notify = (outcome.idle_capable and len(account.folders) > 1 and "NOTIFY" in capabilities
+                          and account.host not in self.notify_refused)
             if imap.notifying(client):
                 imap.notify_none(client)  # replies to our own commands must not mix with notifications
             outcome.checked_all = trigger in (frames.Trigger.ORDER, frames.Trigger.RENEWAL) or not was_idling
@@ -567,12 +569,19 @@ class Worker:
                 self.credentials.access_token(account, self.secrets.get(account.id, {}),
                                               valid_for=self.config.imap.idle_renew)
             if outcome.idle_capable:
+                pending: tuple[str, ...] = ()
                 if use_notify:
-                    pending = self.watch_folders(client, account)
-                    outcome.watches_all = True
-                else:
+                    try:
+                        pending = self.watch_folders(client, account)
+                        outcome.watches_all = True
+                    except imap.NotifyRefused as exc:
+                        # A server advertising NOTIFY that refuses our request: IDLE from now on.
+                        self.notify_refused.add(account.host)
+                        log.warning("event=notify_refused account=%s server=%s error=%s action=idle_on_primary",
+                                    account.id, account.host, exc.detail)
+                        use_notify = False
+                if not use_notify:
                     outcome.idle_folder = self.catch_up_idle_folder(client, account, outcome)
-                    pending = ()
                     outcome.watches_all = len(account.folders) == 1
                 early = imap.idle_start(client)
                 outcome.idling = True
@@ -764,10 +773,12 @@ class Worker:
         self.child.heartbeat(state, now, stats=frames.WorkerStats(
             messages_ingested=self.messages, bytes_ingested=self.bytes, idle_connections=idle,
             accounts=len(self.sessions), busy=sum(s.busy for s in self.sessions.values()),
-            last_ingest=self.child.ingest_clock(self.messages),
+            last_ingest=self.child.ingest_clock(self.messages), stuck_folders=len(ingest.HEALTH.stuck),
+            uids_vanished=ingest.HEALTH.uids_vanished, oversize_skipped=ingest.HEALTH.oversize_skipped,
         ), histograms={"fetch_duration_seconds": self.fetch_hist.to_wire(),
                        "new_mail_latency_seconds": self.new_mail_hist.to_wire()},
-            labeled={"polls": dict(self.polls), "connections": connections, "connects": dict(self.connects)})
+            labeled={"polls": dict(self.polls), "connections": connections, "connects": dict(self.connects)},
+            detail={"stuck_folders": "\n".join(ingest.HEALTH.stuck_lines())})
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=not self.child.fast_stop, cancel_futures=True)

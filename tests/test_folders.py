@@ -281,3 +281,34 @@ def test_backoff_suggested_after_an_idle_notification_is_honoured(tmp_path):
             no_restarts(daemon)
     finally:
         server.stop()
+
+
+def notify_advertised_but_refused(session: Session) -> None:
+    """A server that lists NOTIFY and answers ``NOTIFY SET`` with NO; everything else well-behaved."""
+    session.send(b"* OK [CAPABILITY IMAP4rev1 IDLE NOTIFY LITERAL+ AUTH=PLAIN] ready\r\n")
+    while True:
+        tag, name, rest = session.read_command()
+        if name == b"NOTIFY":
+            session.send(tag + b" NO [CANNOT] NOTIFY is not available now\r\n")
+        elif name == b"CAPABILITY":
+            session.send(b"* CAPABILITY IMAP4rev1 IDLE NOTIFY LITERAL+ AUTH=PLAIN\r\n" + tag + b" OK done\r\n")
+        else:
+            session.answer(tag, name, rest)
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_notify_falls_back_to_idle_on_the_primary_folder(tmp_path):
+    server = HostileServer(notify_advertised_but_refused)
+    server.start()
+    try:
+        accounts = account_toml("refuser", server.host, server.port, id="refuser", folders=["Work", "INBOX"])
+        with Daemon(tmp_path, accounts=accounts, password="pw") as daemon:
+            idling(daemon, 1)
+            time.sleep(3)
+            assert daemon.status()["traffic"]["idle_connections"] == 1
+            assert server.connections == 1, "one connection: the refusal cost no reconnect"
+            logged = [line for line in daemon.log_path.read_text().splitlines() if "event=notify_refused" in line]
+            assert len(logged) == 1 and "server=127.0.0.1" in logged[0], logged
+            no_restarts(daemon)
+    finally:
+        server.stop()
