@@ -194,11 +194,11 @@ class PublisherStats(ChildStats):
     publish_errors: int
     outbox_depth: int
     parked: int  # outbox entries that failed publisher.PARK_AFTER times (still retried)
+    outbox_oldest_age: float = 0.0  # seconds the oldest outbox row has waited (0: empty)
+    publish_rate: float = 0.0  # envelopes this node's publisher had acknowledged per second, last minute
 
 
 AnyStats = Union[SchedulerStats, WorkerStats, PublisherStats]
-    outbox_oldest_age: float = 0.0  # seconds the oldest outbox row has waited (0: empty)
-    publish_rate: float = 0.0  # envelopes this node's publisher had acknowledged per second, last minute
 
 
 class Heartbeat(Frame):
