@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from bench.sqs_sink import SqsSink
 from mailingestd.devservers import Dovecot
 from mailingestd.leases import fair_share
 from harness import Daemon, account_toml, wait_until
@@ -55,10 +56,11 @@ def make_accounts(dovecot: Dovecot, count: int) -> tuple[list[str], str]:
 
 
 def start_node(tmp_path: Path, pg_url: str, node: str, accounts: str, wait: bool = True,
-               heartbeat_timeout: str = "5s", **sections: int) -> Daemon:
+               heartbeat_timeout: str = "5s", extra: str = "", env: dict[str, str] | None = None,
+               **sections: int) -> Daemon:
     daemon = Daemon(tmp_path / node, accounts=accounts, store_url=node_url(pg_url, node), workers=1,
-                    sections=cluster_sections(**sections), env={"MAILINGESTD_DAEMON_NODE_ID": node},
-                    heartbeat_timeout=heartbeat_timeout)
+                    sections=cluster_sections(**sections) + extra,
+                    env={"MAILINGESTD_DAEMON_NODE_ID": node, **(env or {})}, heartbeat_timeout=heartbeat_timeout)
     daemon.start(wait=wait)
     return daemon
 
@@ -268,6 +270,78 @@ def test_sigkill_moves_accounts_within_lease_time_and_stores_every_message_once(
         assert not dead["live"] and dead["leases"] == 0
     finally:
         stop_all(*nodes)
+
+
+def test_three_nodes_send_each_outbox_row_once_and_take_over_a_dead_nodes_rows(
+        dovecot: Dovecot, pg_url: str, tmp_path: Path) -> None:
+    """Three nodes announce on one queue (bench/sqs_sink.py, which counts every arrival by key): while
+    all run, every stored message reaches the queue exactly once (each outbox row is claimed by one
+    publisher at a time; before, every node sent every row). Then one node's publisher is stopped,
+    mail arrives for that node's accounts and is stored by it, and the node is SIGKILLed: the
+    others send those rows within lease_time + 10 s, and still nothing twice."""
+    accounts_count = 30
+    users, accounts = make_accounts(dovecot, accounts_count)
+    user_of = {f"acct{i:04d}": u for i, u in enumerate(users)}
+    with SqsSink(record=True) as sink:
+        url = sink.create_queue(f"cluster-{time.monotonic_ns()}")
+        queue = f"""
+[queue]
+kind = "sqs"
+url = "{url}"
+endpoint_url = "{sink.endpoint_url}"
+region = "{sink.region}"
+poll_interval = "0.1s"
+"""
+        nodes = [start_node(tmp_path, pg_url, f"node-{n}", accounts, wait=False, extra=queue, env=sink.env)
+                 for n in "abc"]
+        try:
+            names = [d.root.name for d in nodes]
+            wait_until(lambda: balanced(pg_url, names, accounts_count), 60, 0.5,
+                       f"a three-node split (have {leases_by_node(pg_url)})")
+            wait_until(lambda: sum(idling(d) for d in nodes) == accounts_count, 40, 0.5, "every account idling")
+            expected: set[tuple[str, int]] = set()
+            for round_no in range(4):
+                for account_id, user in user_of.items():
+                    expected.add((account_id, dovecot.append(user, sample_message(round_no))))
+
+            def arrived() -> dict[tuple[str, int], int]:
+                """(account, uid) of each envelope key the queue got, and how often."""
+                keys = sink.stats(url).get("keys", {})
+                return {(key.split("/")[0], int(key.rsplit("/", 1)[1])): n for key, n in keys.items()}
+
+            wait_until(lambda: set(arrived()) >= expected, 40, 0.5,
+                       f"{len(expected)} envelopes on the queue (have {len(arrived())})")
+            time.sleep(2)  # a second copy, if any, would arrive now
+            twice = {k: n for k, n in arrived().items() if n != 1}
+            assert twice == {}, f"sent more than once: {sorted(twice.items())[:10]}"
+            senders = {d.root.name: d.status()["outbox"]["published_total"] for d in nodes}
+            assert all(senders.values()), f"a node published nothing: {senders}"
+
+            victim, survivors = nodes[0], nodes[1:]
+            publisher = next(c["pid"] for c in victim.status()["children"] if c["role"] == "publisher")
+            os.kill(publisher, signal.SIGSTOP)
+            lost = sorted(owned_by(pg_url, "node-a"))
+            stranded = {(account_id, dovecot.append(user_of[account_id], sample_message(99))) for account_id in lost}
+            wait_until(lambda: victim.query("SELECT count(*) FROM outbox")[0][0] >= len(stranded), 30, 0.2,
+                       "the victim storing mail it cannot announce")
+            assert not stranded & set(arrived()), "announced while the publisher was stopped"
+            victim.kill()
+            killed = time.monotonic()
+            wait_until(lambda: set(arrived()) >= stranded, LEASE + 10, 0.2,
+                       f"the dead node's {len(stranded)} rows sent by the others "
+                       f"(outbox {survivors[0].query('SELECT count(*) FROM outbox')[0][0]})")
+            taken_over = time.monotonic() - killed
+            assert taken_over <= LEASE + 10
+            time.sleep(2)
+            twice = {k: n for k, n in arrived().items() if n != 1}
+            assert twice == {}, f"sent more than once: {sorted(twice.items())[:10]}"
+            assert survivors[0].query("SELECT count(*) FROM outbox")[0][0] == 0
+            out = survivors[0].status()["outbox"]
+            assert out["depth"] == 0 and out["node_id"] == "node-b" and "oldest_age" in out
+            assert re.search(r"outbox depth 0   oldest [\d.]+s   published \d+ \([\d.]+/s on this node\)",
+                             survivors[0].ctl("status").stdout)
+        finally:
+            stop_all(*nodes)
 
 
 def test_paused_node_commits_nothing_after_losing_its_lease(dovecot: Dovecot, pg_url: str, tmp_path: Path) -> None:
