@@ -173,6 +173,9 @@ class ImapConfig(_Section):
     batch_messages: int = 50
     batch_bytes: Size = Size(16 * 1024**2)
     max_message_size: Size = Size(64 * 1024**2)
+    # A message over max_message_size: "halt" its folder below it (shown as stuck in status and
+    # metrics), or "skip" its body (stored and announced with the header only, body_omitted).
+    oversize: Literal["halt", "skip"] = "halt"
     max_line: Size = Size(8 * 1024**2)
     threads: int = 16
 

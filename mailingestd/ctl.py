@@ -230,6 +230,9 @@ def format_status(data: dict[str, Any]) -> str:
                      f"publish errors {int(out['publish_errors_total'])}   parked {int(out.get('parked', 0))}")
     else:
         lines.append("  queue: none (queue.kind = \"none\")")
+    if data.get("stuck_folders"):
+        lines += ["", "STUCK FOLDERS (a message over imap.max_message_size; see imap.oversize)"]
+        lines += [f"  {printable(line)}" for line in data["stuck_folders"]]
     lines += ["", "RECENT ERRORS"] + ([f"  {printable(e)}" for e in data["errors"]] or ["  none"])
     return "\n".join(lines)
 

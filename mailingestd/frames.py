@@ -187,6 +187,9 @@ class WorkerStats(ChildStats):
     accounts: int
     busy: int
     last_ingest: float  # Unix time this worker last stored a message (within a heartbeat); 0: not yet
+    stuck_folders: int  # folders halted below a message over imap.max_message_size
+    uids_vanished: int  # UIDs settled as expunged: missing from the size reply, or BODY[] NIL
+    oversize_skipped: int  # messages stored without their body (imap.oversize = "skip")
 
 
 class PublisherStats(ChildStats):

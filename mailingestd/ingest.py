@@ -6,8 +6,13 @@ This is the correctness core (ARCHITECTURE.md rules 1-5), shared by every proces
    new value (old rows stay), is recorded, and the re-ingested messages say ``resync`` on the queue.
 2. The checkpoint only advances over a contiguous run of settled UIDs: a batch is fetched whole,
    committed whole, and a failure leaves the checkpoint where it was so the UIDs are retried.
+   A message over ``imap.max_message_size`` halts its folder below it (``imap.oversize =
+   "halt"``, shown in status and metrics as a stuck folder with its UID) or is stored and
+   announced without its body (``"skip"``).
 3. ``UID FETCH n:*`` answers with the highest message even when nothing is newer, so UIDs below
-   ``n`` are filtered; a UID the server stops answering for was expunged and counts as settled.
+   ``n`` are filtered; a UID the server stops answering for (missing from the size reply, or
+   answered with ``BODY[] NIL``) was expunged and counts as settled: logged and counted, never
+   stepped over in silence.
 4. The folder is opened read-only (EXAMINE) and bodies are fetched with ``BODY.PEEK[]``.
 5. Messages, outbox rows and the checkpoint commit in one transaction (``Store.commit_batch``).
 """
@@ -26,6 +31,44 @@ from .message import parse_headers
 from .store import MailboxState, Store, StoredMessage
 
 log = logging.getLogger(__name__)
+MAX_STUCK_SHOWN = 10
+
+
+class FolderHealth:
+    """What this process's syncs stepped over or stopped at, for its heartbeat (``Worker.heartbeat``).
+
+    One per process (``HEALTH``): a folder halted below an oversized message is stuck until the
+    operator raises ``imap.max_message_size`` or sets ``imap.oversize = "skip"``; it is logged once
+    when it gets stuck, not at every poll, and listed here (with its UID) until it moves on.
+    """
+
+    def __init__(self) -> None:
+        self.stuck: dict[tuple[str, str], tuple[int, int, int]] = {}  # (account, folder) -> uid, size, limit
+        self.uids_vanished = 0
+        self.oversize_skipped = 0
+
+    def stuck_lines(self) -> list[str]:
+        return [f"{account}/{folder} uid={uid} size={size} limit={limit}"
+                for (account, folder), (uid, size, limit) in sorted(self.stuck.items())[:MAX_STUCK_SHOWN]]
+
+    def halted(self, account_id: str, folder: str, uid: int, size: int, limit: int) -> None:
+        if self.stuck.get((account_id, folder)) != (uid, size, limit):
+            log.error("event=folder_stuck account=%s folder=%s uid=%d size=%d limit=%d action=halt "
+                      "(raise imap.max_message_size, or imap.oversize = \"skip\")", account_id, folder, uid, size,
+                      limit)
+        self.stuck[(account_id, folder)] = (uid, size, limit)
+
+    def moving(self, account_id: str, folder: str) -> None:
+        if self.stuck.pop((account_id, folder), None) is not None:
+            log.info("event=folder_unstuck account=%s folder=%s", account_id, folder)
+
+    def vanished(self, account_id: str, folder: str, uids: Sequence[int], where: str) -> None:
+        self.uids_vanished += len(uids)
+        log.warning("event=uids_vanished account=%s folder=%s count=%d uids=%s reason=%s action=settled_as_expunged",
+                    account_id, folder, len(uids), ",".join(str(u) for u in uids[:20]), where)
+
+
+HEALTH = FolderHealth()
 
 
 class SyncResult(msgspec.Struct):
@@ -44,23 +87,39 @@ class SyncResult(msgspec.Struct):
 SIZE_CHUNK = 1000
 
 
-def pending_sizes(client: Any, first_uid: int) -> list[tuple[int, int]]:
-    """(uid, RFC822.SIZE) of every message at or above ``first_uid``, in UID order.
+def pending_sizes(client: Any, first_uid: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """(uid, RFC822.SIZE) of every message at or above ``first_uid``, in UID order, and the UIDs
+    the search found but the size reply left out (expunged meanwhile: not pending any more).
 
     ``UID SEARCH UID first:*`` (lower UIDs dropped, rule 3), then ``UID FETCH (RFC822.SIZE)`` in
     chunks so a first sync of a huge folder never sends a command line servers refuse.
     """
     uids = imap.uids_from(client, first_uid)
     sizes: list[tuple[int, int]] = []
+    missing: list[int] = []
     for start in range(0, len(uids), SIZE_CHUNK):
         chunk = uids[start:start + SIZE_CHUNK]
         try:
             response = client.fetch(chunk, ["RFC822.SIZE"])
         except Exception as exc:
             raise imap.classify(exc) from exc
-        # A UID without an answer was expunged meanwhile: it is simply not pending any more.
         sizes += [(uid, int(response[uid].get(b"RFC822.SIZE", 0))) for uid in chunk if uid in response]
-    return sizes
+        missing += [uid for uid in chunk if uid not in response]
+    return sizes, missing
+
+
+def header_only(client: Any, uid: int, size: int) -> StoredMessage:
+    """The oversized message ``uid`` as metadata: its header (``BODY.PEEK[HEADER]``), no body."""
+    try:
+        response = client.fetch([uid], ["RFC822.SIZE", "INTERNALDATE", "BODY.PEEK[HEADER]"])
+    except Exception as exc:
+        raise imap.classify(exc) from exc
+    items = response.get(uid, {})
+    header = bytes(items.get(b"BODY[HEADER]") or b"")
+    stored = to_stored(uid, imap.Fetched(uid=uid, raw=header, size=size, internaldate=items.get(b"INTERNALDATE")))
+    stored.size = size
+    stored.body_omitted = True
+    return stored
 
 
 def plan_batches(pending: Sequence[tuple[int, int]], max_messages: int, max_bytes: int) -> list[list[int]]:
@@ -123,24 +182,39 @@ def sync_folder(client: object, store: Store, account_id: str, folder: str, sett
     if state.uidnext is not None and state.uidnext <= mailbox.last_uid + 1 and not changed:
         return result  # UIDNEXT says nothing is newer; a hint only, the next poll searches again
     result.searched = True
-    pending = pending_sizes(client, mailbox.last_uid + 1)
-    too_big = [(uid, size) for uid, size in pending if size > settings.max_message_size]
-    if too_big:
-        # Rule 2: never skip silently. Oversized UIDs stop the checkpoint below them and stay
-        # visible until the operator raises imap.max_message_size.
+    pending, missing = pending_sizes(client, mailbox.last_uid + 1)
+    if missing:
+        HEALTH.vanished(account_id, folder, missing, "not_in_size_reply")
+    limit = settings.max_message_size
+    too_big = {uid: size for uid, size in pending if size > limit}
+    if too_big and settings.oversize == "halt":
+        # Rule 2: never skip silently. Oversized UIDs stop the checkpoint below them; the folder
+        # shows as stuck until the operator raises imap.max_message_size or chooses "skip".
         result.oversize = len(too_big)
-        first_big = too_big[0][0]
-        log.error("event=message_too_large account=%s folder=%s uid=%s size=%s limit=%s",
-                  account_id, folder, first_big, too_big[0][1], settings.max_message_size)
+        first_big = min(too_big)
+        HEALTH.halted(account_id, folder, first_big, too_big[first_big], limit)
         pending = [(uid, size) for uid, size in pending if uid < first_big]
+    else:
+        HEALTH.moving(account_id, folder)
     for batch in plan_batches(pending, settings.batch_messages, settings.batch_bytes):
         if should_stop is not None and should_stop():
             result.interrupted = True
             break
         started = time.monotonic()
-        fetched = imap.fetch_messages(client, batch)
+        fetched = imap.fetch_messages(client, [uid for uid in batch if uid not in too_big])
         result.fetch_seconds += time.monotonic() - started
-        messages = [to_stored(uid, fetched[uid]) for uid in batch if uid in fetched]
+        messages = []
+        for uid in batch:
+            if uid in too_big:  # imap.oversize = "skip": announced, its body left on the server
+                log.warning("event=message_too_large account=%s folder=%s uid=%d size=%d limit=%d action=skip_body",
+                            account_id, folder, uid, too_big[uid], limit)
+                HEALTH.oversize_skipped += 1
+                messages.append(header_only(client, uid, too_big[uid]))
+            elif uid in fetched:
+                messages.append(to_stored(uid, fetched[uid]))
+        vanished = [uid for uid in batch if uid not in fetched and uid not in too_big]
+        if vanished:
+            HEALTH.vanished(account_id, folder, vanished, "no_body_in_fetch")
         # UIDs asked for and not answered were expunged meanwhile: settled (rule 3).
         inserted = store.commit_batch(mailbox, messages, settled_uid=batch[-1],
                                       highestmodseq=state.highestmodseq, announce=announce)

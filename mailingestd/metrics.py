@@ -43,6 +43,8 @@ COUNTERS = {
     "published": ("published", "Envelopes acknowledged by the queue."),
     "publish_errors": ("publish_errors", "Envelopes the queue refused or could not take (retried)."),
     "uidvalidity_changes": ("uidvalidity_changes", "UIDVALIDITY changes seen (folder started over)."),
+    "uids_vanished": ("uids_vanished", "UIDs settled as expunged: missing from the size reply or BODY[] NIL."),
+    "oversize_skipped": ("oversize_skipped", "Messages over imap.max_message_size stored without their body."),
 }
 # Per-server capacity of contended servers, from the scheduler's heartbeat (docs/contended-servers.md).
 CAPACITY_STATS = ("polls_needed", "polls_possible", "logins_last_minute", "connects_per_minute",
@@ -228,6 +230,8 @@ class DaemonCollector:
         yield gauge("last_ingest_timestamp_seconds", "Unix time a message was last stored.", snap["last_ingest"])
         yield gauge("idle_connections", "Connections in IDLE.", snap["idle_connections"])
         yield gauge("outbox_depth", "Messages stored but not yet announced on the queue.", snap["outbox_depth"])
+        yield gauge("folders_stuck", "Folders halted below a message over imap.max_message_size.",
+                    snap.get("folders_stuck", 0))
         yield gauge("outbox_parked", "Outbox entries the queue refused again and again (retried every "
                     "queue.retry_max).", snap.get("outbox_parked", 0))
         yield labeled_gauge("leases", "Unexpired account leases held, by cluster node (PostgreSQL store).", "node",

@@ -763,6 +763,7 @@ class Supervisor:
             if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0,
             "outbox_parked": pub_beat.stats.parked
             if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0,
+            "folders_stuck": sum(w.stuck_folders for w in self.worker_stats()),
             "outbox_oldest_age": pub_beat.stats.outbox_oldest_age
             if pub_beat and isinstance(pub_beat.stats, frames.PublisherStats) else 0.0,
             "publish_rate": pub_beat.stats.publish_rate
@@ -836,6 +837,8 @@ class Supervisor:
             "drain": {"in_flight_accounts": self.scheduler_stats().drain_in_flight_accounts,
                       "in_flight_messages": self.scheduler_stats().drain_in_flight_messages},
             "cluster": cluster_status(self.config, sched_beat.detail if sched_beat else None),
+            "stuck_folders": sorted(line for beat in beats if beat.role == "worker"
+                                    for line in beat.detail.get("stuck_folders", "").splitlines()),
             "errors": errors[:10],
         }
 

@@ -3,8 +3,10 @@ against the auth breaker, the watchdog while one worker crash-loops (docs/reliab
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 import time
 
 import pytest
@@ -18,6 +20,7 @@ from mailingestd.backoff import retry_delay
 from mailingestd.config import LimitsConfig, SchedulerConfig
 from mailingestd.imap import classify
 from mailingestd.planner import AccountPlan, AccountState, Planner
+from mailingestd.store import StoredMessage, make_envelope
 
 SCHEDULER = SchedulerConfig(high_interval=60, medium_interval=300, low_interval=900, idle_safety_interval=900,
                             backoff_base=5, backoff_max=900, auth_failure_limit=3, tick=0.1)
@@ -151,3 +154,71 @@ def test_imap_batch_messages_has_an_upper_bound(tmp_path) -> None:
         config.load(str(path), environ={})
     path.write_text(f"[imap]\nbatch_messages = {config.MAX_BATCH_MESSAGES}\n")
     assert config.load(str(path), environ={}).imap.batch_messages == config.MAX_BATCH_MESSAGES
+
+
+# --- silent or stuck folders ------------------------------------------------------------------------------
+def metric(daemon: Daemon, name: str) -> float:
+    path = daemon.metrics_dir / "mailingestd.prom"
+    text = path.read_text() if path.exists() else ""
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else -1.0
+
+
+def test_a_message_over_the_size_limit_shows_its_stuck_folder_or_is_skipped(dovecot, tmp_path) -> None:
+    """imap.oversize = "halt": the folder stops below it, shown as stuck with its UID in status and
+    metrics and logged once; "skip": stored and announced with its header only, the folder goes on."""
+    halted, skipped = dovecot.new_user(), dovecot.new_user()
+    big = b"Message-ID: <big@t>\r\nSubject: big\r\n\r\n" + b"x" * 50_000 + b"\r\n"
+    for user in (halted, skipped):
+        dovecot.append(user, b"Message-ID: <small-1@t>\r\nSubject: small\r\n\r\nbody\r\n")
+        dovecot.append(user, big)
+        dovecot.append(user, b"Message-ID: <small-2@t>\r\nSubject: small\r\n\r\nbody\r\n")
+    with Daemon(tmp_path / "halt", accounts=account_toml(halted, dovecot.host, dovecot.port),
+                password=dovecot.password, sections='[imap]\nmax_message_size = "20KiB"\n') as daemon:
+        daemon.wait_stored(1)
+        status = wait_until(lambda: (s := daemon.status())["stuck_folders"] and s, 15, 0.3,
+                            "the stuck folder in status\n" + daemon.log_tail())
+        assert status["stuck_folders"] == [f"{halted}/INBOX uid=2 size={len(big)} limit=20480"], status
+        wait_until(lambda: metric(daemon, "mailingestd_folders_stuck") == 1, 10, 0.3, "mailingestd_folders_stuck")
+        time.sleep(3)  # several polls: one log line for the stuck folder, not one per poll
+        assert daemon.log_path.read_text().count("event=folder_stuck") == 1, daemon.log_tail()
+        assert len(daemon.stored_keys()) == 1
+    with Daemon(tmp_path / "skip", accounts=account_toml(skipped, dovecot.host, dovecot.port),
+                password=dovecot.password,
+                sections='[imap]\nmax_message_size = "20KiB"\noversize = "skip"\n') as daemon:
+        daemon.wait_stored(3)
+        rows = daemon.query("SELECT message_id, size, length(raw) FROM messages ORDER BY uid")
+        assert [r[0] for r in rows] == ["<small-1@t>", "<big@t>", "<small-2@t>"]
+        assert rows[1][1] == len(big) and rows[1][2] < 100, "the metadata only: header, no body"
+        wait_until(lambda: metric(daemon, "mailingestd_oversize_skipped_total") == 1, 10, 0.3, "the skip counted")
+        assert daemon.status()["stuck_folders"] == []
+        assert daemon.log_path.read_text().count("event=message_too_large") == 1
+
+
+def nil_body(session: Session) -> None:
+    """UID 1 answered with BODY[] NIL (no server we can run does that; a broken proxy does)."""
+    session.greet()
+    while True:
+        tag, name, rest = session.read_command()
+        if name == b"UID FETCH" and b"BODY" in rest:
+            session.send(b"* 1 FETCH (UID 1 RFC822.SIZE 50 BODY[] NIL)\r\n" + tag + b" OK done\r\n")
+        else:
+            session.answer(tag, name, rest)
+
+
+def test_a_uid_answered_without_a_body_is_logged_and_counted(tmp_path) -> None:
+    with HostileServer(nil_body) as server, Daemon(
+            tmp_path, accounts=account_toml("u", server.host, server.port, id="nil", idle=False), workers=1) as daemon:
+        wait_until(lambda: metric(daemon, "mailingestd_uids_vanished_total") >= 1, 20, 0.3,
+                   "the vanished UID counted\n" + daemon.log_tail())
+        lines = [line for line in daemon.log_path.read_text().splitlines() if "event=uids_vanished" in line]
+        assert lines and "account=nil" in lines[0] and "uids=1" in lines[0], daemon.log_tail()
+
+
+def test_a_message_stored_without_its_body_says_so_in_its_envelope() -> None:
+    header = b"Subject: big\r\n\r\n"
+    message = StoredMessage(uid=2, raw=header, size=50_000, internaldate=None, message_id=None, from_=None,
+                            to=None, cc=None, subject="big", date=None, in_reply_to=None, references=None,
+                            body_omitted=True)
+    envelope = json.loads(make_envelope("a", "INBOX", 7, message, 0.0, resync=False))
+    assert envelope["body_omitted"] is True and envelope["size"] == 50_000

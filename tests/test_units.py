@@ -130,7 +130,8 @@ def test_frames_roundtrip_and_garbage_is_none():
                                                                                       may_connect=True)
     beat = Heartbeat(role="worker", slot=1, pid=2, state="running",
                      stats=WorkerStats(messages_ingested=3, bytes_ingested=9, idle_connections=1, accounts=2,
-                                       busy=0, last_ingest=1.5))
+                                       busy=0, last_ingest=1.5, stuck_folders=0, uids_vanished=0,
+                                       oversize_skipped=0))
     assert decode(encode(beat)) == beat
     for garbage in (b"", b"\xc1", b"\x92\x01\x02", json.dumps({"type": "Poll"}).encode()):
         assert decode(garbage) is None
