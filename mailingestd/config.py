@@ -153,7 +153,7 @@ class BlobsConfig(_Section):
 # A batch goes to PostgreSQL as one multi-row INSERT of 18 parameters a message, and a statement
 # takes at most 65,535 parameters (3,640 messages); batch_bytes usually ends a batch far sooner.
 MAX_BATCH_MESSAGES = 3000
-# SQS takes a FIFO MessageGroupId (the account id, SPEC section 5) of 1-128 characters from ASCII
+# SQS takes a FIFO MessageGroupId (the account id, docs/envelope.schema.json) of 1-128 characters from ASCII
 # letters, digits and punctuation; '/' separates the parts of a message key, so it is refused too.
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9!\"#$%&'()*+,\-.:;<=>?@\[\\\]^_`{|}~]{1,128}")
 

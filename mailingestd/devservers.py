@@ -487,7 +487,7 @@ class Dovecot(_Server):
                   driver = static
                   args = uid=dovecot gid=dovecot home={self.mail_root}/%u
                 }}
-                # Sized for 10,000 concurrent sessions (see ARCHITECTURE.md, "Measured here").
+                # Sized for 10,000 concurrent sessions (see docs/architecture.md, "Measured on a 2-core machine").
                 default_client_limit = {client_limit}
                 default_process_limit = 200
                 default_vsz_limit = 1G

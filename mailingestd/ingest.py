@@ -1,6 +1,6 @@
 """Ingest of one folder: from the checkpoint to the newest UID, in batches, exactly once.
 
-This is the correctness core (ARCHITECTURE.md rules 1-5), shared by every process that fetches:
+This is the correctness core (docs/architecture.md rules 1-5), shared by every process that fetches:
 
 1. State is keyed by UIDVALIDITY, compared with ``!=``; a change starts the folder over under the
    new value (old rows stay), is recorded, and the re-ingested messages say ``resync`` on the queue.

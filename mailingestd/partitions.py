@@ -8,7 +8,7 @@ whose primary key is the message key. :func:`insert_messages` runs inside the ba
 
 1. ``INSERT INTO message_keys ... ON CONFLICT DO NOTHING``; a concurrent committer of the same
    key blocks on the unique index until the first one commits or rolls back, then sees the
-   conflict; a key already there is a no-op (SPEC section 4);
+   conflict; a key already there is a no-op (docs/architecture.md, "The message key");
 2. only when that row was inserted, ``INSERT INTO messages`` (and the caller adds the outbox row).
 
 Both happen in the one transaction that also moves the checkpoint, so a key exists if and only if

@@ -1,6 +1,6 @@
 """Per-server connection limits: a token bucket for new connections and caps on open ones.
 
-Reconnect storms get accounts locked (ARCHITECTURE.md rule 7), so every new IMAP connection to a
+Reconnect storms get accounts locked (docs/architecture.md rule 7), so every new IMAP connection to a
 server must pass three checks at once: the server's token bucket (``connects_per_minute``), the
 server's cap on concurrent connections (``max_connections_per_server``) and the account's cap
 (``max_connections_per_account``). Limits come from ``LimitsConfig.for_server(host)``.

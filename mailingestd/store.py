@@ -80,7 +80,7 @@ class RecentMessage(msgspec.Struct):
 
 
 def message_key(account_id: str, folder: str, uidvalidity: int, uid: int) -> str:
-    """The message key, ``account_id/folder/uidvalidity/uid`` (SPEC section 4)."""
+    """The message key, ``account_id/folder/uidvalidity/uid`` (docs/architecture.md, "The message key")."""
     return f"{account_id}/{folder}/{uidvalidity}/{uid}"
 
 
@@ -89,7 +89,7 @@ ENVELOPE_VERSION = 1
 
 def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMessage, ingested_at: float,
                   resync: bool, extra: dict[str, Any] | None = None) -> str:
-    """The queue body (SPEC section 5) without the raw message: consumers claim it by key."""
+    """The queue body (docs/envelope.schema.json) without the raw message: consumers claim it by key."""
     body = {
         "v": ENVELOPE_VERSION,
         "key": message_key(account_id, folder, uidvalidity, msg.uid),

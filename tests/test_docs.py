@@ -34,3 +34,23 @@ def test_readme_images_exist() -> None:
     assert len(images) >= 4, "the bench plots are shown inline"
     for image in images:
         assert (ROOT / image).is_file(), image
+
+
+CITED = re.compile(r"(?<![/\w.])((?:docs|bench|examples|etc|man|systemd)/[\w./-]+\.(?:md|json|toml|py|[158]|service))\b"
+                   r"|\b([A-Z]{3,}[A-Z_]*\.md)\b")
+
+
+def test_every_document_the_code_and_docs_cite_is_in_the_repository() -> None:
+    """Users have only the repository: a comment or page citing a file outside it (or a 'SPEC
+    section') points at nothing."""
+    sources = [*ROOT.glob("mailingestd/**/*.py"), *ROOT.glob("docs/*.md"), *ROOT.glob("man/*.[158]"),
+               ROOT / "README.md", ROOT / "etc" / "mailingestd.toml", *ROOT.glob("bench/*.py"), *ROOT.glob("bench/*.md")]
+    missing = []
+    for source in sources:
+        text = source.read_text(errors="replace")
+        assert "SPEC section" not in text, f"{source.relative_to(ROOT)} cites a SPEC section"
+        for match in CITED.finditer(text):
+            cited = match.group(1) or match.group(2)
+            if not (ROOT / cited).exists() and not (ROOT / cited.lstrip("./")).exists():
+                missing.append(f"{source.relative_to(ROOT)}: {cited}")
+    assert not missing, missing
