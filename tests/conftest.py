@@ -12,9 +12,10 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from hostile_imap import HostileServer
 
 from mailingestd.devservers import (
     Dovecot,
@@ -124,6 +125,23 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     def start(scrape_targets: list[str], scrape_interval: str = "1s") -> Prometheus:
         root = tmp_path / f"prometheus-{len(started)}"
         server = _started(lambda: Prometheus(root, scrape_targets, scrape_interval=scrape_interval))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[..., HostileServer]]:
+    """Factory: ``hostile(scenario, host="127.0.0.2")`` starts a scripted server (tests/hostile_imap.py,
+    for misbehaviour no real server produces on demand); every one is stopped after the test."""
+    started: list[HostileServer] = []
+
+    def start(scenario: Any, **options: Any) -> HostileServer:
+        server = HostileServer(scenario, **options)
+        server.start()
         started.append(server)
         return server
 

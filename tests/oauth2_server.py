@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import hashlib
 import http.server
 import json
@@ -19,6 +20,8 @@ import secrets
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -166,3 +169,19 @@ class OAuth2Server:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def provider_and_dovecot(root: Path, **server_options: Any) -> Iterator[tuple[OAuth2Server, Any]]:
+    """An OAuth2Server and a Dovecot whose oauth2 passdb asks it, under ``root``; both stopped after."""
+    from mailingestd.devservers import Dovecot
+
+    server = OAuth2Server(**server_options)
+    root.chmod(0o755)
+    dovecot = Dovecot(root / "dovecot", users=0, extra_conf=server.dovecot_conf(root / "conf"))
+    try:
+        dovecot.start()
+        yield server, dovecot
+    finally:
+        dovecot.stop()
+        server.close()

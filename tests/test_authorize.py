@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from harness import BIN
-from oauth2_server import OAuth2Server
+from oauth2_server import OAuth2Server, provider_and_dovecot
 
 from mailingestd.devservers import Dovecot
 from mailingestd.secrets import generate_key_line
@@ -22,14 +22,8 @@ from mailingestd.secrets import generate_key_line
 
 @pytest.fixture(scope="module")
 def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OAuth2Server, Dovecot]]:
-    server = OAuth2Server(expires_in=3600)
-    root = tmp_path_factory.mktemp("authorize-dovecot")
-    root.chmod(0o755)
-    dovecot = Dovecot(root / "imap", users=0, extra_conf=server.dovecot_conf(root / "conf"))
-    dovecot.start()
-    yield server, dovecot
-    dovecot.stop()
-    server.close()
+    with provider_and_dovecot(tmp_path_factory.mktemp("authorize-dovecot"), expires_in=3600) as both:
+        yield both
 
 
 def setup_store(tmp_path: Path, server: OAuth2Server, dovecot: Dovecot, user: str) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from harness import Daemon, account_toml, wait_until
-from hostile_imap import HostileServer, Session
+from hostile_imap import Session
 from test_credentials import add_oauth, keyed_daemon
 from test_worker_engine import (
     commands,
@@ -31,7 +31,7 @@ from test_worker_engine import (
 )
 
 from mailingestd.devservers import _CAPABILITIES_WITHOUT_IDLE, Dovecot
-from oauth2_server import OAuth2Server
+from oauth2_server import OAuth2Server, provider_and_dovecot
 
 # Dovecot's post-login capabilities with IDLE but without NOTIFY: a server that can only push
 # the selected folder (Cyrus 3.6 behaves so).
@@ -210,14 +210,8 @@ def test_a_configured_folder_the_server_lacks_is_an_account_error_and_the_others
 
 @pytest.fixture(scope="module")
 def oauth_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OAuth2Server, Dovecot]]:
-    server = OAuth2Server(expires_in=4)
-    root = tmp_path_factory.mktemp("oauth2-push")
-    root.chmod(0o755)
-    dovecot = Dovecot(root / "dovecot", users=0, extra_conf=server.dovecot_conf(root / "conf"))
-    dovecot.start()
-    yield server, dovecot
-    dovecot.stop()
-    server.close()
+    with provider_and_dovecot(tmp_path_factory.mktemp("oauth2-push"), expires_in=4) as both:
+        yield both
 
 
 def test_refresh_token_revoked_while_idling_becomes_reauth_required(oauth_dovecot, tmp_path):
@@ -264,23 +258,19 @@ def throttled_after_notification(session: Session) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_backoff_suggested_after_an_idle_notification_is_honoured(tmp_path):
-    server = HostileServer(throttled_after_notification)
-    server.start()
-    try:
-        with Daemon(tmp_path, accounts=account_toml("o365", server.host, server.port, id="o365"), password="pw",
-                    env=scheduler_env(backoff_max="60s")) as daemon:
-            wait_until(lambda: any("error_kind=throttled" in line for line in daemon.status()["errors"]), 30, 0.2,
-                       "the throttling reply seen\n" + daemon.log_tail())
-            throttled_at = time.monotonic()
-            connections = len(server.accepted_at)
-            time.sleep(17)
-            assert len(server.accepted_at) == connections, "a new connection before the suggested 20 s"
-            wait_until(lambda: len(server.accepted_at) > connections, 15, 0.2, "the retry after the backoff")
-            assert server.accepted_at[connections] - throttled_at >= 19.0
-            no_restarts(daemon)
-    finally:
-        server.stop()
+def test_backoff_suggested_after_an_idle_notification_is_honoured(hostile, tmp_path):
+    server = hostile(throttled_after_notification)
+    with Daemon(tmp_path, accounts=account_toml("o365", server.host, server.port, id="o365"), password="pw",
+                env=scheduler_env(backoff_max="60s")) as daemon:
+        wait_until(lambda: any("error_kind=throttled" in line for line in daemon.status()["errors"]), 30, 0.2,
+                   "the throttling reply seen\n" + daemon.log_tail())
+        throttled_at = time.monotonic()
+        connections = len(server.accepted_at)
+        time.sleep(17)
+        assert len(server.accepted_at) == connections, "a new connection before the suggested 20 s"
+        wait_until(lambda: len(server.accepted_at) > connections, 15, 0.2, "the retry after the backoff")
+        assert server.accepted_at[connections] - throttled_at >= 19.0
+        no_restarts(daemon)
 
 
 def notify_advertised_but_refused(session: Session) -> None:
@@ -297,18 +287,14 @@ def notify_advertised_but_refused(session: Session) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_refused_notify_falls_back_to_idle_on_the_primary_folder(tmp_path):
-    server = HostileServer(notify_advertised_but_refused)
-    server.start()
-    try:
-        accounts = account_toml("refuser", server.host, server.port, id="refuser", folders=["Work", "INBOX"])
-        with Daemon(tmp_path, accounts=accounts, password="pw") as daemon:
-            idling(daemon, 1)
-            time.sleep(3)
-            assert daemon.status()["traffic"]["idle_connections"] == 1
-            assert server.connections == 1, "one connection: the refusal cost no reconnect"
-            logged = [line for line in daemon.log_path.read_text().splitlines() if "event=notify_refused" in line]
-            assert len(logged) == 1 and "server=127.0.0.1" in logged[0], logged
-            no_restarts(daemon)
-    finally:
-        server.stop()
+def test_a_refused_notify_falls_back_to_idle_on_the_primary_folder(hostile, tmp_path):
+    server = hostile(notify_advertised_but_refused)
+    accounts = account_toml("refuser", server.host, server.port, id="refuser", folders=["Work", "INBOX"])
+    with Daemon(tmp_path, accounts=accounts, password="pw") as daemon:
+        idling(daemon, 1)
+        time.sleep(3)
+        assert daemon.status()["traffic"]["idle_connections"] == 1
+        assert server.connections == 1, "one connection: the refusal cost no reconnect"
+        logged = [line for line in daemon.log_path.read_text().splitlines() if "event=notify_refused" in line]
+        assert len(logged) == 1 and "server=127.0.0.1" in logged[0], logged
+        no_restarts(daemon)

@@ -563,18 +563,11 @@ def test_workers_reload_the_keyring_after_rotation(tmp_path):
 
 @pytest.fixture(scope="module")
 def rotating_oauth(tmp_path_factory):
-    from oauth2_server import OAuth2Server
+    from oauth2_server import provider_and_dovecot
 
-    from mailingestd.devservers import Dovecot
-
-    server = OAuth2Server(expires_in=3600, rotate=True)  # every refresh rotates (and kills) the token
-    root = tmp_path_factory.mktemp("oauth2-rotating")
-    root.chmod(0o755)
-    dovecot = Dovecot(root / "dovecot", users=0, extra_conf=server.dovecot_conf(root / "conf"))
-    dovecot.start()
-    yield server, dovecot
-    dovecot.stop()
-    server.close()
+    # Every refresh rotates (and kills) the token.
+    with provider_and_dovecot(tmp_path_factory.mktemp("oauth2-rotating"), expires_in=3600, rotate=True) as both:
+        yield both
 
 
 def test_account_test_uses_the_refresh_token_the_provider_rotated(rotating_oauth, tmp_path):

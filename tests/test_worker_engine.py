@@ -403,32 +403,28 @@ def literal_during_idle(session: Session) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_literal_during_idle_costs_one_connection_never_the_worker(idle_dovecot, tmp_path):
-    hostile = HostileServer(literal_during_idle, host="127.0.0.2")
-    hostile.start()
+def test_a_literal_during_idle_costs_one_connection_never_the_worker(idle_dovecot, hostile, tmp_path):
+    dripper = hostile(literal_during_idle, host="127.0.0.2")
     user = recorded_user(idle_dovecot)
-    accounts = (account_toml("dripper", hostile.host, hostile.port, id="dripper")
+    accounts = (account_toml("dripper", dripper.host, dripper.port, id="dripper")
                 + account_toml(user, idle_dovecot.host, idle_dovecot.port))
-    try:
-        # One worker holds both accounts; heartbeat_timeout 5 s would kill a worker whose loop blocks.
-        with Daemon(tmp_path, accounts=accounts, password=idle_dovecot.password, workers=1) as daemon:
-            wait_until(lambda: hostile.connections >= 1, 20, 0.1, "the hostile server reached")
-            idling(daemon, 1)
-            latencies = []
-            for n in range(8):
-                appended_at = time.time()
-                idle_dovecot.append(user, message(f"beside-{n}"))
-                latencies.append(stored_at(daemon, f"beside-{n}", 10) - appended_at)
-                time.sleep(0.5)
-            assert max(latencies) < 3.0, latencies
-            logged = failures_logged(daemon, "dripper")
-            assert logged and any("error_kind=protocol" in line and "literal" in line for line in logged), logged
-            # Backed off: not reconnected at once after each refusal (backoff_base 1 s, jittered).
-            gaps = [b - a for a, b in pairwise(hostile.accepted_at)]
-            assert all(gap >= 0.2 for gap in gaps), gaps
-            no_restarts(daemon)
-    finally:
-        hostile.stop()
+    # One worker holds both accounts; heartbeat_timeout 5 s would kill a worker whose loop blocks.
+    with Daemon(tmp_path, accounts=accounts, password=idle_dovecot.password, workers=1) as daemon:
+        wait_until(lambda: dripper.connections >= 1, 20, 0.1, "the hostile server reached")
+        idling(daemon, 1)
+        latencies = []
+        for n in range(8):
+            appended_at = time.time()
+            idle_dovecot.append(user, message(f"beside-{n}"))
+            latencies.append(stored_at(daemon, f"beside-{n}", 10) - appended_at)
+            time.sleep(0.5)
+        assert max(latencies) < 3.0, latencies
+        logged = failures_logged(daemon, "dripper")
+        assert logged and any("error_kind=protocol" in line and "literal" in line for line in logged), logged
+        # Backed off: not reconnected at once after each refusal (backoff_base 1 s, jittered).
+        gaps = [b - a for a, b in pairwise(dripper.accepted_at)]
+        assert all(gap >= 0.2 for gap in gaps), gaps
+        no_restarts(daemon)
 
 
 def mail_announced_with_the_continuation(session: Session) -> None:
