@@ -109,6 +109,7 @@ class Publisher:
         self.max_bytes_checked = -MAX_SIZE_RECHECK
         self.attempts: dict[int, int] = {}
         self.retry_at: dict[int, float] = {}
+        self.group_of: dict[int, str] = {}  # message group of each entry waiting for a retry
         self.alone: set[int] = set()  # entries of a batch refused as a whole: sent one per request
         self.sent_log: list[tuple[float, int]] = []  # (when, sent) of recent steps, for the rate
         self.stats = PublishStats()
@@ -189,6 +190,7 @@ class Publisher:
     def _failed(self, entry: OutboxEntry, reason: str, now: float) -> None:
         attempt = self.attempts.get(entry.id, 0) + 1
         self.attempts[entry.id] = attempt
+        self.group_of[entry.id] = entry.account_id
         delay = backoff_delay(attempt, self.queue.retry_base, self.queue.retry_max, self.rng)
         self.retry_at[entry.id] = now + delay
         self.stats.failed += 1
@@ -199,60 +201,74 @@ class Publisher:
             log.warning("event=publish_failed key=%s attempt=%d retry_in=%.1fs error=%s", entry.key, attempt, delay,
                         reason)
 
-    def due_entries(self, now: float) -> list[OutboxEntry]:
+    def due_entries(self, now: float, exclude: list[int] | None = None) -> list[OutboxEntry]:
         """Up to SCAN_WINDOW entries due now, oldest first, read (and claimed) past the ones waiting
-        for a retry. FIFO: an entry behind one of its group's that waits for a retry (and is not
-        parked) waits too, so the group is not reordered by a transient failure."""
+        for a retry and leaving out ``exclude``. FIFO: an entry behind one of its group's that
+        waits for a retry (and is not parked) waits too, so a transient failure does not reorder
+        the group."""
         due: list[OutboxEntry] = []
-        held: set[str] = set()
         after = 0
         for _ in range(SCAN_PAGES):
-            window = self.store.outbox_claim(self.node, SCAN_WINDOW, after, self.claim_seconds)
-            for entry in window:
-                if self.fifo and entry.account_id in held:
-                    continue
-                if self.retry_at.get(entry.id, 0.0) <= now:
-                    due.append(entry)
-                elif self.fifo and self.attempts.get(entry.id, 0) < PARK_AFTER:
-                    held.add(entry.account_id)
-            if len(due) >= SCAN_WINDOW or len(window) < SCAN_WINDOW:
+            window = self.store.outbox_claim(self.node, SCAN_WINDOW, after, self.claim_seconds, exclude or ())
+            due += window
+            if len(window) < SCAN_WINDOW or len(self.still_due(due, now)) >= SCAN_WINDOW:
                 break
             after = window[-1].id
-        return due[:SCAN_WINDOW]
+        return self.still_due(due, now)[:SCAN_WINDOW]
+
+    def still_due(self, entries: list[OutboxEntry], now: float) -> list[OutboxEntry]:
+        """``entries`` less those waiting for a retry (FIFO: and those behind one in their group)."""
+        held = ({self.group_of[i] for i, attempts in self.attempts.items() if attempts < PARK_AFTER
+                 and self.retry_at.get(i, 0.0) > now} if self.fifo else set())
+        return [e for e in entries if self.retry_at.get(e.id, 0.0) <= now and e.account_id not in held]
 
     def publish_once(self) -> int:
         """Send what is due in the oldest part of the outbox; returns how many were acknowledged."""
         now = self.clock()
+        sending = self._submit(self.due_entries(now), now)
+        done = self._settle(sending, now)
+        self._delete(done)
+        return len(done)
+
+    def _submit(self, due: list[OutboxEntry], now: float) -> list[Any]:
+        """Start sending ``due`` in lanes (on the pool when there is more than one lane): a list of
+        futures, or of finished replies when sent here."""
         limit = self.message_limit()
-        due = self.due_entries(now)
         lanes = self.lanes(self._request(due, limit), limit)
         deadline = now + STEP_SECONDS
         if self.pool is not None and len(lanes) > 1:
-            replies = [r for lane in self.pool.map(lambda lane: self._send_lane(lane, deadline), lanes) for r in lane]
-        else:
-            replies = [r for lane in lanes for r in self._send_lane(lane, deadline)]
+            return [self.pool.submit(self._send_lane, lane, deadline) for lane in lanes]
+        return [self._send_lane(lane, deadline) for lane in lanes]
+
+    def _settle(self, sending: list[Any], now: float) -> list[int]:
+        """Wait for the lanes, book failures for their retry; the ids SQS acknowledged."""
         done: list[int] = []
-        for batch, reply, reason, sender_fault in replies:
-            if reply is None:  # endpoint down, credentials, throttling: the whole request waits
-                for entry, _ in batch:
-                    self._failed(entry, reason, now)
-                    if sender_fault and len(batch) > 1:
-                        self.alone.add(entry.id)
-                continue
-            by_id = {item["Id"]: entry for entry, item in batch}
-            done += [by_id[ok["Id"]].id for ok in reply.get("Successful", [])]
-            for failure in reply.get("Failed", []):
-                self._failed(by_id[failure["Id"]], f"{failure.get('Code')}: {failure.get('Message', '')}", now)
-        if done:
-            self.store.outbox_delete(done)  # one statement for the whole step
-            for outbox_id in done:
-                self.attempts.pop(outbox_id, None)
-                self.retry_at.pop(outbox_id, None)
-                self.alone.discard(outbox_id)
+        for lane in sending:
+            for batch, reply, reason, sender_fault in (lane.result() if isinstance(lane, concurrent.futures.Future)
+                                                       else lane):
+                if reply is None:  # endpoint down, credentials, throttling: the whole request waits
+                    for entry, _ in batch:
+                        self._failed(entry, reason, now)
+                        if sender_fault and len(batch) > 1:
+                            self.alone.add(entry.id)
+                    continue
+                by_id = {item["Id"]: entry for entry, item in batch}
+                done += [by_id[ok["Id"]].id for ok in reply.get("Successful", [])]
+                for failure in reply.get("Failed", []):
+                    self._failed(by_id[failure["Id"]], f"{failure.get('Code')}: {failure.get('Message', '')}", now)
+        for outbox_id in done:
+            self.attempts.pop(outbox_id, None)
+            self.retry_at.pop(outbox_id, None)
+            self.group_of.pop(outbox_id, None)
+            self.alone.discard(outbox_id)
         self.stats.sent += len(done)
         self.stats.parked = sum(1 for attempts in self.attempts.values() if attempts >= PARK_AFTER)
         self._measure_rate(len(done))
-        return len(done)
+        return done
+
+    def _delete(self, done: list[int]) -> None:
+        if done:
+            self.store.outbox_delete(done)  # one statement for a whole step
 
     def _measure_rate(self, sent: int) -> None:
         now = self.clock()
@@ -291,26 +307,47 @@ class Publisher:
 
     def run(self, should_stop: Callable[[], bool], on_tick: Callable[[PublishStats], None] | None = None) -> None:
         """Publish until ``should_stop``; idles ``poll_interval`` when the outbox has nothing due.
-        On the way out, this node's claims are given back so other nodes need not wait them out."""
+
+        Steps overlap their store work with SQS: while a step's requests are in flight, the rows the
+        previous step got acknowledged are deleted and the next window is claimed (leaving out the
+        rows in flight). A prefetched window is sent only after the current step is settled, so
+        a FIFO group's later entries never overtake its earlier ones. On the way out, this node's
+        claims are given back so that other nodes need not wait them out."""
         summarized = -SUMMARY_EVERY
+        acknowledged: list[int] = []  # sent, not yet deleted: left out of every claim until deleted
+        prefetched: list[OutboxEntry] | None = None
         while not should_stop():
+            sent = 0
             try:
-                sent = self.publish_once()
+                now = self.clock()
+                due = (self.still_due(prefetched, now) if prefetched is not None
+                       else self.due_entries(now, exclude=acknowledged))
+                sending = self._submit(due, now)
+                prefetched = None
+                try:
+                    self._delete(acknowledged)
+                    acknowledged = []
+                    if len(due) >= SCAN_WINDOW // 2:  # a backlog: the next window is there already
+                        prefetched = self.due_entries(now, exclude=[e.id for e in due])
+                finally:
+                    acknowledged += self._settle(sending, now)
+                sent = len(acknowledged)
                 if not sent or time.monotonic() - summarized >= SUMMARY_EVERY:
                     summarized = time.monotonic()
                     self.stats.outbox_depth, self.stats.oldest_age = self.store.outbox_summary()
             except Exception as exc:  # a store outage must not kill the publisher: wait and retry
                 log.error("event=publisher_error error=%s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                sent = 0
+                prefetched = None
                 time.sleep(min(self.queue.retry_max, 2.0))
             if on_tick is not None:
                 on_tick(self.stats)
             if not sent:
                 time.sleep(self.queue.poll_interval)
         try:
+            self._delete(acknowledged)
             self.store.outbox_release(self.node)
         except Exception as exc:
-            log.warning("event=outbox_release_failed node=%s error=%s (the claims lapse instead)", self.node,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("event=outbox_release_failed node=%s error=%s (rows are sent again or the claims lapse)",
+                        self.node, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if self.pool is not None:
             self.pool.shutdown(wait=False)

@@ -665,11 +665,15 @@ class Store:
                                    "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
         return [OutboxEntry(*r) for r in rows]
 
-    def outbox_claim(self, node: str, limit: int, after_id: int, claim_seconds: float) -> list[OutboxEntry]:
-        """Up to ``limit`` rows after ``after_id``, oldest first, that this node may send now.
+    def outbox_claim(self, node: str, limit: int, after_id: int, claim_seconds: float,
+                     exclude: Sequence[int] = ()) -> list[OutboxEntry]:
+        """Up to ``limit`` rows after ``after_id``, oldest first, that this node may send now, leaving
+        out ``exclude`` (rows it is sending or has just had acknowledged).
 
         SQLite has one publisher: every row. PostgreSQL overrides this with claims across nodes."""
-        return self.outbox_batch(limit, after_id)
+        skip = set(exclude)
+        rows = self.outbox_batch(limit + len(skip), after_id)
+        return [e for e in rows if e.id not in skip][:limit]
 
     def outbox_release(self, node: str) -> None:
         """Give back this node's claims (the publisher's shutdown): other nodes may send them at once."""
@@ -829,9 +833,11 @@ class PostgresStore(Store):
     def _lock_for_migration(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('mailingestd-migrate'))")
 
-    def outbox_claim(self, node: str, limit: int, after_id: int, claim_seconds: float) -> list[OutboxEntry]:
+    def outbox_claim(self, node: str, limit: int, after_id: int, claim_seconds: float,
+                     exclude: Sequence[int] = ()) -> list[OutboxEntry]:
         """Claim up to ``limit`` rows after ``after_id`` for ``node`` for ``claim_seconds`` (database
-        clock), oldest first; rows this node already claims are renewed and returned again.
+        clock), oldest first, leaving out ``exclude``; rows this node already claims are renewed and
+        returned again.
 
         A row is this node's to send when nobody else holds a live claim on it, and its account's
         lease is this node's or no node's (a deleted account, a free or expired lease): each node
@@ -847,7 +853,7 @@ class PostgresStore(Store):
                 UPDATE outbox SET claimed_by = ?, claim_until = now() + make_interval(secs => ?)
                 WHERE id IN (
                     SELECT o.id FROM outbox o
-                    WHERE o.id > ?
+                    WHERE o.id > ? AND NOT (o.id = ANY(?))
                       AND (o.claimed_by = ? OR o.claim_until IS NULL OR o.claim_until <= now())
                       AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.account_id = o.account_id
                                       AND l.owner <> ? AND l.expires_at > now())
@@ -856,7 +862,7 @@ class PostgresStore(Store):
                                       AND c.claim_until > now())
                     ORDER BY o.id LIMIT ? FOR UPDATE OF o SKIP LOCKED)
                 RETURNING id, key, account_id, envelope, raw_size""",
-                (node, claim_seconds, after_id, node, node, node, limit)).fetchall()
+                (node, claim_seconds, after_id, list(exclude), node, node, node, limit)).fetchall()
         return sorted((OutboxEntry(*r) for r in rows), key=lambda e: e.id)
 
     def outbox_release(self, node: str) -> None:
