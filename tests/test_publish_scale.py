@@ -132,3 +132,40 @@ def test_acknowledged_rows_are_deleted_in_one_statement_per_step(pg_url: str, si
         statements = conn.execute("SELECT count(*) FROM deletes").fetchone()[0]
     assert sink.stats(url)["entries"] == 1000
     assert statements <= 10, f"{statements} DELETE statements for 1,000 rows"
+
+
+def test_claims_follow_leases_and_lapse_with_a_dead_node(pg_url: str) -> None:
+    """Store.outbox_claim: a node claims the rows of accounts it leases and of accounts nobody
+    leases, never those of another node's live lease; rows a node claimed and never sent (it died)
+    are claimable by another node once the claim lapses, not before; a claim given back
+    (a publisher's clean exit) frees the rows at once."""
+    store = open_store(pg_url)
+    assert isinstance(store, PostgresStore)
+    fill_outbox(pg_url, accounts=3, per_account=4)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for account, owner in (("acct000", "node-a"), ("acct001", "node-b")):
+            conn.execute("INSERT INTO accounts (id, host, username, created_at, updated_at) VALUES (%s, 'h', 'u', 0, 0)",
+                         (account,))
+            conn.execute("INSERT INTO leases (account_id, owner, expires_at) VALUES (%s, %s, now() + interval '1 hour')",
+                         (account, owner))
+
+    def accounts(entries: list) -> set[str]:
+        return {e.account_id for e in entries}
+
+    # node-a: its own account and the unleased acct002; node-b's rows are not offered to it.
+    claimed_a = store.outbox_claim("node-a", 100, 0, 2.0)
+    assert accounts(claimed_a) == {"acct000", "acct002"} and len(claimed_a) == 8
+    # node-b: its own account only; acct002's rows are node-a's while its claim lives.
+    assert accounts(store.outbox_claim("node-b", 100, 0, 2.0)) == {"acct001"}
+    # node-a dies holding its claims; its lease lapses too: node-b may take acct000 and acct002
+    # only after the 2 s claim.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE owner = 'node-a'")
+    assert accounts(store.outbox_claim("node-b", 100, 0, 2.0)) == {"acct001"}
+    time.sleep(2.2)
+    assert accounts(store.outbox_claim("node-b", 100, 0, 30.0)) == {"acct000", "acct001", "acct002"}
+    # A clean exit gives the claims back: node-c (leasing nothing) may take the unleased rows at once.
+    assert accounts(store.outbox_claim("node-c", 100, 0, 30.0)) == set()
+    store.outbox_release("node-b")
+    assert accounts(store.outbox_claim("node-c", 100, 0, 30.0)) == {"acct000", "acct002"}
+    store.close()
