@@ -1,7 +1,7 @@
 """``python -m bench quick|full [--only SCENARIO,...] [--keep]``: run the benchmarks, write the report.
 
-Scenarios in order: hold (+ latency on the same daemon), latency-folders, quiet, status, backlog, polling,
-scheduler.
+Scenarios in order: hold (+ latency on the same daemon), latency-folders, quiet, status, backlog, publish,
+polling, scheduler.
 Results: bench/results/<date>/report.json (one entry per mode) and PNG plots beside it.
 """
 
@@ -21,9 +21,10 @@ from typing import Any
 
 from bench import backlog, folders, idle, plots, polling
 from bench.common import BENCH_DIR, SCALES, Report, Scale, raise_fd_limit
+from bench.publish import run_publish
 from mailingestd.devservers import Dovecot, MotoServer, Postgres
 
-SCENARIOS = ("hold", "latency-folders", "quiet", "status", "backlog", "polling", "scheduler")
+SCENARIOS = ("hold", "latency-folders", "quiet", "status", "backlog", "publish", "polling", "scheduler")
 
 
 def run_scheduler(scale: Scale, report: Report) -> dict[str, Any]:
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "latency-folders": lambda: folders.run_latency_folders(scale, root, dovecot(), postgres()),
         "quiet": lambda: idle.run_quiet(scale, root, dovecot(), postgres()),
         "status": lambda: idle.run_status(scale, root, dovecot(), postgres()),
-        "backlog": lambda: backlog.run_backlog(scale, root, dovecot(), postgres(), moto(), drawn),
+        "backlog": lambda: backlog.run_backlog(scale, root, dovecot(), postgres(), drawn),
+        "publish": lambda: run_publish(root, postgres()),
         "polling": lambda: polling.run_polling(scale, root, get("dovecot_noidle", lambda: Dovecot(
             root / "dovecot-noidle", users=[], password=idle.PASSWORD, idle=False,
             extra_conf=polling.COMMAND_METRIC)), postgres(), drawn),
