@@ -865,6 +865,12 @@ class PostgresStore(Store):
                 (node, claim_seconds, after_id, list(exclude), node, node, node, limit)).fetchall()
         return sorted((OutboxEntry(*r) for r in rows), key=lambda e: e.id)
 
+    def outbox_delete(self, ids: Sequence[int]) -> None:
+        """Forget acknowledged rows in one statement, however many (an array parameter)."""
+        if ids:
+            with self.transaction() as cur:
+                self._exec(cur, "DELETE FROM outbox WHERE id = ANY(?)", (list(ids),))
+
     def outbox_release(self, node: str) -> None:
         with self.transaction() as cur:
             self._exec(cur, "UPDATE outbox SET claimed_by = NULL, claim_until = NULL WHERE claimed_by = ?", (node,))
