@@ -1,9 +1,10 @@
 """Real throwaway servers for the demo, the tests and the benchmarks.
 
 Every class here starts a real server process on 127.0.0.1 and a free high port, with all of its
-files under one directory you give it: Dovecot (IMAP), PostgreSQL, moto_server (SQS), Prometheus's
-node_exporter and Prometheus itself. Nothing here is mocked and nothing imports pytest, so the same
-code serves ``tests/conftest.py``, ``bench/`` and ``python -m mailingestd.devservers`` (the README demo).
+files under one directory you give it: Dovecot and Cyrus (IMAP), PostgreSQL, moto_server (SQS),
+Prometheus's node_exporter and Prometheus itself. Nothing here is mocked and nothing imports pytest,
+so the same code serves ``tests/conftest.py``, ``bench/`` and ``python -m mailingestd.devservers``
+(the README demo).
 
 Common contract: ``start()`` waits until the server answers and raises :class:`ServerStartError` with
 the tail of the server's log when it does not within its timeout; ``stop()`` waits until the process
@@ -12,8 +13,9 @@ an ``atexit`` hook kills whatever is still running when the interpreter exits (a
 leave a Dovecot behind). A missing binary raises :class:`MissingBinaryError` naming the Debian or PyPI
 package to install.
 
-Dovecot and PostgreSQL need root: Dovecot's master starts as root and drops to the ``dovecot`` user,
-and ``initdb`` refuses root, so PostgreSQL runs as the ``postgres`` system user.
+Dovecot, Cyrus and PostgreSQL need root: the Dovecot and Cyrus masters start as root and drop to the
+``dovecot`` and ``cyrus`` users, and ``initdb`` refuses root, so PostgreSQL runs as the ``postgres``
+system user.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Any, Literal, Self
 import imapclient
 
 __all__ = [
+    "Cyrus",
     "Dovecot",
     "MissingBinaryError",
     "MotoServer",
@@ -357,10 +360,58 @@ class _Server:
 
 
 # ---------------------------------------------------------------------------------------------
+# IMAP servers: what Dovecot and Cyrus have in common
+
+
+class _ImapServer(_Server):
+    """An IMAP server whose users log in with :attr:`password`; mail goes in with APPEND."""
+
+    _password = "secret"
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+    def client(self, user: str, *, timeout: float = 30.0) -> imapclient.IMAPClient:
+        """A logged-in IMAPClient for ``user``."""
+        raise NotImplementedError
+
+    def append(
+        self,
+        user: str,
+        raw: bytes,
+        folder: str = "INBOX",
+        flags: Sequence[str | bytes] = (),
+    ) -> int:
+        """APPEND ``raw`` to ``folder`` (created if missing); return the new message's UID."""
+        return self.append_many(user, [raw], folder, flags)[0]
+
+    def append_many(
+        self,
+        user: str,
+        messages: Iterable[bytes],
+        folder: str = "INBOX",
+        flags: Sequence[str | bytes] = (),
+    ) -> list[int]:
+        """APPEND many messages over one connection (for benchmarks); return their UIDs in order."""
+        uids = []
+        with self.client(user) as imap:
+            if folder.upper() != "INBOX" and not imap.folder_exists(folder):
+                imap.create_folder(folder)
+            for raw in messages:
+                response = imap.append(folder, raw, flags=tuple(flags))
+                match = re.search(rb"\[APPENDUID \d+ (\d+)\]", response)
+                if match is None:
+                    raise RuntimeError(f"APPEND answered without APPENDUID: {response!r}")
+                uids.append(int(match.group(1)))
+        return uids
+
+
+# ---------------------------------------------------------------------------------------------
 # Dovecot
 
 
-class Dovecot(_Server):
+class Dovecot(_ImapServer):
     """A Dovecot 2.3 IMAP server from a generated config, sized for 10,000 sessions.
 
     Any username logs in with ``password`` (static passdb); ``users`` only names the accounts
@@ -413,10 +464,6 @@ class Dovecot(_Server):
         self._paused = False
 
     # -- properties -------------------------------------------------------------------------
-
-    @property
-    def password(self) -> str:
-        return self._password
 
     @property
     def users(self) -> list[str]:
@@ -622,36 +669,6 @@ class Dovecot(_Server):
         client.login(user, self._password)
         return client
 
-    def append(
-        self,
-        user: str,
-        raw: bytes,
-        folder: str = "INBOX",
-        flags: Sequence[str | bytes] = (),
-    ) -> int:
-        """APPEND ``raw`` to ``folder`` (created if missing); return the new message's UID."""
-        return self.append_many(user, [raw], folder, flags)[0]
-
-    def append_many(
-        self,
-        user: str,
-        messages: Iterable[bytes],
-        folder: str = "INBOX",
-        flags: Sequence[str | bytes] = (),
-    ) -> list[int]:
-        """APPEND many messages over one connection (for benchmarks); return their UIDs in order."""
-        uids = []
-        with self.client(user) as imap:
-            if folder.upper() != "INBOX" and not imap.folder_exists(folder):
-                imap.create_folder(folder)
-            for raw in messages:
-                response = imap.append(folder, raw, flags=tuple(flags))
-                match = re.search(rb"\[APPENDUID \d+ (\d+)\]", response)
-                if match is None:
-                    raise RuntimeError(f"APPEND answered without APPENDUID: {response!r}")
-                uids.append(int(match.group(1)))
-        return uids
-
     def expunge(self, user: str, uid: int, folder: str = "INBOX") -> None:
         """Delete and expunge one message by UID (UID EXPUNGE, so nothing else goes)."""
         with self.client(user) as imap:
@@ -744,6 +761,166 @@ def _make_certificates(openssl: str, tls_dir: Path, kind: TlsCert) -> Path:
           "-CAcreateserial", "-days", "30", "-sha256", "-extfile", tls_dir / "san.ext",
           "-out", crt], **quiet)
     return ca_crt
+
+
+# ---------------------------------------------------------------------------------------------
+# Cyrus IMAP
+
+
+_CYRUS_COMMON = "/usr/lib/cyrus/bin"  # Debian's directory of Cyrus binaries
+
+
+class Cyrus(_ImapServer):
+    """A Cyrus IMAP 3.6 server (Debian's ``cyrus-imapd``): IDLE, no NOTIFY; plain IMAP, no TLS.
+
+    Everything lives under ``root``: ``imapd.conf`` and ``cyrus.conf``, the databases
+    (``config/``), the mail (``spool/``) and a SASL password database (``sasldb2``, written with
+    ``saslpasswd2`` from ``sasl2-bin``), so no system user is needed besides ``cyrus`` (from
+    ``cyrus-common``), which the master (started as root) switches to. ``imapd`` and ``idled`` come
+    from ``.venv/cyrus`` where ``./dev setup`` unpacks them, else from an installed ``cyrus-imapd``. Every user has :attr:`password`;
+    ``cyrus`` is the admin that creates users' mailboxes (:meth:`new_user`). The namespace is
+    Cyrus 3's default (altnamespace and unixhierarchysep on): a user's folders sit beside INBOX
+    and are named as the user sees them ("Work", separator "/"). ``idled`` runs under the master,
+    as in production, so IDLE reports new mail at once (without it Cyrus polls every
+    ``imapidlepoll``, 60 s). Each user's sessions are recorded (Cyrus's protocol telemetry, one
+    file per session): :meth:`sessions`.
+    """
+
+    name = "cyrus"
+    admin = "cyrus"
+
+    def __init__(self, root: Path, *, password: str = "secret", port: int | None = None,
+                 user_prefix: str = "user") -> None:
+        super().__init__(root, port)
+        self._master = _find_binary("master", "apt-get install cyrus-common", [_CYRUS_COMMON])
+        # cyrus-imapd conflicts with dovecot-imapd (both provide imap-server): ./dev unpacks it
+        # into the venv (CYRUS_DIR in ./dev); a system without Dovecot may have it installed.
+        unpacked = [str(Path(sys.prefix) / "cyrus" / _CYRUS_COMMON.lstrip("/")), _CYRUS_COMMON]
+        hint = "./dev setup (unpacks cyrus-imapd into .venv/cyrus)"
+        self._imapd = _find_binary("imapd", hint, unpacked)
+        self._idled = _find_binary("idled", hint, unpacked)
+        self._saslpasswd = _find_binary("saslpasswd2", "apt-get install sasl2-bin")
+        self._password = password
+        self._user_prefix = user_prefix
+        self._fresh_users = 0
+        self.imapd_conf = self.root / "imapd.conf"
+        self.cyrus_conf = self.root / "cyrus.conf"
+        self.config_dir = self.root / "config"
+        self.sasldb = self.root / "sasldb2"
+        self.run_dir = self.root / "run"
+        if len(str(self.run_dir)) > 60:
+            # idled's socket must fit in sun_path (108 bytes); a deep pytest tmp_path does not.
+            self.run_dir = Path(tempfile.mkdtemp(prefix="cyrus-run-", dir="/tmp"))
+
+    def _owned_by_cyrus(self, *paths: Path) -> None:
+        cyrus = pwd.getpwnam("cyrus")
+        for path in paths:
+            os.chown(path, cyrus.pw_uid, cyrus.pw_gid)
+
+    def _write_config(self) -> None:
+        if os.geteuid() != 0:
+            raise RuntimeError("Cyrus test servers need root (the master starts as root)")
+        _make_traversable(self.root)
+        for directory in (self.config_dir, self.config_dir / "log", self.root / "spool", self.run_dir):
+            directory.mkdir(exist_ok=True)
+            self._owned_by_cyrus(directory)
+        self.imapd_conf.write_text(textwrap.dedent(f"""\
+            # Generated by mailingestd.devservers; throwaway test server, not for production.
+            configdirectory: {self.config_dir}
+            defaultpartition: default
+            partition-default: {self.root / "spool"}
+            proc_path: {self.run_dir / "proc"}
+            mboxname_lockpath: {self.run_dir / "lock"}
+            idlesocket: {self.run_dir / "idle"}
+            notifysocket: {self.run_dir / "notify"}
+            lmtpsocket: {self.run_dir / "lmtp"}
+            servername: localhost
+            admins: {self.admin}
+            allowplaintext: yes
+            sasl_pwcheck_method: auxprop
+            sasl_auxprop_plugin: sasldb
+            sasl_sasldb_path: {self.sasldb}
+            sasl_mech_list: PLAIN LOGIN
+            altnamespace: yes
+            unixhierarchysep: yes
+            telemetry_bysessionid: yes
+            """))
+        # The master does not pass its -C on: every command it runs is told the file itself.
+        self.cyrus_conf.write_text(textwrap.dedent(f"""\
+            START {{
+            }}
+            SERVICES {{
+              imap cmd="{self._imapd} -C {self.imapd_conf}" listen="{LOOPBACK}:{self.port}" prefork=1
+            }}
+            DAEMON {{
+              idled cmd="{self._idled} -C {self.imapd_conf}"
+            }}
+            """))
+        self._set_password(self.admin)
+
+    def _set_password(self, user: str) -> None:
+        # The realm is the servername: imapd names no realm of its own for SASL.
+        _run([self._saslpasswd, "-f", str(self.sasldb), "-p", "-c", "-u", "localhost", user],
+             input=self._password, timeout=30)
+        self._owned_by_cyrus(self.sasldb)
+
+    def _launch(self) -> None:
+        self._write_config()
+        self._spawn([self._master, "-C", str(self.imapd_conf), "-M", str(self.cyrus_conf),
+                     "-p", str(self.run_dir / "master.pid")])
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1) as probe:
+                return probe.recv(4096).startswith(b"* OK")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM the master; then end whatever it left (imapd sessions, idled) and wait."""
+        if self._process is not None and self.running:
+            tree = _descendants(self._process.pid)
+            self._process.send_signal(signal.SIGTERM)
+            _wait_until(lambda: self._process.poll() is not None, 5.0)
+            leftovers = [pid for pid in tree if _pid_alive(pid)]
+            _signal_all(leftovers, signal.SIGKILL)
+            _wait_until(lambda: not any(map(_pid_alive, leftovers)), 5.0)
+        self._terminate(signal.SIGKILL)
+
+    # -- users and mail ---------------------------------------------------------------------
+
+    def new_user(self) -> str:
+        """A new user with an empty INBOX (``user/<name>``, created by the admin); sessions recorded."""
+        self._fresh_users += 1
+        user = f"{self._user_prefix}-fresh{self._fresh_users}-{os.getpid()}-{time.monotonic_ns()}"
+        self._set_password(user)
+        telemetry = self.config_dir / "log" / user
+        telemetry.mkdir()
+        self._owned_by_cyrus(telemetry)
+        with self.client(self.admin) as imap:
+            imap.create_folder(f"user/{user}")
+        return user
+
+    def client(self, user: str, *, timeout: float = 30.0) -> imapclient.IMAPClient:
+        """A logged-in IMAPClient for ``user`` (plain IMAP)."""
+        client = imapclient.IMAPClient(LOOPBACK, port=self.port, ssl=False, timeout=timeout)
+        client.login(user, self._password)
+        return client
+
+    def sessions(self, user: str) -> list[list[tuple[int, str]]]:
+        """The commands ``user``'s sessions sent, one list of (unix second, line) per session.
+
+        From Cyrus's telemetry: client lines start ``<SECONDS<``, server lines ``>SECONDS>``.
+        """
+        found = []
+        for path in (self.config_dir / "log" / user).iterdir():
+            lines = []
+            for raw in path.read_text(errors="replace").splitlines():
+                match = re.match(r"<(\d+)<(.*)", raw)
+                if match:
+                    lines.append((int(match.group(1)), match.group(2)))
+            found.append(lines)
+        return sorted(found)  # in the order they started (files are named by a random session id)
 
 
 # ---------------------------------------------------------------------------------------------

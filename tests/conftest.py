@@ -18,6 +18,7 @@ import pytest
 from hostile_imap import HostileServer
 
 from mailingestd.devservers import (
+    Cyrus,
     Dovecot,
     MissingBinaryError,
     MotoServer,
@@ -28,7 +29,7 @@ from mailingestd.devservers import (
 )
 
 
-ServerT = TypeVar("ServerT", Dovecot, Postgres, MotoServer, NodeExporter, Prometheus)
+ServerT = TypeVar("ServerT", Cyrus, Dovecot, Postgres, MotoServer, NodeExporter, Prometheus)
 
 
 def _started(server_factory: Callable[[], ServerT]) -> ServerT:
@@ -53,6 +54,14 @@ def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
 def dovecot_noidle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
     """Dovecot without IDLE in its capabilities: clients must poll."""
     server = _started(lambda: Dovecot(tmp_path_factory.mktemp("dovecot-noidle"), users=20, idle=False))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cyrus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cyrus]:
+    """Cyrus IMAP 3.6: IDLE but no NOTIFY; ``cyrus.new_user()`` for a user of your own."""
+    server = _started(lambda: Cyrus(tmp_path_factory.mktemp("cyrus")))
     yield server
     server.stop()
 
