@@ -9,6 +9,7 @@ runtime directory and every socket in it belong to the daemon's user alone (anot
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pwd
 import random
@@ -36,7 +37,7 @@ from mailingestd.devservers import Dovecot
 pytestmark = pytest.mark.reliability
 
 
-def hostile_frames(rng: random.Random) -> list[bytes]:
+def hostile_frames(rng: random.Random, account_id: str) -> list[bytes]:
     valid = frames.encode(frames.Poll(account_id="nobody-knows", order_id=-1, may_connect=True))
     out = [rng.randbytes(rng.randint(0, 300)) for _ in range(pick(100, 1000))]
     out += [valid[:n] for n in range(len(valid))]  # every truncation of a valid frame
@@ -46,6 +47,12 @@ def hostile_frames(rng: random.Random) -> list[bytes]:
             frames.encode(frames.Heartbeat(role="worker", slot=99, pid=1, state="x")),  # nobody's slot
             frames.encode(frames.Result(slot=0, account_id="ghost", order_id=10**12, ok=True, connected=True,
                                         idling=True))]
+    # Well-formed results for a real account with numbers no worker sends: one must never take the
+    # scheduler down (a restart would meet the same account again: a crash loop, exit 70).
+    out += [frames.encode(frames.Result(slot=0, account_id=account_id, order_id=0, ok=ok, connected=False,
+                                        idling=False, new_messages=2**64 - 1, retry_after=retry_after,
+                                        failure_kind=None if ok else frames.FailureKind.THROTTLED))
+            for ok in (True, False) for retry_after in (None, math.inf, math.nan, -1e300, 1e300)]
     return out
 
 
@@ -62,7 +69,7 @@ def test_malformed_frames_and_control_garbage_during_ingest(dovecot, users4, tmp
             push = ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 2000)
             push.connect(f"ipc://{daemon.runtime_dir / name}")
-            for data in hostile_frames(rng):
+            for data in hostile_frames(rng, users4[0]):
                 push.send(data)
             push.send(b"\0" * (frames.MAX_FRAME_BYTES + 1))  # over the receiver's MAXMSGSIZE
             push.close()
