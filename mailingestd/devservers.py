@@ -821,7 +821,9 @@ class Cyrus(_ImapServer):
         if os.geteuid() != 0:
             raise RuntimeError("Cyrus test servers need root (the master starts as root)")
         _make_traversable(self.root)
-        for directory in (self.config_dir, self.config_dir / "log", self.root / "spool", self.run_dir):
+        # config/socket: each imapd binds its own idle.<pid> there to hear from idled.
+        for directory in (self.config_dir, self.config_dir / "log", self.config_dir / "socket",
+                          self.root / "spool", self.run_dir):
             directory.mkdir(exist_ok=True)
             self._owned_by_cyrus(directory)
         self.imapd_conf.write_text(textwrap.dedent(f"""\
@@ -910,7 +912,9 @@ class Cyrus(_ImapServer):
     def sessions(self, user: str) -> list[list[tuple[int, str]]]:
         """The commands ``user``'s sessions sent, one list of (unix second, line) per session.
 
-        From Cyrus's telemetry: client lines start ``<SECONDS<``, server lines ``>SECONDS>``.
+        From Cyrus's telemetry: what the client sent starts ``<SECONDS<``, what the server sent
+        ``>SECONDS>``, and each read from the client gets its own mark, so a line the client wrote
+        in two pieces has a second mark inside it (removed here).
         """
         found = []
         for path in (self.config_dir / "log" / user).iterdir():
@@ -918,7 +922,7 @@ class Cyrus(_ImapServer):
             for raw in path.read_text(errors="replace").splitlines():
                 match = re.match(r"<(\d+)<(.*)", raw)
                 if match:
-                    lines.append((int(match.group(1)), match.group(2)))
+                    lines.append((int(match.group(1)), re.sub(r"<\d+<", "", match.group(2))))
             found.append(lines)
         return sorted(found)  # in the order they started (files are named by a random session id)
 

@@ -30,7 +30,7 @@ from test_worker_engine import (
     stored_at,
 )
 
-from mailingestd.devservers import _CAPABILITIES_WITHOUT_IDLE, Dovecot
+from mailingestd.devservers import _CAPABILITIES_WITHOUT_IDLE, Cyrus, Dovecot
 from oauth2_server import OAuth2Server, provider_and_dovecot
 
 # Dovecot's post-login capabilities with IDLE but without NOTIFY: a server that can only push
@@ -297,4 +297,60 @@ def test_a_refused_notify_falls_back_to_idle_on_the_primary_folder(hostile, tmp_
         assert server.connections == 1, "one connection: the refusal cost no reconnect"
         logged = [line for line in daemon.log_path.read_text().splitlines() if "event=notify_refused" in line]
         assert len(logged) == 1 and "server=127.0.0.1" in logged[0], logged
+        no_restarts(daemon)
+
+
+def daemon_sessions_on_cyrus(server: Cyrus, user: str) -> list[list[tuple[int, str]]]:
+    """The daemon's sessions in Cyrus's telemetry (it sends ENABLE CONDSTORE first; the test's
+    APPENDs do not)."""
+    return [session for session in server.sessions(user)
+            if any(line.endswith("ENABLE CONDSTORE") for _, line in session)]
+
+
+def test_cyrus_the_only_folder_idles_and_a_second_is_checked_at_the_tier_interval(cyrus, tmp_path):
+    """Cyrus 3.6 offers IDLE but not NOTIFY: IDLE on the primary folder, the others by STATUS.
+
+    Folder names are what the server LISTs. This server has Cyrus 3's default namespace
+    (altnamespace: yes), where a user's folder is ``Work``, beside INBOX; a Cyrus with
+    ``altnamespace: no`` (Debian's packaged imapd.conf) lists it as ``INBOX.Work`` (``INBOX/Work``
+    with unixhierarchysep), and that is the name the account must list.
+    """
+    with cyrus.client(cyrus.new_user()) as probe:
+        assert b"IDLE" in probe.capabilities() and b"NOTIFY" not in probe.capabilities()
+    user = cyrus.new_user()
+    cyrus.append(user, message("cyrus-work-old"), folder="Work")
+    accounts = account_toml(user, cyrus.host, cyrus.port, folders=["Work"], id=f"{user}-work")
+    with Daemon(tmp_path / "one", accounts=accounts, password=cyrus.password) as daemon:
+        stored_at(daemon, "cyrus-work-old", 15)
+        idling(daemon, 1)
+        appended_at = time.time()
+        cyrus.append(user, message("cyrus-work-new"), folder="Work")
+        assert stored_at(daemon, "cyrus-work-new", 10) - appended_at < 1.5
+    [session] = daemon_sessions_on_cyrus(cyrus, user)
+    assert any(line.endswith(' IDLE') for _, line in session), session
+    assert not [line for _, line in session if "inbox" in line.lower()], session
+
+    second = cyrus.new_user()
+    cyrus.append(second, message("cyrus-other-old"), folder="Other")
+    cyrus.append(second, message("cyrus-work2-old"), folder="Work")
+    accounts = account_toml(second, cyrus.host, cyrus.port, folders=["Work", "Other"])
+    # Tier interval 3 s for every tier, the safety poll far away: Other is checked by polls.
+    with Daemon(tmp_path / "two", accounts=accounts, password=cyrus.password,
+                env=scheduler_env(interval="3s", idle_safety_interval="120s")) as daemon:
+        stored_at(daemon, "cyrus-other-old", 15)
+        idling(daemon, 1)
+        appended_at = time.time()
+        cyrus.append(second, message("cyrus-work2-new"), folder="Work")
+        assert stored_at(daemon, "cyrus-work2-new", 10) - appended_at < 1.5  # IDLE on Work, the first listed
+        appended_at = time.time()
+        cyrus.append(second, message("cyrus-other-new"), folder="Other")
+        assert stored_at(daemon, "cyrus-other-new", 15) - appended_at < 3 * 1.25 + 1.5
+        time.sleep(7)
+        [session] = daemon_sessions_on_cyrus(cyrus, second)  # DONE, STATUS, IDLE on one connection
+        statuses = [t for t, line in session if line.split(" ")[1:3] == ["STATUS", '"Other"']]
+        gaps = [b - a for a, b in zip(statuses, statuses[1:])]
+        # Telemetry has whole seconds: the 2..5 s of the Dovecot test read as 1..6 here.
+        assert len(statuses) >= 3 and all(1 <= gap <= 6 for gap in gaps), gaps
+        assert all(any(line.endswith(" IDLE") for t, line in session if t >= at) for at in statuses)
+        idling(daemon, 1)
         no_restarts(daemon)
