@@ -7,7 +7,8 @@ takes 55-130 msg/s here and would measure itself). For a standard and a FIFO que
   publisher works) is started on an empty outbox; then ``PUBLISH_MESSAGES`` envelopes, spread over
   ``PUBLISH_ACCOUNTS`` accounts (message groups) as a backlog's would be, are committed into the
   outbox in one transaction, and the clock runs from that commit until the sink has counted every
-  entry. CPU is the publisher process's own (utime + stime from /proc) over that time.
+  entry. CPU is the publisher process's own (utime + stime from /proc) over that time; PostgreSQL's
+  (claims and deletes) is reported beside it.
 - bare loop: the same envelopes sent by one thread with boto3 ``send_message_batch`` in requests of
   10 (FIFO: group and deduplication ids as the publisher sets them), nothing else: the floor any
   Python client pays. CPU is that process's. Half the envelopes go right before the publisher's
@@ -26,11 +27,11 @@ from typing import Any
 
 import psycopg
 
-from bench.common import BenchDaemon, cpu_seconds, rnd
+from bench.common import BenchDaemon, cpu_seconds, process_tree, rnd
 from bench.sqs_sink import SqsSink
 from mailingestd.devservers import Postgres
-from mailingestd.samplemail import random_message
 from mailingestd.message import parse_headers
+from mailingestd.samplemail import random_message
 from mailingestd.store import StoredMessage, make_envelope, message_key, open_store
 
 PUBLISH_MESSAGES = 100_000
@@ -97,11 +98,13 @@ region = "{sink.region}"
         daemon.start()
         status = daemon.try_status() or {}
         pid = next(c["pid"] for c in status.get("children", []) if c["role"] == "publisher")
-        cpu_before = cpu_seconds([pid])
+        store_pids = process_tree(int((postgres.data_dir / "postmaster.pid").read_text().split()[0]))
+        cpu_before, store_cpu_before = cpu_seconds([pid]), cpu_seconds(store_pids)
         fill(store_url, rows)
         started = time.monotonic()
         finished = wait_entries(sink, queue_url, len(rows), timeout=max(120, len(rows) / 200))
         cpu = cpu_seconds([pid]) - cpu_before
+        store_cpu = cpu_seconds(process_tree(store_pids[0])) - store_cpu_before
         seconds = (finished or time.monotonic()) - started
         sent = sink.stats(queue_url)
         with psycopg.connect(store_url) as conn:
@@ -111,6 +114,7 @@ region = "{sink.region}"
                 "requests": sent["requests"], "entries_per_request": rnd(sent["entries"] / max(1, sent["requests"]), 2),
                 "seconds": rnd(seconds, 2), "messages_per_second": rnd(sent["entries"] / seconds, 1),
                 "cpu_seconds": rnd(cpu, 2), "cpu_seconds_per_1000": rnd(cpu / max(1, sent["entries"]) * 1000, 3),
+                "postgresql_cpu_seconds_per_1000": rnd(store_cpu / max(1, sent["entries"]) * 1000, 3),
                 "outbox_left": left, "drained": finished is not None,
                 "status_publish_rate": status.get("outbox", {}).get("publish_rate"),
                 "daemon_errors_logged": daemon.errors_logged(), "drain_and_exit": daemon.stop()}

@@ -244,7 +244,7 @@ class SqsSink:
         """What a boto3 client needs to talk to the sink (it checks no signature)."""
         return {"AWS_ACCESS_KEY_ID": "sink", "AWS_SECRET_ACCESS_KEY": "sink", "AWS_DEFAULT_REGION": self.region}
 
-    def start(self) -> "SqsSink":
+    def start(self) -> SqsSink:
         args = ([sys.executable, "-m", "bench.sqs_sink", "--port", str(self.port), "--delay", str(self.delay)]
                 + (["--record"] if self.record else []))
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,7 +280,7 @@ class SqsSink:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def __enter__(self) -> "SqsSink":
+    def __enter__(self) -> SqsSink:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -31,7 +31,8 @@ import logging
 import random
 import time
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 

@@ -7,8 +7,8 @@ import time
 from . import frames
 from .child import Child
 from .config import Config
-from .publisher import Publisher, PublishStats, make_sqs_client
 from .leases import node_id
+from .publisher import Publisher, PublishStats, make_sqs_client
 from .store import open_store
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from harness import Daemon, account_toml, wait_until
 
 from bench.sqs_sink import SqsSink
 from mailingestd.devservers import Dovecot
 from mailingestd.leases import fair_share
-from harness import Daemon, account_toml, wait_until
 
 pytestmark = pytest.mark.slow
 
