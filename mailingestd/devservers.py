@@ -805,12 +805,12 @@ class Cyrus(_ImapServer):
         self._fresh_users = 0
         self.imapd_conf = self.root / "imapd.conf"
         self.cyrus_conf = self.root / "cyrus.conf"
-        self.config_dir = self.root / "config"
         self.sasldb = self.root / "sasldb2"
-        self.run_dir = self.root / "run"
-        if len(str(self.run_dir)) > 60:
-            # idled's socket must fit in sun_path (108 bytes); a deep pytest tmp_path does not.
-            self.run_dir = Path(tempfile.mkdtemp(prefix="cyrus-run-", dir="/tmp"))
+        # Unix sockets (idled's in run/, each imapd's config/socket/idle.<pid>) must fit in sun_path
+        # (108 bytes): below a deep root, the databases and sockets go to a short directory.
+        short = self.root if len(str(self.root)) <= 60 else Path(tempfile.mkdtemp(prefix="cyrus-"))
+        self.config_dir = short / "config"
+        self.run_dir = short / "run"
 
     def _owned_by_cyrus(self, *paths: Path) -> None:
         cyrus = pwd.getpwnam("cyrus")
@@ -821,6 +821,7 @@ class Cyrus(_ImapServer):
         if os.geteuid() != 0:
             raise RuntimeError("Cyrus test servers need root (the master starts as root)")
         _make_traversable(self.root)
+        _make_traversable(self.config_dir.parent)
         # config/socket: each imapd binds its own idle.<pid> there to hear from idled.
         for directory in (self.config_dir, self.config_dir / "log", self.config_dir / "socket",
                           self.root / "spool", self.run_dir):
