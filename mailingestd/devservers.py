@@ -773,12 +773,13 @@ _CYRUS_COMMON = "/usr/lib/cyrus/bin"  # Debian's directory of Cyrus binaries
 class Cyrus(_ImapServer):
     """A Cyrus IMAP 3.6 server (Debian's ``cyrus-imapd``): IDLE, no NOTIFY; plain IMAP, no TLS.
 
-    Everything lives under ``root``: ``imapd.conf`` and ``cyrus.conf``, the databases
-    (``config/``), the mail (``spool/``) and a SASL password database (``sasldb2``, written with
-    ``saslpasswd2`` from ``sasl2-bin``), so no system user is needed besides ``cyrus`` (from
-    ``cyrus-common``), which the master (started as root) switches to. ``imapd`` and ``idled`` come
-    from ``.venv/cyrus`` where ``./dev setup`` unpacks them, else from an installed ``cyrus-imapd``. Every user has :attr:`password`;
-    ``cyrus`` is the admin that creates users' mailboxes (:meth:`new_user`). The namespace is
+    Everything lives under ``root`` (the databases and sockets in a short directory when ``root``
+    is deep): ``imapd.conf`` and ``cyrus.conf``, the databases (``config/``), the mail
+    (``spool/``) and a SASL password database (``sasldb2``, written with ``saslpasswd2`` from
+    ``sasl2-bin``), so no system user is needed besides ``cyrus`` (from ``cyrus-common``), which the
+    master (started as root) switches to. ``imapd`` and ``idled`` come from ``.venv/cyrus``, where
+    ``./dev setup`` unpacks them, else from an installed ``cyrus-imapd``. Every user has
+    :attr:`password`; ``cyrus`` is the admin that creates users' mailboxes (:meth:`new_user`). The namespace is
     Cyrus 3's default (altnamespace and unixhierarchysep on): a user's folders sit beside INBOX
     and are named as the user sees them ("Work", separator "/"). ``idled`` runs under the master,
     as in production, so IDLE reports new mail at once (without it Cyrus polls every
