@@ -779,12 +779,12 @@ class Cyrus(_ImapServer):
     ``sasl2-bin``), so no system user is needed besides ``cyrus`` (from ``cyrus-common``), which the
     master (started as root) switches to. ``imapd`` and ``idled`` come from ``.venv/cyrus``, where
     ``./dev setup`` unpacks them, else from an installed ``cyrus-imapd``. Every user has
-    :attr:`password`; ``cyrus`` is the admin that creates users' mailboxes (:meth:`new_user`). The namespace is
-    Cyrus 3's default (altnamespace and unixhierarchysep on): a user's folders sit beside INBOX
-    and are named as the user sees them ("Work", separator "/"). ``idled`` runs under the master,
-    as in production, so IDLE reports new mail at once (without it Cyrus polls every
-    ``imapidlepoll``, 60 s). Each user's sessions are recorded (Cyrus's protocol telemetry, one
-    file per session): :meth:`sessions`.
+    :attr:`password`; ``cyrus`` is the admin that creates users' mailboxes (:meth:`new_user`).
+    The namespace is Cyrus 3's default (altnamespace and unixhierarchysep on): a user's folders
+    sit beside INBOX and are named as the user sees them ("Work", separator "/"). ``idled`` runs
+    under the master, as in production, so IDLE reports new mail at once (without it Cyrus polls
+    every ``imapidlepoll``, 60 s). Each user's sessions are recorded (Cyrus's protocol telemetry,
+    one file per session): :meth:`sessions`.
     """
 
     name = "cyrus"
