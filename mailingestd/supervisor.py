@@ -560,16 +560,13 @@ class Supervisor:
         return all(s.pid is not None and s.last_heartbeat is not None for s in self.slots if not s.retired)
 
     def making_progress(self, now: float) -> bool:
-        """What WATCHDOG=1 vouches for: this loop runs (it is the one sending) and the scheduler is
-        not stuck. Children that die or wait out their restart backoff are this loop's job, not
-        systemd's: withholding keep-alives for one crash-looping worker got the whole daemon
-        SIGABRTed (every IDLE connection dropped); a crash loop still ends in exit 70."""
+        """What WATCHDOG=1 vouches for: this loop runs (it is the one sending) and the scheduler
+        heartbeats in time. Workers are not part of it: one that dies and waits out its restart
+        backoff is this loop's job, and withholding keep-alives for it got the whole daemon
+        SIGABRTed (every IDLE connection dropped); a worker's crash loop still ends in exit 70."""
         sched = self.slot_of("scheduler")
-        if sched is None or sched.pid is None or sched.killed:
-            return True  # being restarted by reap_children/manage_children
-        if sched.last_heartbeat is None:  # starting: the same grace murder_stuck gives it
-            return now - sched.started_at <= max(self.config.daemon.heartbeat_timeout, 30.0)
-        return now - sched.last_heartbeat <= self.heartbeat_limit()
+        return (sched is not None and not sched.killed and sched.last_heartbeat is not None
+                and now - sched.last_heartbeat <= self.heartbeat_limit())
 
     def heartbeat_limit(self) -> float:
         return min(self.config.daemon.heartbeat_timeout, 3 * self.config.daemon.heartbeat_interval + 1)
