@@ -110,6 +110,7 @@ class Publisher:
         self.clock = clock
         self.max_bytes: int | None = None  # the queue's MaximumMessageSize, once read
         self.max_bytes_checked = -MAX_SIZE_RECHECK
+        self.max_bytes_warned = False
         self.attempts: dict[int, int] = {}
         self.retry_at: dict[int, float] = {}
         self.group_of: dict[int, str] = {}  # message group of each entry waiting for a retry
@@ -129,9 +130,12 @@ class Publisher:
                 self.max_bytes = min(SQS_MAX_BYTES, int(attributes["MaximumMessageSize"]))
                 log.info("event=queue_limits max_message_bytes=%d fifo=%s concurrency=%d", self.max_bytes,
                          self.fifo, self.concurrency)
-            except Exception as exc:  # endpoint down, no permission: the documented maximum for now
-                log.warning("event=queue_limits_unknown assumed=%d error=%s", SQS_MAX_BYTES,
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            except Exception as exc:  # endpoint down, no sqs:GetQueueAttributes: the documented maximum
+                # Logged once: a policy that grants only sqs:SendMessage works, with 1 MiB assumed.
+                (log.debug if self.max_bytes_warned else log.warning)(
+                    "event=queue_limits_unknown assumed=%d retry_in=%.0fs error=%s", SQS_MAX_BYTES, MAX_SIZE_RECHECK,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self.max_bytes_warned = True
         return self.max_bytes or SQS_MAX_BYTES
 
     def _body(self, entry: OutboxEntry, limit: int) -> str:
