@@ -7,12 +7,21 @@ when the limits cannot carry the tiers), then the whole daemon against a polling
 from __future__ import annotations
 
 import heapq
+import math
+import os
 import random
-from collections import defaultdict
+import re
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
+from harness import Daemon, account_toml, wait_until
+from test_scheduler_integration import log_events, max_in_window
 
 from mailingestd.config import LimitsConfig, SchedulerConfig
+from mailingestd.devservers import Dovecot
 from mailingestd.planner import AccountPlan, Planner
 from mailingestd.ratelimit import ServerShare, deficit_line, share_server
 
@@ -128,3 +137,181 @@ def test_the_worked_example_of_the_docs() -> None:
     assert deficit_line("imap.example", share.polls_needed, share.polls_possible, share.late) == (
         "imap.example: needs 2,067 polls/min, limits allow 274: "
         "406 high, 7,000 medium and 2,500 low accounts will be late")
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon against a polling-only Dovecot: 300 accounts behind a cap of 250 (issue #23).
+
+INTERVALS = {"high": 10, "medium": 20, "low": 40}
+TIER_SIZES = {"high": 20, "medium": 200, "low": 80}
+CAP, RATE, AUTH_LIMIT = 250, 900, 3
+
+
+class SessionSampler:
+    """Samples the server's logged-in sessions of some users (``doveadm who``) in a thread."""
+
+    def __init__(self, server: Dovecot, users: str) -> None:
+        self.server, self.users, self.samples = server, users, []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.5):
+            self.samples.append(self.server.connected_sessions(self.users))
+
+    def __enter__(self) -> SessionSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(30)
+
+
+def contended_accounts(server: Dovecot, tag: str, tmp_path: Path,
+                       wrong_passwords: int = 2) -> tuple[dict[str, list[str]], list[str], str]:
+    """The accounts' TOML: the tiers on 127.0.0.1, plus some with a wrong password (medium)."""
+    users = {tier: [f"{tag}{tier[0]}{n}" for n in range(count)] for tier, count in TIER_SIZES.items()}
+    text = "".join(account_toml(name, "127.0.0.1", server.port, priority=tier)
+                   for tier, names in users.items() for name in names)
+    secret = tmp_path / "wrong.secret"
+    secret.write_text("not-the-password\n")
+    bad = [f"{tag}x{n}" for n in range(wrong_passwords)]
+    text += "".join(f'\n[[accounts]]\nid = "{name}"\nhost = "127.0.0.1"\nport = {server.port}\ntls = "none"\n'
+                    f'username = "{name}"\npassword_file = "{secret}"\npriority = "medium"\n' for name in bad)
+    return users, bad, text
+
+
+def append_and_time(server: Dovecot, users: dict[str, list[str]], tiers: tuple[str, ...], seconds: float,
+                    every: float) -> tuple[dict[tuple[str, int], tuple[str, float]], list[float]]:
+    """Append one message every ``every`` seconds for ``seconds``, to a random account of each
+    tier in turn; returns (account, uid) -> (tier, appended at) and the appends' login times."""
+    rng = random.Random(23)
+    appended, logins = {}, []
+    start = time.time()
+    n = 0
+    while time.time() - start < seconds:
+        tier = tiers[n % len(tiers)]
+        user = rng.choice(users[tier])
+        at = time.time()
+        uid = server.append(user, f"Subject: contended {n}\r\n\r\nbody {n}\r\n".encode())
+        appended[(user, uid)] = (tier, at)
+        logins.append(at)
+        n += 1
+        time.sleep(max(0.0, start + n * every - time.time()))
+    return appended, logins
+
+
+def store_latency(daemon: Daemon, appended: dict[tuple[str, int], tuple[str, float]],
+                  timeout: float) -> dict[str, list[float]]:
+    """Per tier, seconds from each append to its row in the store (waits for all of them)."""
+    def stored() -> dict[tuple[str, int], float]:
+        rows = daemon.query("SELECT account_id, uid, ingested_at FROM messages")
+        return {(account, uid): at for account, uid, at in rows if (account, uid) in appended}
+
+    def all_stored() -> dict[tuple[str, int], float] | None:
+        found = stored()
+        return found if len(found) == len(appended) else None
+
+    rows = wait_until(all_stored, timeout, 1.0, "every appended message to be stored")
+    latency: dict[str, list[float]] = defaultdict(list)
+    for key, (tier, at) in appended.items():
+        latency[tier].append(rows[key] - at)
+    return latency
+
+
+def p95(values: list[float]) -> float:
+    return sorted(values)[math.ceil(0.95 * len(values)) - 1]
+
+
+def daemon_env() -> dict[str, str]:
+    return {"MAILINGESTD_SCHEDULER_HIGH_INTERVAL": f"{INTERVALS['high']}s",
+            "MAILINGESTD_SCHEDULER_MEDIUM_INTERVAL": f"{INTERVALS['medium']}s",
+            "MAILINGESTD_SCHEDULER_LOW_INTERVAL": f"{INTERVALS['low']}s",
+            "MAILINGESTD_SCHEDULER_AUTH_FAILURE_LIMIT": str(AUTH_LIMIT),
+            "MAILINGESTD_SCHEDULER_BACKOFF_MAX": "5s",
+            "MAILINGESTD_SCHEDULER_FIRST_POLL_SPREAD": "5s"}
+
+
+def limits_toml(cap: int, rate: int) -> str:
+    return f"\n[limits]\nmax_connections_per_server = {cap}\nconnects_per_minute = {rate}\n"
+
+
+@pytest.mark.slow
+def test_a_contended_server_keeps_every_tiers_deadline(tmp_path: Path) -> None:
+    server = Dovecot(tmp_path / "dovecot", users=1, idle=False)
+    server.start()
+    tag = f"c{os.getpid() % 1000}"
+    users, bad, accounts = contended_accounts(server, tag, tmp_path)
+    try:
+        with SessionSampler(server, f"{tag}*") as sampler, Daemon(
+                tmp_path / "daemon", accounts=accounts, password=server.password, env=daemon_env(),
+                sections=limits_toml(CAP, RATE)) as daemon:
+            started = time.time()
+            wait_until(lambda: daemon.status()["servers"].get("127.0.0.1", {}).get("rotating"), 30, 0.5,
+                       "the planner to choose who rotates")
+            time.sleep(max(0.0, started + 15 - time.time()))  # the first polls, then steady state
+            window = time.time()
+            appended, append_logins = append_and_time(server, users, ("high", "medium", "low"), 80, 0.4)
+            window = (window, time.time())
+            latency = store_latency(daemon, appended, 2 * INTERVALS["low"])
+            status = daemon.status()
+            text = daemon.ctl("status").stdout
+        logins = log_events(server, "Login:", tag)
+        failed = {name: len(log_events(server, "auth failed", name)) for name in bad}
+    finally:
+        server.stop()
+    report = {tier: round(p95(values), 2) for tier, values in latency.items()}
+    for tier, interval in INTERVALS.items():
+        assert p95(latency[tier]) <= 1.5 * interval + 2, (tier, report)
+    # The cap, counted by the server (the test's own APPEND session is one more at most).
+    assert sampler.samples and max(sampler.samples) <= CAP + 1, max(sampler.samples)
+    assert max(sampler.samples) >= CAP - 20, max(sampler.samples)  # the cap is used, not avoided
+    # The connect rate over any 60 s (+1 s for the log's resolution), the appends' own logins apart.
+    daemon_logins = list((Counter(int(t) for t in logins) - Counter(int(t) for t in append_logins)).elements())
+    assert max_in_window(daemon_logins, 60) <= RATE / 6 + RATE * 61 / 60, max_in_window(daemon_logins, 60)
+    assert failed == {name: AUTH_LIMIT for name in bad}, failed
+    # In steady state the high and medium accounts keep their connections: no login of theirs
+    # but the test's own APPEND sessions (time-sharing the cap logged them out and in again).
+    for tier in ("high", "medium"):
+        relogins = [t for t in log_events(server, "Login:", f"{tag}{tier[0]}") if window[0] + 1 <= t <= window[1]]
+        appends = [at for tier_of, at in appended.values() if tier_of == tier and window[0] + 1 <= int(at) <= window[1]]
+        assert len(relogins) <= len(appends) + 3, (tier, len(relogins), len(appends))  # +3: second boundaries
+    capacity = status["servers"]["127.0.0.1"]
+    assert capacity["late"] == {"high": 0, "medium": 0, "low": 0} and capacity["deficit"] is None, capacity
+    assert capacity["polls_needed"] == pytest.approx(20 * 6 + 200 * 3 + 80 * 1.5)
+    assert 0 < capacity["rotating"] <= 80 and capacity["logins_allowed"] == RATE, capacity
+    assert "polls/min" in text and "will be late" not in text, text
+
+
+@pytest.mark.slow
+def test_limits_that_cannot_carry_the_tiers_make_the_low_tier_late_and_say_so(tmp_path: Path) -> None:
+    # Cap 70 and 600 connects a minute: about 60 accounts hold (20 high, 40 medium); the 160 or
+    # so rotating medium accounts need about 480 logins a minute, the 80 low ones 120 more, of the
+    # 540 they may use: the low tier is late, medium keeps its interval.
+    server = Dovecot(tmp_path / "dovecot", users=1, idle=False)
+    server.start()
+    tag = f"d{os.getpid() % 1000}"
+    users, _, accounts = contended_accounts(server, tag, tmp_path, wrong_passwords=0)
+    try:
+        with Daemon(tmp_path / "daemon", accounts=accounts, password=server.password, env=daemon_env(),
+                    sections=limits_toml(70, 600)) as daemon:
+            line = wait_until(lambda: next((line for line in daemon.ctl("status").stdout.splitlines()
+                                            if "will be late" in line), None), 30, 0.5, "the deficit line")
+            time.sleep(10)
+            appended, _ = append_and_time(server, users, ("high", "medium"), 30, 0.5)
+            latency = store_latency(daemon, appended, 2 * INTERVALS["medium"])
+            status = daemon.status()
+            metrics = (daemon.metrics_dir / "mailingestd.prom").read_text()
+    finally:
+        server.stop()
+    capacity = status["servers"]["127.0.0.1"]
+    assert capacity["late"] == {"high": 0, "medium": 0, "low": 80}, capacity
+    assert capacity["polls_possible"] < capacity["polls_needed"] == pytest.approx(840), capacity
+    # What the limits allow moves a little with the measured session time (the rotating reserve).
+    assert re.fullmatch(r"127\.0\.0\.1: needs 840 polls/min, limits allow \d{3}: 80 low accounts will be late",
+                        line.strip()), line
+    assert 'mailingestd_accounts_late{priority="low",server="127.0.0.1"} 80.0' in metrics, metrics
+    assert 'mailingestd_accounts_late{priority="medium",server="127.0.0.1"} 0.0' in metrics
+    for tier in ("high", "medium"):  # the tiers above the late one keep their deadlines
+        assert p95(latency[tier]) <= 1.5 * INTERVALS[tier] + 2, (tier, latency[tier])
