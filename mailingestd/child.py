@@ -75,6 +75,18 @@ def send(sock: zmq.Socket, frame: frames.Frame) -> bool:
         return False
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (shared pages split among sharers); 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class ErrorLog:
     """The most recent distinct error lines, with counts (bounded)."""
 
@@ -134,8 +146,6 @@ class Child:
         self.last_heartbeat = now
         stats.frames_dropped = self.frames_dropped
         if now >= self.next_pss:
-            from .supervisor import pss_bytes  # loaded already: children are forked from it
-
             self.next_pss = now + 15.0  # PSS makes the kernel walk every mapping: not too often
             self.pss_bytes = pss_bytes(self.pid)
         stats.pss_bytes = self.pss_bytes

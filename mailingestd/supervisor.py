@@ -32,7 +32,7 @@ import zmq
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__, child, config as config_mod, control, credentials, frames, hardening, logs, metrics, notify
-from .child import bind_pull, connect_push, ipc_path, send
+from .child import bind_pull, connect_push, ipc_path, pss_bytes, send
 from .config import Config, ConfigError
 from .histogram import Histogram
 from .leases import cluster_status, lease_counts
@@ -100,18 +100,6 @@ def _role_main(role: str) -> Callable[[Config, int, int], int]:
     else:
         from .publisher_process import main
     return main
-
-
-def pss_bytes(pid: int) -> int:
-    """Proportional set size of one process (shared pages split among sharers)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def rss_bytes(pid: int) -> int:
