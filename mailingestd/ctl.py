@@ -207,8 +207,8 @@ def format_status(data: dict[str, Any]) -> str:
                                                 for k, v in sorted(acc["by_state"].items()) if v) or "-"))
     lines.append("  by priority: " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc["by_priority"].items()) if v)
                                       or "-"))
-    lines += ["", "SERVERS", f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8} "
-                             f"{'rotating':>8} {'logins/min':>13} {'polls/min':>15}"]
+    lines += ["", "SERVERS", (f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8} "
+                              f"{'rotating':>8} {'logins/min':>13} {'polls/min':>15}")]
     for server, s in data["servers"].items():
         # logins/min: used of allowed; polls/min: what the limits allow of what the tiers need.
         capacity = (f"{s['rotating']:>8} {s['logins_last_minute']:>6}/{s['logins_allowed']:<6} "

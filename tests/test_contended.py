@@ -7,6 +7,7 @@ when the limits cannot carry the tiers), then the whole daemon against a polling
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import os
 import random
@@ -15,6 +16,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Self
 
 import pytest
 from harness import Daemon, account_toml, wait_until
@@ -67,7 +69,7 @@ def simulate(planner: Planner, until: float, session: float = 0.3, cap: int | No
 def worst_gap(times: list[tuple[float, float, bool]], after: float) -> float:
     """The longest time between two polls of one account after ``after`` (its first poll's start)."""
     started = [ordered for _, ordered, _ in times if ordered >= after]
-    return max((b - a for a, b in zip(started, started[1:])), default=float("inf"))
+    return max((b - a for a, b in itertools.pairwise(started)), default=float("inf"))
 
 
 def test_the_often_polled_accounts_hold_connections_and_the_rarely_polled_rotate() -> None:
@@ -159,7 +161,7 @@ class SessionSampler:
         while not self.stopping.wait(0.5):
             self.samples.append(self.server.connected_sessions(self.users))
 
-    def __enter__(self) -> SessionSampler:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
