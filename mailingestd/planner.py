@@ -376,6 +376,7 @@ class Planner:
             self._server_accounts[old_server] -= 1
             self._server_accounts[new_server] += 1
             self._server[index] = new_server
+            self._rotates[index], self._stretch[index] = False, 1.0  # until the new server's next share
         if plan.priority != old_plan.priority:
             forget_priority(self._priority[index])
             priority = make_priority(plan.priority, self.rules, now, self._fixed)
@@ -819,7 +820,7 @@ class Planner:
         if index is None:
             return share_server([], [], 0, 0, DEFAULT_SESSION_SECONDS)
         share = self._shares.get(index)
-        return share if share is not None else self._uncontended_share(index)
+        return share if share is not None else self._uncontended_shares()[index]
 
     def _reshare(self, now: float) -> None:
         """Choose again, on every server with more accounts than its cap, who holds a connection
@@ -848,8 +849,8 @@ class Planner:
             limits = self._connections[server].limits
             share = share_server(intervals[ranked_tiers], ranked_tiers, limits.max_connections_per_server or 0,
                                  limits.connects_per_minute or 0, self._session_seconds[server])
-            self._rotates[np.flatnonzero(servers == server)] = False
-            self._stretch[np.flatnonzero(servers == server)] = 1.0
+            on_server = np.flatnonzero(servers == server)
+            self._rotates[on_server], self._stretch[on_server] = False, 1.0
             rotating = ranked[share.holders:]
             self._rotates[rotating] = True
             self._stretch[rotating] = np.array(share.stretch)[ranked_tiers[share.holders:]]
@@ -864,16 +865,23 @@ class Planner:
         for server, seconds in zip(self._server[rotated].tolist(), took.tolist()):
             self._session_seconds[server] += SESSION_EWMA_WEIGHT * (seconds - self._session_seconds[server])
 
-    def _uncontended_share(self, server: int) -> ServerShare:
-        """Every schedulable account holds a connection: the polls needed are all possible."""
+    def _uncontended_shares(self) -> list[ServerShare]:
+        """Per server, its share as if every schedulable account held a connection (right for the
+        servers with no more accounts than their cap), from one count of accounts by server and tier."""
         count = len(self._ids)
         state = self._state[:count]
-        mine = (self._live[:count] & (self._server[:count] == server) & (state != AccountState.DISABLED)
-                & (state != AccountState.AUTH_FAILED))
-        tiers = self._kind[:count][mine] & _TIER_BITS
-        limits = self._connections[server].limits
-        return share_server(np.array(self.rules.intervals)[tiers], tiers, limits.max_connections_per_server or 0,
-                            limits.connects_per_minute or 0, self._session_seconds[server])
+        schedulable = self._live[:count] & (state != AccountState.DISABLED) & (state != AccountState.AUTH_FAILED)
+        servers = len(self._server_names)
+        codes = self._server[:count][schedulable] * 3 + (self._kind[:count][schedulable] & _TIER_BITS)
+        per_tier = np.bincount(codes, minlength=3 * servers).reshape(servers, 3)
+        needed = per_tier @ (60.0 / np.array(self.rules.intervals))
+        shares = []
+        for server, (accounts, polls) in enumerate(zip(per_tier.sum(axis=1).tolist(), needed.tolist())):
+            rate = float(self._connections[server].limits.connects_per_minute or 0)
+            shares.append(ServerShare(holders=accounts, rotating=0, reserve=0, polls_needed=polls,
+                                      polls_possible=polls, logins_needed=0.0, logins_allowed=rate,
+                                      late=[0, 0, 0], stretch=[1.0, 1.0, 1.0]))
+        return shares
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -882,6 +890,7 @@ class Planner:
         self._count_lags()
         now = self._now if now is None else now
         servers = []
+        uncontended = self._uncontended_shares()
         for name in sorted(set(self._server_names) | set(self.limits.servers())):
             status = self.limits.status(name, now)
             server = self._server_ids.get(name)
@@ -892,7 +901,7 @@ class Planner:
                 connects_per_minute=status.connects_per_minute, connect_tokens=status.connect_tokens,
                 waiting=self._waiting_counts[server] if server is not None else 0,
                 logins_last_minute=self.limits.server(name, now).connects_last_minute(now),
-                share=self.share_of(name)))
+                share=None if server is None else self._shares.get(server, uncontended[server])))
         count = len(self._ids)
         live = self._live[:count]
         state_counts = np.bincount(self._state[:count][live], minlength=len(AccountState)).tolist()
