@@ -1,7 +1,7 @@
 """``python -m bench quick|full [--only SCENARIO,...] [--keep]``: run the benchmarks, write the report.
 
 Scenarios in order: hold (+ latency on the same daemon), latency-folders, quiet, status, backlog, publish,
-polling, scheduler.
+polling, contended, scheduler.
 Results: bench/results/<date>/report.json (one entry per mode) and PNG plots beside it.
 """
 
@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import backlog, folders, idle, plots, polling
+from bench import backlog, contended, folders, idle, plots, polling
 from bench.common import BENCH_DIR, SCALES, Report, Scale, raise_fd_limit
 from bench.publish import run_publish
 from mailingestd.devservers import Dovecot, MotoServer, Postgres
 
-SCENARIOS = ("hold", "latency-folders", "quiet", "status", "backlog", "publish", "polling", "scheduler")
+SCENARIOS = ("hold", "latency-folders", "quiet", "status", "backlog", "publish", "polling", "contended", "scheduler")
 
 
 def run_scheduler(scale: Scale, report: Report) -> dict[str, Any]:
@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     def postgres() -> Postgres:
         return get("postgres", lambda: Postgres(root / "postgres"))
 
+    def dovecot_noidle() -> Dovecot:
+        return get("dovecot_noidle", lambda: Dovecot(root / "dovecot-noidle", users=[], password=idle.PASSWORD,
+                                                     idle=False, extra_conf=polling.COMMAND_METRIC))
+
     def moto() -> MotoServer:
         return get("moto", lambda: MotoServer(root / "moto"))
 
@@ -84,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "status": lambda: idle.run_status(scale, root, dovecot(), postgres()),
         "backlog": lambda: backlog.run_backlog(scale, root, dovecot(), postgres(), drawn),
         "publish": lambda: run_publish(root, postgres()),
-        "polling": lambda: polling.run_polling(scale, root, get("dovecot_noidle", lambda: Dovecot(
-            root / "dovecot-noidle", users=[], password=idle.PASSWORD, idle=False,
-            extra_conf=polling.COMMAND_METRIC)), postgres(), drawn),
+        "polling": lambda: polling.run_polling(scale, root, dovecot_noidle(), postgres(), drawn),
+        "contended": lambda: contended.run_contended(scale, root, dovecot_noidle(), postgres()),
         "scheduler": lambda: run_scheduler(scale, report),
     }
     failed = []
