@@ -20,7 +20,7 @@ import pytest
 from bench.sqs_sink import SqsSink
 from mailingestd.config import QueueConfig
 from mailingestd.publisher import Publisher
-from mailingestd.store import PostgresStore, open_store
+from mailingestd.store import PostgresStore, StoredMessage, open_store
 
 
 @pytest.fixture
@@ -170,3 +170,51 @@ def test_claims_follow_leases_and_lapse_with_a_dead_node(pg_url: str) -> None:
     store.outbox_release("node-b")
     assert accounts(store.outbox_claim("node-c", 100, 0, 30.0)) == {"acct000", "acct002"}
     store.close()
+
+
+def test_a_fifo_group_waits_behind_its_failing_entry_until_it_is_parked(moto: Any, tmp_path: Any) -> None:
+    """moto, a FIFO queue taking at most 1,024 bytes per message: group A's first entry is too big.
+    A's later entries are not sent past it while it is retried (that would reorder the group), B's
+    go at once; once the bad entry is parked (PARK_AFTER failures) A's entries follow, in order."""
+    sqs = moto.client("sqs")
+    url = sqs.create_queue(QueueName=f"hold-{time.monotonic_ns()}.fifo",
+                           Attributes={"FifoQueue": "true", "MaximumMessageSize": "1024"})["QueueUrl"]
+    store = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    box_a, box_b = store.start_mailbox("acct-a", "INBOX", 1), store.start_mailbox("acct-b", "INBOX", 1)
+    store.commit_batch(box_a, [_stored(1, "x" * 1500)], settled_uid=1)
+    store.commit_batch(box_b, [_stored(uid, f"b{uid}") for uid in (1, 2)], settled_uid=2)
+    store.commit_batch(box_a, [_stored(uid, f"a{uid}") for uid in (2, 3, 4)], settled_uid=4)
+    clock = [0.0]
+    publisher = Publisher(store, QueueConfig(kind="sqs", url=url, endpoint_url=moto.endpoint_url, retry_base=1,
+                                             retry_max=20), clock=lambda: clock[0])
+    arrived: list[tuple[str, str]] = []
+
+    def receive() -> None:
+        while True:
+            reply = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, AttributeNames=["MessageGroupId"])
+            if not reply.get("Messages"):
+                return
+            for message in reply["Messages"]:
+                arrived.append((message["Attributes"]["MessageGroupId"], json.loads(message["Body"])["subject"]))
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+    for _ in range(3):  # the first three tries of the bad entry: A waits, B goes
+        publisher.publish_once()
+        clock[0] += 5.0
+    receive()
+    assert sorted(arrived) == [("acct-b", "b1"), ("acct-b", "b2")], arrived
+    for _ in range(40):
+        publisher.publish_once()
+        clock[0] += 5.0
+        if store.outbox_depth() == 1:
+            break
+    receive()
+    assert [subject for group, subject in arrived if group == "acct-a"] == ["a2", "a3", "a4"]
+    assert publisher.stats.parked == 1 and store.outbox_depth() == 1
+    store.close()
+
+
+def _stored(uid: int, subject: str) -> StoredMessage:
+    raw = f"Subject: {subject}\r\nMessage-ID: <h{uid}.{subject[:8]}@t>\r\n\r\nbody\r\n".encode()
+    return StoredMessage(uid=uid, raw=raw, size=len(raw), internaldate=None, message_id=f"<h{uid}@t>", from_=None,
+                         to=None, cc=None, subject=subject, date=None, in_reply_to=None, references=None)
