@@ -182,11 +182,11 @@ def format_cluster(cluster: dict[str, Any] | None) -> list[str]:
              f"{cluster.get('accounts', 0)} accounts (fair share {cluster.get('target', 0)})  lease "
              f"{cluster.get('lease_time', 0):g}s  renewed {'-' if age is None else f'{age:.1f}s ago'}  "
              f"renewal failures {cluster.get('renewal_failures', 0)}",
-             f"  {'node':<24} {'state':<10} {'capacity':>8} {'leases':>7} {'heartbeat':>10}"]
+             f"  {'node':<24} {'state':<10} {'capacity':>8} {'leases':>7} {'heartbeat':>10} {'publish/s':>10}"]
     for n in cluster.get("nodes", []):
         state = n["state"] if n["live"] else "lost"
         lines.append(f"  {n['node_id']:<24} {state:<10} {n['capacity']:>8g} {n['leases']:>7} "
-                     f"{n['heartbeat_age']:>9.1f}s")
+                     f"{n['heartbeat_age']:>9.1f}s {n.get('publish_rate', 0):>10g}")
     return lines
 
 
