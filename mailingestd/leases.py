@@ -247,10 +247,12 @@ class LeaseManager:
         cur.execute("DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => %s)", (NODE_FORGET_AFTER,))
         cur.execute("""SELECT n.node_id, n.capacity, n.state, extract(epoch FROM now() - n.heartbeat_at)::float8,
                               n.heartbeat_at > now() - make_interval(secs => %s) AS live,
-                              (SELECT count(*) FROM leases l WHERE l.owner = n.node_id AND l.expires_at > now())
+                              (SELECT count(*) FROM leases l WHERE l.owner = n.node_id AND l.expires_at > now()),
+                              n.publish_rate
                        FROM nodes n ORDER BY n.node_id""", (self.lease_time,))
         self.nodes = [{"node_id": r[0], "capacity": r[1], "state": r[2], "heartbeat_age": round(r[3], 1),
-                       "live": bool(r[4]), "leases": int(r[5])} for r in cur.fetchall()]
+                       "live": bool(r[4]), "leases": int(r[5]), "publish_rate": round(float(r[6]), 1)}
+                      for r in cur.fetchall()]
         cur.execute("SELECT count(*) FROM accounts")
         self.total = int(cur.fetchone()[0])
         others = sum(n["capacity"] for n in self.nodes

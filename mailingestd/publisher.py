@@ -317,6 +317,7 @@ class Publisher:
         a FIFO group's later entries never overtake its earlier ones. On the way out, this node's
         claims are given back so that other nodes need not wait them out."""
         summarized = -SUMMARY_EVERY
+        rate_shared = -SUMMARY_EVERY
         acknowledged: list[int] = []  # sent, not yet deleted: left out of every claim until deleted
         prefetched: list[OutboxEntry] | None = None
         while not should_stop():
@@ -338,6 +339,9 @@ class Publisher:
                 if not sent or time.monotonic() - summarized >= SUMMARY_EVERY:
                     summarized = time.monotonic()
                     self.stats.outbox_depth, self.stats.oldest_age = self.store.outbox_summary()
+                if time.monotonic() - rate_shared >= SUMMARY_EVERY:
+                    rate_shared = time.monotonic()
+                    self.store.set_publish_rate(self.node, self.stats.rate)
             except Exception as exc:  # a store outage must not kill the publisher: wait and retry
                 log.error("event=publisher_error error=%s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 prefetched = None

@@ -285,13 +285,15 @@ CREATE TABLE uidvalidity_changes (
     # row's claim (claimed_by, claim_until on the database clock), so several nodes never send the
     # same row at once; a dead node's claims lapse with its leases (Store.outbox_claim). The partial
     # index finds another node's claims on an account's rows (order within a FIFO message group);
-    # claimed rows are few (in flight, or waiting for a retry). SQLite has one publisher.
+    # claimed rows are few (in flight, or waiting for a retry). Each node's publish rate sits in
+    # its ``nodes`` row, so any node's status shows every node's. SQLite has one publisher.
     (7, {
         "sqlite": [],
         "postgresql": [
             "ALTER TABLE outbox ADD COLUMN claimed_by TEXT",
             "ALTER TABLE outbox ADD COLUMN claim_until TIMESTAMPTZ",
             "CREATE INDEX outbox_claimed ON outbox (account_id) WHERE claimed_by IS NOT NULL",
+            "ALTER TABLE nodes ADD COLUMN publish_rate DOUBLE PRECISION NOT NULL DEFAULT 0",
         ],
     }),
 ]
@@ -678,6 +680,9 @@ class Store:
     def outbox_release(self, node: str) -> None:
         """Give back this node's claims (the publisher's shutdown): other nodes may send them at once."""
 
+    def set_publish_rate(self, node: str, rate: float) -> None:
+        """This node's publish rate for the cluster's status (PostgreSQL: its ``nodes`` row)."""
+
     def outbox_delete(self, ids: Sequence[int]) -> None:
         """Forget acknowledged rows: one statement per call (up to OUTBOX_DELETE_CHUNK ids each)."""
         if not ids:
@@ -870,6 +875,10 @@ class PostgresStore(Store):
         if ids:
             with self.transaction() as cur:
                 self._exec(cur, "DELETE FROM outbox WHERE id = ANY(?)", (list(ids),))
+
+    def set_publish_rate(self, node: str, rate: float) -> None:
+        with self.transaction() as cur:
+            self._exec(cur, "UPDATE nodes SET publish_rate = ? WHERE node_id = ?", (rate, node))
 
     def outbox_release(self, node: str) -> None:
         with self.transaction() as cur:

@@ -340,6 +340,10 @@ poll_interval = "0.1s"
             assert out["depth"] == 0 and out["node_id"] == "node-b" and "oldest_age" in out
             assert re.search(r"outbox depth 0   oldest [\d.]+s   published \d+ \([\d.]+/s on this node\)",
                              survivors[0].ctl("status").stdout)
+            # Every node's publish rate, in any node's CLUSTER block (from the nodes table).
+            wait_until(lambda: all(n["publish_rate"] > 0 for n in survivors[0].status()["cluster"]["nodes"]
+                                   if n["node_id"] != "node-a"), 15, 0.5, "the survivors' publish rates")
+            assert re.search(r"^  node-c\s+running .* [\d.]+$", survivors[0].ctl("status").stdout, re.M)
         finally:
             stop_all(*nodes)
 
