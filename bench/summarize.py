@@ -79,6 +79,21 @@ def rows(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                  f"{bare['messages_per_second']} msg/s, {bare['mb_per_second']} MB/s", ""),
                 ("backlog", "ratios", f"{b['ratio_to_mbsync']}x mbsync, {b['ratio_to_bare_loop']}x bare",
                  f">= 1.5x / >= 0.6x: {_met(b['meets_target'])}")]
+        if "outbox_met" in b:
+            out.append(("backlog", "outbox empty after the last commit (into bench/sqs_sink.py)",
+                        f"{d['outbox_empty_seconds_after_last_commit']} s, {d['envelopes_received_by_sink']} envelopes",
+                        f"<= 10 s: {_met(b['outbox_met'])}"))
+    if "publish" in s and "error" not in s["publish"]:
+        pub = s["publish"]
+        for kind in ("standard", "fifo"):
+            p, bare = pub[kind]["publisher"], pub[kind]["bare_loop"]
+            out += [("publish", (f"{pub['messages']:,} envelopes, {kind} queue: publisher"),
+                     (f"{p['messages_per_second']} msg/s, {p['cpu_seconds_per_1000']} CPU-s per 1,000 "
+                      f"(PostgreSQL {p.get('postgresql_cpu_seconds_per_1000')}), {p['entries_per_request']} per request"),
+                     ">= 2,000 msg/s"),
+                    ("publish", f"{kind} queue: bare boto3 loop, same sink",
+                     f"{bare['messages_per_second']} msg/s, {bare['cpu_seconds_per_1000']} CPU-s per 1,000",
+                     f">= 0.8x: {pub[kind]['ratio_to_bare_loop']} {_met(pub[kind]['met'])}")]
     if "polling" in s and "error" not in s["polling"]:
         p = s["polling"]
         out += [("polling", f"{p['accounts']} accounts without IDLE, polls per minute",
