@@ -77,7 +77,9 @@ def test_two_nodes_send_each_outbox_row_exactly_once(pg_url: str, sink: SqsSink)
     arrived = sink.stats(url)["keys"]
     assert sorted(arrived) == sorted(keys)
     assert [k for k, n in arrived.items() if n != 1] == []
-    assert all(p.stats.sent > 0 for p in publishers), [p.stats.sent for p in publishers]
+    # Which publisher sent how many is timing: with no leases, a node that claimed rows of every
+    # account keeps the other off them (one sender per account at a time) until it is done.
+    assert sum(p.stats.sent for p in publishers) == len(keys)
 
 
 def test_fifo_sends_message_groups_side_by_side_in_order(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
