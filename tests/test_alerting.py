@@ -154,6 +154,9 @@ def realistic_textfile(started_at: float, now: float) -> str:
         *(f'mailingestd_connection_limit{{server="{server}"}} {limit}' for server, limit in SERVERS.items()),
         "# TYPE mailingestd_accounts_waiting gauge",
         *(f'mailingestd_accounts_waiting{{server="{server}"}} {index * 7}' for index, server in enumerate(SERVERS)),
+        "# TYPE mailingestd_accounts_late gauge",
+        *(f'mailingestd_accounts_late{{server="{server}",priority="{tier}"}} {0 if tier != "low" else index * 40}'
+          for index, server in enumerate(SERVERS) for tier in ("high", "medium", "low")),
         "# TYPE mailingestd_connects_total counter",
         *(f'mailingestd_connects_total{{server="{server}",result="{result}"}} {math.floor(base + rate * elapsed)}'
           for server in SERVERS for result, base, rate in (("ok", 9000, 0.5), ("refused", 40, 0.02), ("failed", 12, 0.01))),
