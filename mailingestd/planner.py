@@ -298,11 +298,6 @@ class Planner:
         index = self._index.get(account_id)
         return index is not None and bool(self._holds_slot[index])
 
-    def waiting_on(self, server: str) -> int:
-        """Accounts due but held back by this server's limits (cap or connect rate)."""
-        index = self._server_ids.get(server)
-        return 0 if index is None else self._waiting_counts[index]
-
     def server_of(self, account_id: str) -> str | None:
         index = self._index.get(account_id)
         return None if index is None else self._server_names[self._server[index]]

@@ -335,9 +335,11 @@ def share_server(intervals: Sequence[float] | np.ndarray, tiers: Sequence[int] |
             more = min(demand[tier] - allotted[tier], left)
             allotted[tier] += more
             left -= more
-    stretch = [float(d / a) if d > a * (1 + 1e-9) and a > 0 else 1.0 for d, a in zip(demand, allotted)]
+    short = demand > allotted * (1 + 1e-9)
+    # No logins at all (connects_per_minute = 0): late without end, but scheduled as usual.
+    stretch = [float(d / a) if s and a > 0 else 1.0 for d, a, s in zip(demand, allotted, short)]
     accounts_per_tier = np.bincount(rotating_tiers, minlength=3)[:3]
-    late = [int(accounts_per_tier[tier]) if stretch[tier] > 1.0 else 0 for tier in range(3)]
+    late = [int(accounts_per_tier[tier]) if short[tier] else 0 for tier in range(3)]
     return ServerShare(holders=holders, rotating=count - holders, reserve=reserve, polls_needed=needed,
                        polls_possible=float(cumulative[holders] + allotted.sum()),
                        logins_needed=float(demand.sum()), logins_allowed=float(connects_per_minute),
