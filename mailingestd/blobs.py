@@ -141,12 +141,7 @@ def read_raw(store: Any, key: str, blobs: S3Blobs | None, config: BlobsConfig | 
     None when the message is unknown; raises BlobError when its raw bytes were pruned by
     retention (``store.raw_retention``) or the object is gone.
     """
-    from .store import _split_key
-
-    account_id, folder, uidvalidity, uid = _split_key(key)
-    with store.transaction() as cur:
-        row = store._exec(cur, "SELECT raw, blob FROM messages WHERE account_id = ? AND folder = ? AND "
-                               "uidvalidity = ? AND uid = ?", (account_id, folder, uidvalidity, uid)).fetchone()
+    row = store.message_raw_or_ref(key)
     if row is None:
         return None
     raw, ref = row

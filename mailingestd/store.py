@@ -644,6 +644,15 @@ class Store:
                                 "AND uid = ?", (account_id, folder, uidvalidity, uid)).fetchone()
         return bytes(r[0]) if r and r[0] is not None else None
 
+    def message_raw_or_ref(self, key: str) -> tuple[bytes | None, str | None] | None:
+        """(raw bytes, S3 reference) of a stored message, either None when not there (pruned, or in
+        S3); None for an unknown key. blobs.read_raw follows the reference."""
+        account_id, folder, uidvalidity, uid = _split_key(key)
+        with self.transaction() as cur:
+            r = self._exec(cur, "SELECT raw, blob FROM messages WHERE account_id = ? AND folder = ? AND "
+                                "uidvalidity = ? AND uid = ?", (account_id, folder, uidvalidity, uid)).fetchone()
+        return None if r is None else (bytes(r[0]) if r[0] is not None else None, r[1] or None)
+
     def recent_messages(self, account_id: str | None = None, limit: int = 20) -> list[RecentMessage]:
         where, params = ("WHERE account_id = ?", (account_id,)) if account_id else ("", ())
         with self.transaction() as cur:
