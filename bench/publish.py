@@ -32,7 +32,8 @@ from bench.sqs_sink import SqsSink
 from mailingestd.devservers import Postgres
 from mailingestd.message import parse_headers
 from mailingestd.samplemail import random_message
-from mailingestd.store import StoredMessage, make_envelope, message_key, open_store
+from mailingestd.keys import message_key
+from mailingestd.store import StoredMessage, make_envelope, open_store
 
 PUBLISH_MESSAGES = 100_000
 PUBLISH_ACCOUNTS = 100

@@ -35,6 +35,8 @@ from typing import Any
 
 import msgspec
 
+from .keys import sql_key
+
 log = logging.getLogger(__name__)
 
 DAY = 86400
@@ -188,7 +190,7 @@ def droppable_partitions(store: Any, cutoff: float) -> list[Partition]:
         with store.transaction() as cur:
             pending = store._exec(cur, f"""
                 SELECT 1 FROM "{part.name}" m JOIN outbox o
-                  ON o.key = m.account_id || '/' || m.folder || '/' || m.uidvalidity || '/' || m.uid
+                  ON o.key = {sql_key('m')}
                 LIMIT 1""").fetchone()
         if pending is None:
             out.append(part)
@@ -204,7 +206,7 @@ def drop_partition(store: Any, part: Partition) -> bool:
             store._exec(cur, f'ALTER TABLE messages DETACH PARTITION "{part.name}"')
             pending = store._exec(cur, f"""
                 SELECT 1 FROM "{part.name}" m JOIN outbox o
-                  ON o.key = m.account_id || '/' || m.folder || '/' || m.uidvalidity || '/' || m.uid
+                  ON o.key = {sql_key('m')}
                 LIMIT 1""").fetchone()
             if pending is not None:
                 raise _Skip()

@@ -42,11 +42,12 @@ from typing import Any, Callable
 import msgspec
 
 from . import partitions
+from .keys import sql_key
 from .config import StoreConfig
 
 log = logging.getLogger(__name__)
 
-_KEY = "m.account_id || '/' || m.folder || '/' || m.uidvalidity || '/' || m.uid"
+_KEY = sql_key("m")
 _ANNOUNCED = f"NOT EXISTS (SELECT 1 FROM outbox o WHERE o.key = {_KEY})"
 _SETTLED = ("EXISTS (SELECT 1 FROM mailboxes b WHERE b.account_id = m.account_id AND b.folder = m.folder "
             "AND (b.uidvalidity != m.uidvalidity OR m.uid <= b.last_uid))")

@@ -22,6 +22,7 @@ import msgspec
 
 from . import blobs as blobs_mod, partitions
 from .config import AccountConfig, OAuth2Config
+from .keys import MessageKey, message_key
 
 
 # Ids per DELETE of acknowledged outbox rows: within SQLite's bound parameters (32,766 since 3.32,
@@ -77,11 +78,6 @@ class RecentMessage(msgspec.Struct):
     subject: str | None
     size: int
     ingested_at: float
-
-
-def message_key(account_id: str, folder: str, uidvalidity: int, uid: int) -> str:
-    """The message key, ``account_id/folder/uidvalidity/uid`` (docs/architecture.md, "The message key")."""
-    return f"{account_id}/{folder}/{uidvalidity}/{uid}"
 
 
 ENVELOPE_VERSION = 1
@@ -638,7 +634,7 @@ class Store:
                           values).rowcount
 
     def message_raw(self, key: str) -> bytes | None:
-        account_id, folder, uidvalidity, uid = _split_key(key)
+        account_id, folder, uidvalidity, uid = MessageKey.parse(key)
         with self.transaction() as cur:
             r = self._exec(cur, "SELECT raw FROM messages WHERE account_id = ? AND folder = ? AND uidvalidity = ? "
                                 "AND uid = ?", (account_id, folder, uidvalidity, uid)).fetchone()
@@ -647,7 +643,7 @@ class Store:
     def message_raw_or_ref(self, key: str) -> tuple[bytes | None, str | None] | None:
         """(raw bytes, S3 reference) of a stored message, either None when not there (pruned, or in
         S3); None for an unknown key. blobs.read_raw follows the reference."""
-        account_id, folder, uidvalidity, uid = _split_key(key)
+        account_id, folder, uidvalidity, uid = MessageKey.parse(key)
         with self.transaction() as cur:
             r = self._exec(cur, "SELECT raw, blob FROM messages WHERE account_id = ? AND folder = ? AND "
                                 "uidvalidity = ? AND uid = ?", (account_id, folder, uidvalidity, uid)).fetchone()
@@ -711,12 +707,6 @@ class Store:
         with self.transaction() as cur:
             depth, oldest = self._exec(cur, "SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
         return int(depth), max(0.0, time.time() - oldest) if oldest is not None else 0.0
-
-
-def _split_key(key: str) -> tuple[str, str, int, int]:
-    account_id, rest = key.split("/", 1)
-    folder, uidvalidity, uid = rest.rsplit("/", 2)
-    return account_id, folder, int(uidvalidity), int(uid)
 
 
 class SqliteStore(Store):

@@ -145,3 +145,12 @@ def test_control_commands_skip_account_tables_but_keep_the_rest(tmp_path):
     light = cfg.load(str(path), environ={}, accounts=False)
     assert light.accounts == [] and light.daemon.runtime_dir == "/r" and light.metrics.interval == 7
     assert [a.id for a in cfg.load(str(path), environ={}).accounts] == ["a", "b"]
+
+
+def test_message_key_formats_and_parses_in_one_place() -> None:
+    from mailingestd.keys import MessageKey, message_key, sql_key
+
+    key = message_key("acme", "Projects/2026/Q1", 1700000000, 42)
+    assert key == "acme/Projects/2026/Q1/1700000000/42"
+    assert MessageKey.parse(key) == ("acme", "Projects/2026/Q1", 1700000000, 42)  # a folder may hold '/'
+    assert sql_key("m") == "m.account_id || '/' || m.folder || '/' || m.uidvalidity || '/' || m.uid"
