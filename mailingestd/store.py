@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import msgspec
 
@@ -306,10 +306,32 @@ def _statements(sql: str | dict[str, list[str]], dialect: str) -> list[str]:
     return [s.strip() for s in rendered.split(";") if s.strip()]
 
 
-_ACCOUNT_COLUMNS = ("id, host, port, tls, username, auth, secret_ref, folders, priority, idle, enabled, "
-                    "options, source, secrets, state, last_error")
+class _AccountColumns(NamedTuple):
+    """One ``accounts`` row as read with ``SELECT {_ACCOUNT_COLUMNS}``: fields by name, not position."""
+
+    id: str
+    host: str
+    port: int | None
+    tls: str
+    username: str
+    auth: str
+    secret_ref: str | None
+    folders: str
+    priority: str
+    idle: int
+    enabled: int
+    options: str | None
+    source: str
+    secrets: str | None
+    state: str
+    last_error: str | None
+
+
+_ACCOUNT_COLUMNS = ", ".join(_AccountColumns._fields)
 ACCOUNTS_PER_STATEMENT = 1000  # 16 parameters each: within SQLite's and PostgreSQL's limits
-_SETTINGS = 14  # the leading columns an operator sets; state and last_error are the daemon's
+# The leading columns an operator sets (id .. secrets, what _account_row writes); state and
+# last_error are the daemon's.
+_SETTINGS = _AccountColumns._fields.index("state")
 
 
 def _secret_ref(account: AccountConfig) -> str | None:
@@ -329,16 +351,14 @@ def _account_row(account: AccountConfig, source: str, secrets: dict[str, str]) -
             int(account.enabled), json.dumps(options), source, json.dumps(secrets, sort_keys=True))
 
 
-def _account_from_row(row: Sequence[Any]) -> AccountConfig:
-    (id_, host, port, tls, username, auth, secret_ref, folders, priority, idle, enabled, options,
-     _source, _secrets, _state, _last_error) = row
-    opts = json.loads(options or "{}")
-    ref = secret_ref or ""
+def _account_from_row(row: _AccountColumns) -> AccountConfig:
+    opts = json.loads(row.options or "{}")
+    ref = row.secret_ref or ""
     return AccountConfig(
-        id=id_, host=host, port=port, tls=tls, username=username, auth=auth,
+        id=row.id, host=row.host, port=row.port, tls=row.tls, username=row.username, auth=row.auth,
         password_env=ref[4:] if ref.startswith("env:") else None,
         password_file=ref[5:] if ref.startswith("file:") else None,
-        folders=json.loads(folders), priority=priority, idle=bool(idle), enabled=bool(enabled),
+        folders=json.loads(row.folders), priority=row.priority, idle=bool(row.idle), enabled=bool(row.enabled),
         tls_ca_file=opts.get("tls_ca_file"), tls_verify=opts.get("tls_verify", True),
         oauth2=msgspec.convert(opts["oauth2"], OAuth2Config) if opts.get("oauth2") else None,
     )
@@ -353,7 +373,8 @@ class AccountRow(msgspec.Struct):
 
 
 def _row(r: Sequence[Any]) -> AccountRow:
-    return AccountRow(_account_from_row(r), r[12], r[14], r[15], json.loads(r[13] or "{}"))
+    row = _AccountColumns(*r)
+    return AccountRow(_account_from_row(row), row.source, row.state, row.last_error, json.loads(row.secrets or "{}"))
 
 
 class Store:
@@ -409,7 +430,7 @@ class Store:
         """
         with self.transaction() as cur:
             old = self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account.id,)).fetchone()
-            return self._write_accounts(cur, [(account, secrets, old)], source) > 0
+            return self._write_accounts(cur, [(account, secrets, _AccountColumns(*old) if old else None)], source) > 0
 
     def upsert_accounts(self, accounts: Sequence[AccountConfig], source: str = "store") -> int:
         """:meth:`upsert_account` for many accounts (keeping their secrets): one read, and the
@@ -417,11 +438,12 @@ class Store:
         took 8 s at start one transaction each; an unchanged file now costs one SELECT.
         Returns how many changed."""
         with self.transaction() as cur:
-            existing = {r[0]: r for r in self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts").fetchall()}
+            existing = {r[0]: _AccountColumns(*r)
+                        for r in self._exec(cur, f"SELECT {_ACCOUNT_COLUMNS} FROM accounts").fetchall()}
             return self._write_accounts(cur, [(account, None, existing.get(account.id)) for account in accounts],
                                         source)
 
-    def _write_accounts(self, cur: Any, items: list[tuple[AccountConfig, dict[str, str] | None, Any]],
+    def _write_accounts(self, cur: Any, items: list[tuple[AccountConfig, dict[str, str] | None, _AccountColumns | None]],
                         source: str) -> int:
         """Insert or update each (account, secrets or None to keep the row's, existing row or None)
         whose settings differ; an account in auth_failed or reauth_required starts afresh."""
@@ -430,12 +452,12 @@ class Store:
         reset = []
         for account, secrets, old in items:
             if secrets is None:
-                secrets = json.loads(old[13] or "{}") if old is not None else {}
+                secrets = json.loads(old.secrets or "{}") if old is not None else {}
             row = _account_row(account, source, secrets)
             if old is not None and tuple(old[:_SETTINGS]) == row:
                 continue
             changed[account.id] = (*row, now, now)
-            if old is not None and old[14] in ("auth_failed", "reauth_required"):
+            if old is not None and old.state in ("auth_failed", "reauth_required"):
                 reset.append((account.id,))
         # Multi-row statements: the accounts trigger (revision bump, NOTIFY) runs once per
         # statement, and 10,000 single-row statements updating one revisions row in one
