@@ -22,7 +22,7 @@ from typing import Any
 from bench import backlog, contended, folders, idle, plots, polling
 from bench.common import BENCH_DIR, SCALES, Report, Scale, raise_fd_limit
 from bench.publish import run_publish
-from mailingestd.devservers import Dovecot, MotoServer, Postgres
+from devtools.devservers import Dovecot, MotoServer, Postgres
 
 SCENARIOS = ("hold", "latency-folders", "quiet", "status", "backlog", "publish", "polling", "contended", "scheduler")
 

@@ -40,7 +40,7 @@ from bench.common import (
 )
 from bench.idle import HOST, limits_for
 from bench.sqs_sink import SqsSink
-from mailingestd.devservers import Dovecot, Postgres
+from devtools.devservers import Dovecot, Postgres
 
 OUTBOX_EMPTY_TARGET = 10.0  # seconds from the last commit until every envelope is on the queue
 

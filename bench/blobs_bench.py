@@ -4,7 +4,7 @@ Measures the store side of ingest, the part ``[blobs]`` changes: ``Store.commit_
 of realistic random messages (samplemail, ``imap.batch_messages`` = 10) from a few threads, as
 workers commit. Path A keeps raw bytes in PostgreSQL; path B PUTs them to S3 first (moto_server
 on loopback, so S3 latency is far below real S3's ~20-50 ms per PUT: the figure shows the code
-path's overhead, not AWS). Both start their own PostgreSQL 15 and moto_server (mailingestd.devservers).
+path's overhead, not AWS). Both start their own PostgreSQL 15 and moto_server (devtools.devservers).
 
     .venv/bin/python -m bench.blobs_bench [--messages 3000] [--threads 4]
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 from mailingestd import blobs
 from mailingestd.config import BlobsConfig
-from mailingestd.devservers import MotoServer, Postgres
+from devtools.devservers import MotoServer, Postgres
 from mailingestd.message import parse_headers
-from mailingestd.samplemail import random_message
+from devtools.samplemail import random_message
 from mailingestd.store import StoredMessage, open_store
 
 BATCH = 10

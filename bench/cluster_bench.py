@@ -1,6 +1,6 @@
 """Scale-out: join rebalance time and failover time of daemons sharing accounts through leases.
 
-Starts its own PostgreSQL 15 and Dovecot (mailingestd.devservers), puts ``--accounts`` accounts in
+Starts its own PostgreSQL 15 and Dovecot (devtools.devservers), puts ``--accounts`` accounts in
 the store, and runs real daemons (``mailingestd`` subprocesses, one worker each, own runtime_dir
 and node_id) with ``cluster.lease_time`` = ``--lease`` (renewals every third of it) and
 ``cluster.release_per_round`` = ``--release``. Connect limits are set high, so the figures are
@@ -36,7 +36,7 @@ from typing import Any, Callable
 import psycopg
 
 from mailingestd.config import AccountConfig
-from mailingestd.devservers import Dovecot, Postgres
+from devtools.devservers import Dovecot, Postgres
 from mailingestd.store import open_store
 
 BIN = Path(sys.executable).parent

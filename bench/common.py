@@ -27,8 +27,8 @@ from typing import Any
 import imapclient
 
 from mailingestd import control
-from mailingestd.devservers import Dovecot
-from mailingestd.samplemail import random_message
+from devtools.devservers import Dovecot
+from devtools.samplemail import random_message
 
 BIN = Path(sys.executable).parent
 PASSWORD = "bench-secret"

@@ -26,7 +26,7 @@ import psycopg
 from bench.common import BenchDaemon, Scale, accounts_toml, rnd, wait_for
 from bench.idle import HOST
 from bench.polling import INTERVALS, tiers
-from mailingestd.devservers import Dovecot, Postgres
+from devtools.devservers import Dovecot, Postgres
 
 SAMPLE_PER_TIER = 20
 

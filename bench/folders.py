@@ -18,7 +18,7 @@ import psycopg
 
 from bench.common import BenchDaemon, Scale, accounts_toml, cpu_during, generate_messages, process_tree, rnd, summary
 from bench.idle import append_load, limits_for, wait_all_idle
-from mailingestd.devservers import Dovecot, Postgres
+from devtools.devservers import Dovecot, Postgres
 
 FOLDERS = ("INBOX", "Work", "Archive")
 

@@ -30,7 +30,7 @@ from bench.common import (
     wait_for,
 )
 from bench.idle import limits_for
-from mailingestd.devservers import Dovecot, Postgres
+from devtools.devservers import Dovecot, Postgres
 
 COMMAND_METRIC = """
 metric imap_command {

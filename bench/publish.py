@@ -29,9 +29,9 @@ import psycopg
 
 from bench.common import BenchDaemon, cpu_seconds, process_tree, rnd
 from bench.sqs_sink import SqsSink
-from mailingestd.devservers import Postgres
+from devtools.devservers import Postgres
 from mailingestd.message import parse_headers
-from mailingestd.samplemail import random_message
+from devtools.samplemail import random_message
 from mailingestd.keys import message_key
 from mailingestd.store import StoredMessage, make_envelope, open_store
 

@@ -1,4 +1,4 @@
-"""Fixtures over real throwaway servers (mailingestd.devservers): nothing here is a mock.
+"""Fixtures over real throwaway servers (devtools.devservers): nothing here is a mock.
 
 Session-scoped servers are started once on loopback high ports; per-test isolation comes from
 fresh names on them: a new Dovecot user (``mailbox``), a new database (``pg_url``), a new queue
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from hostile_imap import HostileServer
 
-from mailingestd.devservers import (
+from devtools.devservers import (
     Cyrus,
     Dovecot,
     MissingBinaryError,

@@ -174,7 +174,7 @@ class OAuth2Server:
 @contextlib.contextmanager
 def provider_and_dovecot(root: Path, **server_options: Any) -> Iterator[tuple[OAuth2Server, Any]]:
     """An OAuth2Server and a Dovecot whose oauth2 passdb asks it, under ``root``; both stopped after."""
-    from mailingestd.devservers import Dovecot
+    from devtools.devservers import Dovecot
 
     server = OAuth2Server(**server_options)
     root.chmod(0o755)

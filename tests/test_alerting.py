@@ -7,7 +7,7 @@
   (:data:`TEXTFILE_SOURCES`): a writer of realistic values for every series the daemon exposes,
   and the real daemon itself against Dovecot and moto_server.
 
-Processes are started here directly because ``mailingestd.devservers`` had not landed when this
+Processes are started here directly because ``devtools.devservers`` had not landed when this
 was written and its Prometheus takes no rule files; the rules must be loaded so that alerts built
 on recorded series can be evaluated.
 """
@@ -220,7 +220,7 @@ def daemon_textfile(textfile_dir: Path) -> Iterator[None]:
     """The real daemon writes the textfile: a Dovecot with mail, an account with a wrong password
     (auth_failed), one on a closed port (backoff), and a FIFO queue on moto (the publisher)."""
     from harness import PASSWORD_ENV, Daemon, account_toml, wait_until
-    from mailingestd.devservers import Dovecot, MotoServer, free_port
+    from devtools.devservers import Dovecot, MotoServer, free_port
 
     root = textfile_dir.parent / "daemon-source"
     root.mkdir()

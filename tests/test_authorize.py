@@ -16,7 +16,7 @@ import pytest
 from harness import BIN
 from oauth2_server import OAuth2Server, provider_and_dovecot
 
-from mailingestd.devservers import Dovecot
+from devtools.devservers import Dovecot
 from mailingestd.secrets import generate_key_line
 
 

@@ -21,7 +21,7 @@ import pytest
 from harness import Daemon, account_toml, wait_until
 
 from bench.sqs_sink import SqsSink
-from mailingestd.devservers import Dovecot
+from devtools.devservers import Dovecot
 from mailingestd.leases import fair_share
 
 pytestmark = pytest.mark.slow

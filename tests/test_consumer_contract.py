@@ -26,7 +26,7 @@ from mailingestd.blobs import S3Blobs
 from mailingestd.config import AccountConfig, BlobsConfig, ImapConfig, QueueConfig
 from mailingestd.ingest import sync_folder
 from mailingestd.publisher import Publisher
-from mailingestd.samplemail import corpus
+from devtools.samplemail import corpus
 from mailingestd.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent

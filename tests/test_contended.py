@@ -23,7 +23,7 @@ from harness import Daemon, account_toml, wait_until
 from test_scheduler_integration import log_events, max_in_window
 
 from mailingestd.config import LimitsConfig, SchedulerConfig
-from mailingestd.devservers import Dovecot
+from devtools.devservers import Dovecot
 from mailingestd.planner import AccountPlan, Planner
 from mailingestd.ratelimit import ServerShare, deficit_line, share_server
 

@@ -14,7 +14,7 @@ import pytest
 from harness import Daemon, established_connections, wait_until
 from mailingestd import imap
 from mailingestd.config import AccountConfig, OAuth2Config
-from mailingestd.devservers import Dovecot
+from devtools.devservers import Dovecot
 from mailingestd.secrets import generate_key_line
 from oauth2_server import OAuth2Server
 

@@ -13,8 +13,8 @@ import imapclient
 import psycopg
 import pytest
 
-from mailingestd.devservers import Dovecot, MotoServer, Postgres, ServerStartError
-from mailingestd.samplemail import corpus, make_large, random_message
+from devtools.devservers import Dovecot, MotoServer, Postgres, ServerStartError
+from devtools.samplemail import corpus, make_large, random_message
 
 
 def test_dovecot_append_and_fetch_back_byte_for_byte(dovecot: Dovecot, mailbox: str) -> None:

@@ -30,7 +30,7 @@ from test_worker_engine import (
     stored_at,
 )
 
-from mailingestd.devservers import _CAPABILITIES_WITHOUT_IDLE, Cyrus, Dovecot
+from devtools.devservers import _CAPABILITIES_WITHOUT_IDLE, Cyrus, Dovecot
 from oauth2_server import OAuth2Server, provider_and_dovecot
 
 # Dovecot's post-login capabilities with IDLE but without NOTIFY: a server that can only push

@@ -400,7 +400,7 @@ def test_dovecot_50_mb_message_fetched_when_max_literal_allows(dovecot: Any, mai
 
 @pytest.fixture(scope="module")
 def tls_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from mailingestd.devservers import Dovecot
+    from devtools.devservers import Dovecot
 
     server = Dovecot(tmp_path_factory.mktemp("dovecot-tls"), users=2, tls=True)
     server.start()

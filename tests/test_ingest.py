@@ -17,7 +17,7 @@ from mailingestd.config import AccountConfig, ImapConfig, QueueConfig
 from mailingestd.ingest import sync_folder
 from mailingestd import publisher as publisher_mod
 from mailingestd.publisher import Publisher, make_sqs_client
-from mailingestd.samplemail import corpus, make_large
+from devtools.samplemail import corpus, make_large
 from mailingestd.store import StoredMessage, open_store
 
 

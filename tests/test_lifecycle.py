@@ -18,7 +18,7 @@ from mailingestd import blobs, partitions, retention, store as store_mod
 from mailingestd.config import BlobsConfig, QueueConfig, StoreConfig
 from mailingestd.message import parse_headers
 from mailingestd.publisher import Publisher
-from mailingestd.samplemail import corpus, make_large
+from devtools.samplemail import corpus, make_large
 from mailingestd.store import open_store
 
 DAY = 86400

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from harness import Daemon, account_toml, wait_until
 
-from mailingestd.devservers import Dovecot, free_port
+from devtools.devservers import Dovecot, free_port
 
 A_RATE, A_BURST = 300, 50           # connects_per_minute on 127.0.0.1 and its bucket (10 s of the rate)
 B_CAP, B_RATE = 12, 120             # the small server: connection cap and connects_per_minute

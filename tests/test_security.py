@@ -384,7 +384,7 @@ def test_unverified_tls_is_logged_and_shown_in_status(tls_dovecot_for_security, 
 
 @pytest.fixture(scope="module")
 def tls_dovecot_for_security(tmp_path_factory):
-    from mailingestd.devservers import Dovecot
+    from devtools.devservers import Dovecot
 
     server = Dovecot(tmp_path_factory.mktemp("dovecot-tls-sec"), users=1, tls=True)
     server.start()

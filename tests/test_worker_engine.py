@@ -25,7 +25,7 @@ import pytest
 from harness import Daemon, account_toml, wait_until
 from hostile_imap import HostileServer, Session, fetch_response
 
-from mailingestd.devservers import Dovecot
+from devtools.devservers import Dovecot
 from mailingestd.worker import RENEW_JITTER, IdleTimers
 
 LOG_TIMESTAMP = 'log_timestamp = "%Y-%m-%d %H:%M:%S.%{usecs} "\n'

@@ -32,7 +32,7 @@ from reliability_kit import (
     restarts,
 )
 
-from mailingestd.devservers import Dovecot
+from devtools.devservers import Dovecot
 
 pytestmark = pytest.mark.reliability
 

@@ -20,7 +20,7 @@ from harness import Daemon, wait_until
 from hostile_imap import HostileServer
 from reliability_kit import Ledger, assert_no_secrets, audit, message, pick, restarts
 
-from mailingestd.devservers import Dovecot
+from devtools.devservers import Dovecot
 
 pytestmark = pytest.mark.reliability
 

@@ -9,7 +9,7 @@ import pytest
 from harness import Daemon
 
 from mailingestd.config import QueueConfig
-from mailingestd.devservers import free_port
+from devtools.devservers import free_port
 from mailingestd.publisher import STEP_SECONDS, Publisher
 from mailingestd.store import PostgresStore, StoredMessage, StoreError, open_store
 

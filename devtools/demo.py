@@ -1,6 +1,6 @@
 """The README demo: a throwaway Dovecot with 20 mailboxes, the real daemon, live mail, a summary.
 
-Run with ``python -m mailingestd.demo`` (``./dev demo`` installs what it needs first). Everything
+Run with ``python -m devtools.demo`` (``./dev demo`` installs what it needs first). Everything
 lives in a temporary directory that is removed at the end (``--keep`` keeps it); the daemon runs
 exactly as an operator would run it, from a generated configuration file, on the embedded SQLite
 store.
