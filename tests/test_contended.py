@@ -254,7 +254,7 @@ def test_a_contended_server_keeps_every_tiers_deadline(tmp_path: Path) -> None:
                        "the planner to choose who rotates")
             time.sleep(max(0.0, started + 15 - time.time()))  # the first polls, then steady state
             window = time.time()
-            appended, append_logins = append_and_time(server, users, ("high", "medium", "low"), 80, 0.4)
+            appended, append_logins = append_and_time(server, users, ("high", "medium", "low"), 50, 0.4)
             window = (window, time.time())
             latency = store_latency(daemon, appended, 2 * INTERVALS["low"])
             status = daemon.status()
