@@ -25,7 +25,7 @@ import psycopg
 
 from bench.common import BenchDaemon, Scale, accounts_toml, rnd, wait_for
 from bench.idle import HOST
-from bench.polling import INTERVALS, tiers
+from bench.polling import INTERVALS, TIER_SECTION, tiers
 from devtools.devservers import Dovecot, Postgres
 
 SAMPLE_PER_TIER = 20
@@ -46,11 +46,7 @@ def run_contended(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres
     daemon = BenchDaemon(root / "contended", store_url=store_url, metrics_interval="1s",
                          accounts=accounts_toml(users, dovecot.port, per_user=lambda u: {"priority": tier_of[u]}),
                          sections=f"""
-[scheduler]
-high_interval = "{INTERVALS['high']:g}s"
-medium_interval = "{INTERVALS['medium']:g}s"
-low_interval = "{INTERVALS['low']:g}s"
-
+{TIER_SECTION}
 [limits.servers."{HOST}"]
 max_connections_per_server = {cap}
 connects_per_minute = {rate}

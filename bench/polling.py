@@ -39,6 +39,7 @@ metric imap_command {
 }
 """
 INTERVALS = {"high": 6.0, "medium": 30.0, "low": 90.0}
+TIER_SECTION = "[scheduler]\n" + "".join(f'{tier}_interval = "{seconds:g}s"\n' for tier, seconds in INTERVALS.items())
 TIER_SHARE = {"high": 500, "medium": 7_000, "low": 2_500}  # of 10,000, the seed's proportions
 
 
@@ -78,10 +79,7 @@ def run_polling(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, 
                          metrics_interval="1s",
                          accounts=accounts_toml(users, dovecot.port, per_user=lambda u: {"priority": tier_of[u]}),
                          sections=f"""
-[scheduler]
-high_interval = "{INTERVALS['high']:g}s"
-medium_interval = "{INTERVALS['medium']:g}s"
-low_interval = "{INTERVALS['low']:g}s"
+{TIER_SECTION}
 {limits_for(accounts)}
 """)
     logins_at_start = dovecot.login_count()
