@@ -25,12 +25,12 @@ import time
 import uuid
 from pathlib import Path
 
-from mailingestd import blobs
+from mailingestd.store import blobs
 from mailingestd.config import BlobsConfig
 from devtools.devservers import MotoServer, Postgres
-from mailingestd.message import parse_headers
+from mailingestd.fetch.message import parse_headers
 from devtools.samplemail import random_message
-from mailingestd.store import StoredMessage, open_store
+from mailingestd.store.store import StoredMessage, open_store
 
 BATCH = 10
 

@@ -37,7 +37,7 @@ import psycopg
 
 from mailingestd.config import AccountConfig
 from devtools.devservers import Dovecot, Postgres
-from mailingestd.store import open_store
+from mailingestd.store.store import open_store
 
 BIN = Path(sys.executable).parent
 PASSWORD_ENV = "BENCH_IMAP_PASSWORD"

@@ -48,7 +48,7 @@ from bench.common import (
 from mailingestd import control
 from mailingestd.config import AccountConfig
 from devtools.devservers import Dovecot, MotoServer, Postgres
-from mailingestd.store import open_store
+from mailingestd.store.store import open_store
 
 HOST = "127.0.0.1"
 

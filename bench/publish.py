@@ -30,10 +30,10 @@ import psycopg
 from bench.common import BenchDaemon, cpu_seconds, process_tree, rnd
 from bench.sqs_sink import SqsSink
 from devtools.devservers import Postgres
-from mailingestd.message import parse_headers
+from mailingestd.fetch.message import parse_headers
 from devtools.samplemail import random_message
-from mailingestd.keys import message_key
-from mailingestd.store import StoredMessage, make_envelope, open_store
+from mailingestd.store.keys import message_key
+from mailingestd.store.store import StoredMessage, make_envelope, open_store
 
 PUBLISH_MESSAGES = 100_000
 PUBLISH_ACCOUNTS = 100

@@ -36,8 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mailingestd.config import LimitsConfig, SchedulerConfig
-from mailingestd.planner import AccountPlan, Planner
-from mailingestd.wheel import TimingWheel
+from mailingestd.sched.planner import AccountPlan, Planner
+from mailingestd.sched.wheel import TimingWheel
 
 SERVERS = [f"imap{index}.example" for index in range(20)]
 PRIORITY_MIX = ["high"] * 10 + ["medium"] * 30 + ["low"] * 40 + ["auto"] * 20

@@ -18,7 +18,8 @@ from typing import Any
 
 import zmq
 
-from . import credentials, frames, hardening
+from .auth import credentials
+from . import frames, hardening
 from .config import Config
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import msgspec
 
 from . import __version__, config as config_mod, logs, sysexits
 from .hardening import no_core_dumps, private_files, refuse_root
-from .store import StoreError
+from .store.store import StoreError
 from .sysexits import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 
 # Migration 5 sets lz4 compression on a column (ALTER ... SET COMPRESSION, PostgreSQL 14); the
@@ -38,7 +38,7 @@ class StoreProbe(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def latest(self) -> int:
-        from .store import _MIGRATIONS  # the schema this mailingestd migrates to
+        from .store.store import _MIGRATIONS  # the schema this mailingestd migrates to
 
         return _MIGRATIONS[-1][0]
 
@@ -168,7 +168,7 @@ def command(ctx: click.Context, config_path: str | None, check_config: bool, all
     problem = refuse_root(allow_root)
     if problem:
         fail(sysexits.EX_USAGE, problem)
-    from .supervisor import run
+    from .daemon.supervisor import run
 
     try:
         code = run(cfg)
@@ -187,7 +187,7 @@ def migrate(ctx: click.Context, config_path: str | None) -> None:
     """Create the store or bring its schema up to date, then exit (the daemon also does it at start)."""
     cfg = load(config_path or ctx.find_root().params.get("config_path"))
     before = check(cfg)
-    from .store import open_store
+    from .store.store import open_store
 
     try:
         store = open_store(cfg.store_url, 1, 1)

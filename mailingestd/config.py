@@ -130,7 +130,7 @@ class StoreConfig(_Section):
     url: str = ""
     pool_min: int = 1
     pool_max: int = 8
-    # Data lifecycle (mailingestd/retention.py, docs/data-lifecycle.md).
+    # Data lifecycle (mailingestd/store/retention.py, docs/data-lifecycle.md).
     raw_retention: Duration = Duration(7 * 86400)
     metadata_retention: Duration = Duration(30 * 86400)  # 0 = keep rows and keys forever
     retention_interval: Duration = Duration(3600)

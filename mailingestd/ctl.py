@@ -30,8 +30,8 @@ from .logs import printable
 from .sysexits import EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 if TYPE_CHECKING:
-    from .secrets import Keyring
-    from .store import Store
+    from .auth.secrets import Keyring
+    from .store.store import Store
 
 # The store, IMAP, credential and key modules are imported by the commands that use them:
 # `mailingestctl status` needs only the config and the control socket, and importing the rest
@@ -138,7 +138,7 @@ def store_of(ctx: click.Context) -> Store:
         if owner not in (None, 0):
             # Root would leave root-owned -wal/-shm files the daemon's user cannot write.
             fail(EX_USAGE, f"run this as the store's owner (uid {owner}), e.g. runuser -u mailingestd -- mailingestctl ...")
-    from .store import StoreError, open_store
+    from .store.store import StoreError, open_store
 
     try:
         return open_store(cfg.store_url, 1, 1)
@@ -378,7 +378,7 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
                          password_file=password_file, password_env=password_env,
                          folders=list(folders) or ["INBOX"], priority=priority, idle=not no_idle,
                          enabled=not disabled)
-    from .credentials import (CredentialRefused, SecretPolicy, check_token_url, destination_of,
+    from .auth.credentials import (CredentialRefused, SecretPolicy, check_token_url, destination_of,
                               endpoint_and_scopes, is_loopback)
 
     # What the daemon will refuse, said now (the daemon checks again at every login).
@@ -411,7 +411,7 @@ def account_add(ctx: click.Context, account_id: str, host: str, port: int | None
 
 
 def keyring_of(ctx: click.Context) -> Keyring:
-    from .secrets import Keyring, default_key_path
+    from .auth.secrets import Keyring, default_key_path
 
     try:
         return Keyring.load(default_key_path(load_config(ctx).secrets.key_file))
@@ -524,8 +524,8 @@ def account_disable(ctx: click.Context, account_id: str) -> None:
 @click.pass_context
 def account_test(ctx: click.Context, account_id: str, as_json: bool) -> None:
     """Log in once and report capabilities and folder state; changes and stores nothing."""
-    from . import imap
-    from .credentials import Credentials, ReauthRequired, SecretPolicy, TokenEndpointError
+    from .fetch import imap
+    from .auth.credentials import Credentials, ReauthRequired, SecretPolicy, TokenEndpointError
 
     cfg = load_config(ctx)
     try:  # the [[accounts]] tables too: the files and variables they name are allowed secrets
@@ -604,10 +604,10 @@ def account_authorize(ctx: click.Context, account_id: str, provider: str | None,
                       client_secret_stdin: bool, port: int, timeout: float) -> None:
     """Obtain the account's OAuth2 refresh token: print the provider's sign-in URL, receive the
     redirect on 127.0.0.1 (authorization code with PKCE), store the token encrypted."""
-    from .authorize import AUTHORIZATION_URLS, AuthorizeError, LoopbackReceiver, authorization_url, exchange_code, \
+    from .auth.authorize import AUTHORIZATION_URLS, AuthorizeError, LoopbackReceiver, authorization_url, exchange_code, \
         new_pkce
-    from .credentials import check_token_url, destination_of, endpoint_and_scopes
-    from .secrets import SecretError
+    from .auth.credentials import check_token_url, destination_of, endpoint_and_scopes
+    from .auth.secrets import SecretError
 
     row = _get(ctx, account_id)
     old = row.account
@@ -682,7 +682,7 @@ def secrets_group() -> None:
 @secrets_group.command("genkey")
 def secrets_genkey() -> None:
     """Print a new key line (<id>:<base64>) for secrets.key_file; put it FIRST to encrypt with it."""
-    from .secrets import generate_key_line
+    from .auth.secrets import generate_key_line
 
     click.echo(generate_key_line())
 
@@ -694,8 +694,8 @@ def secrets_rotate(ctx: click.Context) -> None:
 
     Secrets stored before they were bound to their server are bound to what the account's row
     says now; each is listed, check it. Running workers load the new key file by themselves."""
-    from .credentials import rebind_secrets
-    from .secrets import SecretError
+    from .auth.credentials import rebind_secrets
+    from .auth.secrets import SecretError
 
     ring = keyring_of(ctx)
     try:
@@ -734,7 +734,7 @@ def messages(ctx: click.Context, account_id: str | None, limit: int, as_json: bo
 @click.pass_context
 def messages_get(ctx: click.Context, key: str, output: str, force: bool) -> None:
     """Write one message's raw bytes (from the store or from S3) exactly as the server sent them."""
-    from . import blobs
+    from .store import blobs
 
     cfg = load_config(ctx)
     try:
@@ -773,7 +773,7 @@ def store_group() -> None:
 @click.pass_context
 def store_stats(ctx: click.Context, as_json: bool) -> None:
     """Sizes, row counts, partitions (PostgreSQL) and the oldest message still holding raw bytes."""
-    from .retention import store_stats as collect
+    from .store.retention import store_stats as collect
 
     data = collect(store_of(ctx))
     if as_json:
@@ -870,7 +870,7 @@ def main() -> None:
     except Exception as exc:
         # A store failure anywhere below is one line, exit 69 (only a command that imported the
         # store can raise one).
-        store = sys.modules.get("mailingestd.store")
+        store = sys.modules.get("mailingestd.store.store")
         if store is not None and isinstance(exc, store.StoreError):
             fail(EX_UNAVAILABLE, f"store: {exc}")
         raise

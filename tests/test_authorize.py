@@ -17,7 +17,7 @@ from harness import BIN
 from oauth2_server import OAuth2Server, provider_and_dovecot
 
 from devtools.devservers import Dovecot
-from mailingestd.secrets import generate_key_line
+from mailingestd.auth.secrets import generate_key_line
 
 
 @pytest.fixture(scope="module")

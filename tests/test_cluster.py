@@ -1,4 +1,4 @@
-"""Scale-out: several daemons share the accounts through PostgreSQL leases (mailingestd/leases.py).
+"""Scale-out: several daemons share the accounts through PostgreSQL leases (mailingestd/store/leases.py).
 
 Real daemons as subprocesses (each its own root, runtime_dir and node_id) against one PostgreSQL
 and the session Dovecot. Leases are short (6 s, renewed every 2 s) so failover fits in a test.
@@ -22,7 +22,7 @@ from harness import Daemon, account_toml, wait_until
 
 from bench.sqs_sink import SqsSink
 from devtools.devservers import Dovecot
-from mailingestd.leases import fair_share
+from mailingestd.store.leases import fair_share
 
 pytestmark = pytest.mark.slow
 

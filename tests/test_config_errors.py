@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.registry import CollectorRegistry
 
 from mailingestd import config as cfg
-from mailingestd.metrics import serve_http
+from mailingestd.daemon.metrics import serve_http
 
 
 def load_problems(tmp_path: Path, text: str, environ: dict[str, str]) -> list[str]:

@@ -21,13 +21,13 @@ from typing import Any
 import jsonschema
 import pytest
 
-from mailingestd import imap
-from mailingestd.blobs import S3Blobs
+from mailingestd.fetch import imap
+from mailingestd.store.blobs import S3Blobs
 from mailingestd.config import AccountConfig, BlobsConfig, ImapConfig, QueueConfig
-from mailingestd.ingest import sync_folder
-from mailingestd.publisher import Publisher
+from mailingestd.fetch.ingest import sync_folder
+from mailingestd.publish.publisher import Publisher
 from devtools.samplemail import corpus
-from mailingestd.store import open_store
+from mailingestd.store.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs" / "envelope.schema.json").read_text())

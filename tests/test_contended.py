@@ -24,8 +24,8 @@ from test_scheduler_integration import log_events, max_in_window
 
 from mailingestd.config import LimitsConfig, SchedulerConfig
 from devtools.devservers import Dovecot
-from mailingestd.planner import AccountPlan, Planner
-from mailingestd.ratelimit import ServerShare, deficit_line, share_server
+from mailingestd.sched.planner import AccountPlan, Planner
+from mailingestd.sched.ratelimit import ServerShare, deficit_line, share_server
 
 TIERED = SchedulerConfig(high_interval=10, medium_interval=20, low_interval=40, tick=0.1, jitter=0.1,
                          first_poll_spread=2)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from harness import Daemon, established_connections, wait_until
-from mailingestd import imap
+from mailingestd.fetch import imap
 from mailingestd.config import AccountConfig, OAuth2Config
 from devtools.devservers import Dovecot
-from mailingestd.secrets import generate_key_line
+from mailingestd.auth.secrets import generate_key_line
 from oauth2_server import OAuth2Server
 
 

@@ -1,4 +1,4 @@
-"""The IMAP edge (mailingestd.imap): hostile servers, provider texts, and a real Dovecot.
+"""The IMAP edge (mailingestd.fetch.imap): hostile servers, provider texts, and a real Dovecot.
 
 Hostile cases run against tests/hostile_imap.py: each costs one connection and must end in one
 ImapError of the right kind, with a one-line detail, within a bounded time and bounded memory.
@@ -22,8 +22,8 @@ import imapclient
 import pytest
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from mailingestd import imap
-from mailingestd.imap import FailureKind, ImapError
+from mailingestd.fetch import imap
+from mailingestd.fetch.imap import FailureKind, ImapError
 from hostile_imap import HostileServer, Session, fetch_response
 
 SECRET = "hunter2-do-not-log"

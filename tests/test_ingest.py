@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from harness import Daemon, account_toml, wait_until
-from mailingestd import imap
+from mailingestd.fetch import imap
 from mailingestd.config import AccountConfig, ImapConfig, QueueConfig
-from mailingestd.ingest import sync_folder
-from mailingestd import publisher as publisher_mod
-from mailingestd.publisher import Publisher, make_sqs_client
+from mailingestd.fetch.ingest import sync_folder
+from mailingestd.publish import publisher as publisher_mod
+from mailingestd.publish.publisher import Publisher, make_sqs_client
 from devtools.samplemail import corpus, make_large
-from mailingestd.store import StoredMessage, open_store
+from mailingestd.store.store import StoredMessage, open_store
 
 
 def account_for(dovecot, user: str) -> AccountConfig:

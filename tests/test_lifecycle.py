@@ -14,12 +14,12 @@ import uuid
 import msgspec
 import pytest
 
-from mailingestd import blobs, partitions, retention, store as store_mod
+from mailingestd.store import blobs, partitions, retention, store as store_mod
 from mailingestd.config import BlobsConfig, QueueConfig, StoreConfig
-from mailingestd.message import parse_headers
-from mailingestd.publisher import Publisher
+from mailingestd.fetch.message import parse_headers
+from mailingestd.publish.publisher import Publisher
 from devtools.samplemail import corpus, make_large
-from mailingestd.store import open_store
+from mailingestd.store.store import open_store
 
 DAY = 86400
 

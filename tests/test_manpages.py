@@ -2,7 +2,7 @@
 
 Everything checked here is derived from the code, not from a hand-written list: configuration keys
 and defaults from the msgspec Structs of mailingestd.config, commands and options from the click
-objects of mailingestd.cli and mailingestd.ctl, metric names from what mailingestd.metrics
+objects of mailingestd.cli and mailingestd.ctl, metric names from what mailingestd.daemon.metrics
 exposes, rule and alert names from etc/prometheus/mailingestd.rules.yml. A new key, option or
 metric without documentation fails here.
 """
@@ -24,7 +24,8 @@ import msgspec
 import pytest
 import yaml
 
-from mailingestd import cli, config, ctl, metrics
+from mailingestd import cli, config, ctl
+from mailingestd.daemon import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
@@ -355,7 +356,7 @@ def test_worst_case_shutdown_time_agrees_everywhere() -> None:
 
 
 def test_every_account_state_is_listed() -> None:
-    from mailingestd.planner import AccountState
+    from mailingestd.sched.planner import AccountState
 
     # The scheduler reports held accounts as reauth_required besides the planner's states.
     states = {state.name.lower() for state in AccountState} | {"reauth_required"}

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailingestd.config import LimitsConfig, SchedulerConfig, ServerLimits
-from mailingestd.planner import (
+from mailingestd.sched.planner import (
     LAG_BUCKETS,
     AccountPlan,
     AccountState,
@@ -21,7 +21,7 @@ from mailingestd.planner import (
     Planner,
     adaptive_intervals,
 )
-from mailingestd.priority import AdaptivePriority, PriorityRules, Tier
+from mailingestd.sched.priority import AdaptivePriority, PriorityRules, Tier
 
 SCHEDULER = SchedulerConfig(high_interval=60, medium_interval=300, low_interval=900, idle_safety_interval=900,
                             backoff_base=5, backoff_max=900, auth_failure_limit=3, tick=0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from mailingestd.config import SchedulerConfig
-from mailingestd.priority import AdaptivePriority, PriorityRules, Tier, make_priority
+from mailingestd.sched.priority import AdaptivePriority, PriorityRules, Tier, make_priority
 
 CONFIG = SchedulerConfig(high_interval=60, medium_interval=300, low_interval=900, promote_messages=5,
                          promote_window=900, demote_after=3600)

@@ -19,8 +19,8 @@ import pytest
 
 from bench.sqs_sink import SqsSink
 from mailingestd.config import QueueConfig
-from mailingestd.publisher import Publisher
-from mailingestd.store import PostgresStore, StoredMessage, open_store
+from mailingestd.publish.publisher import Publisher
+from mailingestd.store.store import PostgresStore, StoredMessage, open_store
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings, strategies as st
 
 from mailingestd.config import LimitsConfig, ServerLimits
-from mailingestd.ratelimit import ConnectionLimits, Refusal, TokenBucket
+from mailingestd.sched.ratelimit import ConnectionLimits, Refusal, TokenBucket
 
 
 @settings(max_examples=200, deadline=None)

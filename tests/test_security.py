@@ -24,8 +24,9 @@ import pytest
 from harness import BIN, Daemon, account_toml, wait_until
 from hostile_imap import HostileServer, Session
 
-from mailingestd import credentials as credentials_mod
-from mailingestd import imap, logs
+from mailingestd.auth import credentials as credentials_mod
+from mailingestd.fetch import imap
+from mailingestd import logs
 from mailingestd.config import (
     AccountConfig,
     Config,
@@ -33,14 +34,14 @@ from mailingestd.config import (
     OAuth2Config,
     SecretsConfig,
 )
-from mailingestd.credentials import (
+from mailingestd.auth.credentials import (
     CredentialRefused,
     Credentials,
     SecretPolicy,
     destination_of,
 )
-from mailingestd.imap import FailureKind, ImapError
-from mailingestd.secrets import Keyring, SecretBindingError, generate_key_line
+from mailingestd.fetch.imap import FailureKind, ImapError
+from mailingestd.auth.secrets import Keyring, SecretBindingError, generate_key_line
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ from hypothesis import given, strategies as st
 
 from mailingestd import config as cfg
 from mailingestd.frames import Heartbeat, Poll, WorkerStats, decode, encode
-from mailingestd.ingest import plan_batches
-from mailingestd.message import parse_headers
-from mailingestd.store import StoredMessage, open_store
+from mailingestd.fetch.ingest import plan_batches
+from mailingestd.fetch.message import parse_headers
+from mailingestd.store.store import StoredMessage, open_store
 
 
 def test_durations_and_sizes():
@@ -148,7 +148,7 @@ def test_control_commands_skip_account_tables_but_keep_the_rest(tmp_path):
 
 
 def test_message_key_formats_and_parses_in_one_place() -> None:
-    from mailingestd.keys import MessageKey, message_key, sql_key
+    from mailingestd.store.keys import MessageKey, message_key, sql_key
 
     key = message_key("acme", "Projects/2026/Q1", 1700000000, 42)
     assert key == "acme/Projects/2026/Q1/1700000000/42"

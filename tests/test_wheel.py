@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailingestd.wheel import TimingWheel
+from mailingestd.sched.wheel import TimingWheel
 
 TICK = 0.1
 

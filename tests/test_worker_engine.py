@@ -26,7 +26,7 @@ from harness import Daemon, account_toml, wait_until
 from hostile_imap import HostileServer, Session, fetch_response
 
 from devtools.devservers import Dovecot
-from mailingestd.worker import RENEW_JITTER, IdleTimers
+from mailingestd.fetch.worker import RENEW_JITTER, IdleTimers
 
 LOG_TIMESTAMP = 'log_timestamp = "%Y-%m-%d %H:%M:%S.%{usecs} "\n'
 
@@ -73,7 +73,7 @@ def daemon_sessions(server: Dovecot, user: str) -> list[list[tuple[float, str]]]
     """The commands the daemon sent, one list of (unix time, line) per connection it made.
 
     The daemon's sessions are told apart from the test's own APPENDs by ENABLE CONDSTORE, which
-    mailingestd.imap.connect sends first on every Dovecot connection.
+    mailingestd.fetch.imap.connect sends first on every Dovecot connection.
     """
     sessions = []
     for path in sorted((server.root / "rawlog" / user).glob("*.in")):

@@ -10,8 +10,8 @@ from harness import Daemon
 
 from mailingestd.config import QueueConfig
 from devtools.devservers import free_port
-from mailingestd.publisher import STEP_SECONDS, Publisher
-from mailingestd.store import PostgresStore, StoredMessage, StoreError, open_store
+from mailingestd.publish.publisher import STEP_SECONDS, Publisher
+from mailingestd.store.store import PostgresStore, StoredMessage, StoreError, open_store
 
 pytestmark = pytest.mark.reliability
 

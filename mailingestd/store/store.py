@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import msgspec
 
 from . import blobs as blobs_mod, partitions
-from .config import AccountConfig, OAuth2Config
+from ..config import AccountConfig, OAuth2Config
 from .keys import MessageKey, message_key
 
 

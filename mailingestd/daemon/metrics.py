@@ -23,11 +23,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__, frames
-from .config import parse_listen
-from .histogram import LATENCY_BUCKETS, Histogram
-from .planner import LAG_BUCKETS
-from .ratelimit import TIER_NAMES, deficit_line
+from .. import __version__, frames
+from ..config import parse_listen
+from ..histogram import LATENCY_BUCKETS, Histogram
+from ..sched.planner import LAG_BUCKETS
+from ..sched.ratelimit import TIER_NAMES, deficit_line
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
-"""The publisher process: runs the :class:`~mailingestd.publisher.Publisher` loop under the supervisor."""
+"""The publisher process: runs the :class:`~mailingestd.publish.publisher.Publisher` loop under the supervisor."""
 
 from __future__ import annotations
 
 import time
 
-from . import frames
-from .child import Child
-from .config import Config
-from .leases import node_id
+from .. import frames
+from ..child import Child
+from ..config import Config
+from ..store.leases import node_id
 from .publisher import Publisher, PublishStats, make_sqs_client
-from .store import open_store
+from ..store.store import open_store
 
 
 def main(config: Config, slot: int, parent_pid: int) -> int:

@@ -31,15 +31,17 @@ from typing import Any, Callable
 import zmq
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__, child, config as config_mod, control, credentials, frames, hardening, logs, metrics, notify
-from .child import bind_pull, connect_push, ipc_path, pss_bytes, send
-from .config import Config, ConfigError
-from .histogram import Histogram
-from .leases import cluster_status, lease_counts
+from .. import __version__, child, config as config_mod, control, frames, hardening, logs
+from ..auth import credentials
+from . import metrics, notify
+from ..child import bind_pull, connect_push, ipc_path, pss_bytes, send
+from ..config import Config, ConfigError
+from ..histogram import Histogram
+from ..store.leases import cluster_status, lease_counts
 from .metrics import CAPACITY_STATS, server_capacity
-from .planner import LAG_BUCKETS
-from .store import Store, StoreError, open_store
-from .sysexits import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
+from ..sched.planner import LAG_BUCKETS
+from ..store.store import Store, StoreError, open_store
+from ..sysexits import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +96,11 @@ class ChildSlot:
 
 def _role_main(role: str) -> Callable[[Config, int, int], int]:
     if role == "worker":
-        from .worker import main
+        from ..fetch.worker import main
     elif role == "scheduler":
-        from .scheduler import main
+        from ..sched.scheduler import main
     else:
-        from .publisher_process import main
+        from ..publish.process import main
     return main
 
 

@@ -1,6 +1,6 @@
 """The scheduler process: decides who is polled when, and who may open a connection.
 
-It wraps the pure :class:`~mailingestd.planner.Planner` (wheel, priorities, per-server buckets
+It wraps the pure :class:`~mailingestd.sched.planner.Planner` (wheel, priorities, per-server buckets
 and caps, backoff, circuit breaker) with I/O: accounts come from the store, orders go to the
 worker that owns each account, results come back on one PULL socket. Each account belongs to one
 worker slot by rendezvous hashing, so a restarted slot gets the same accounts back and a change
@@ -20,13 +20,14 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import frames, leases, retention
-from .child import Child, bind_pull, connect_push, ipc_path, send
-from . import config as config_mod
-from .config import AccountConfig, Config
+from .. import frames
+from ..store import leases, retention
+from ..child import Child, bind_pull, connect_push, ipc_path, send
+from .. import config as config_mod
+from ..config import AccountConfig, Config
 from .planner import AccountPlan, AccountState, Planner, ServerSnapshot
 from .ratelimit import TIER_NAMES
-from .store import Store, StoreError, open_store
+from ..store.store import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 

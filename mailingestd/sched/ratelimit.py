@@ -18,7 +18,7 @@ from enum import Enum
 import msgspec
 import numpy as np
 
-from mailingestd.config import LimitsConfig, ServerLimits
+from ..config import LimitsConfig, ServerLimits
 
 # A fresh or idle server may open this many seconds' worth of its rate at once; any window of W
 # seconds then sees at most rate * (W + BURST_SECONDS) / 60 connects (7/6 of the rate per minute).

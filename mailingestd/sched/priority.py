@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from enum import IntEnum
 
-from mailingestd.config import SchedulerConfig
+from ..config import SchedulerConfig
 
 SHORTEST_FACTOR = 0.5
 LONGEST_FACTOR = 1.5

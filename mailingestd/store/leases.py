@@ -50,7 +50,7 @@ import socket
 import time
 from typing import Any
 
-from .config import Config
+from ..config import Config
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from imapclient import exceptions as imapclient_exceptions
 from imapclient import imap_utf7
 from imapclient.response_parser import parse_response
 
-from .frames import FailureKind  # the one vocabulary of failures, shared with the scheduler
+from ..frames import FailureKind  # the one vocabulary of failures, shared with the scheduler
 
 __all__ = [
     "DEFAULT_MAX_LINE",
@@ -484,7 +484,7 @@ class _Client(imapclient.IMAPClient):
 def _bounded(client: imapclient.IMAPClient) -> _BoundedIMAP4:
     imap = client._imap
     if not isinstance(imap, _BoundedIMAP4):
-        raise TypeError("use a client made by mailingestd.imap.connect()")
+        raise TypeError("use a client made by mailingestd.fetch.imap.connect()")
     return imap
 
 

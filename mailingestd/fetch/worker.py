@@ -41,15 +41,16 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import child as child_mod, frames, imap, ingest
-from .blobs import open_blobs
-from .child import Child, bind_pull, connect_push, ipc_path, send
-from .config import AccountConfig, Config, ConfigError
-from .credentials import Credentials, ReauthRequired, TokenEndpointError
-from .histogram import Histogram
+from .. import child as child_mod, frames
+from . import imap, ingest
+from ..store.blobs import open_blobs
+from ..child import Child, bind_pull, connect_push, ipc_path, send
+from ..config import AccountConfig, Config, ConfigError
+from ..auth.credentials import Credentials, ReauthRequired, TokenEndpointError
+from ..histogram import Histogram
 from .ingest import SyncResult, sync_folder
-from .leases import fence_for
-from .store import Store, open_store
+from ..store.leases import fence_for
+from ..store.store import Store, open_store
 
 log = logging.getLogger(__name__)
 

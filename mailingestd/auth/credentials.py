@@ -33,10 +33,10 @@ from pathlib import Path
 
 import msgspec
 
-from . import config as config_mod
-from .config import AccountConfig, Config, ConfigError, OAuth2Config
+from .. import config as config_mod
+from ..config import AccountConfig, Config, ConfigError, OAuth2Config
 from .secrets import Destination, Keyring, SecretError, default_key_path
-from .store import Store
+from ..store.store import Store
 
 log = logging.getLogger(__name__)
 

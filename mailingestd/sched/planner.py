@@ -42,10 +42,10 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-from mailingestd.backoff import retry_delay
-from mailingestd.config import LimitsConfig, SchedulerConfig
-from mailingestd.frames import FailureKind
-from mailingestd.priority import (
+from ..backoff import retry_delay
+from ..config import LimitsConfig, SchedulerConfig
+from ..frames import FailureKind
+from .priority import (
     LONGEST_FACTOR,
     SHORTEST_FACTOR,
     AdaptivePriority,
@@ -55,14 +55,14 @@ from mailingestd.priority import (
     forget_priority,
     make_priority,
 )
-from mailingestd.ratelimit import (
+from .ratelimit import (
     DEFAULT_BURST_SECONDS,
     ConnectionLimits,
     ServerConnections,
     ServerShare,
     share_server,
 )
-from mailingestd.wheel import TimingWheel
+from .wheel import TimingWheel
 
 
 class AccountState(IntEnum):

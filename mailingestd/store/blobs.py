@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import msgspec
 
-from .config import BlobsConfig
+from ..config import BlobsConfig
 
 POINTER_CLASS = "software.amazon.payloadoffloading.PayloadS3Pointer"
 

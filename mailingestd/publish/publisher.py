@@ -36,9 +36,9 @@ from typing import Any
 
 import msgspec
 
-from .backoff import backoff_delay
-from .config import QueueConfig
-from .store import OutboxEntry, Store
+from ..backoff import backoff_delay
+from ..config import QueueConfig
+from ..store.store import OutboxEntry, Store
 
 log = logging.getLogger(__name__)
 

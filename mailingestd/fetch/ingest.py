@@ -26,9 +26,9 @@ from typing import Any, Callable, Sequence
 import msgspec
 
 from . import imap
-from .config import ImapConfig
+from ..config import ImapConfig
 from .message import parse_headers
-from .store import MailboxState, Store, StoredMessage
+from ..store.store import MailboxState, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 MAX_STUCK_SHOWN = 10

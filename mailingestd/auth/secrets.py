@@ -36,7 +36,7 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .config import ConfigError
+from ..config import ConfigError
 
 PREFIX = "v2"
 UNBOUND_PREFIX = "v1"

@@ -1,0 +1,1 @@
+"""The worker role: IMAP connections (IDLE, NOTIFY, polling), folder sync and the batch commit."""
