@@ -22,7 +22,7 @@ import imapclient
 import pytest
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from mailingestd.fetch import imap
+from mailingestd.fetch import imap, transport
 from mailingestd.fetch.imap import FailureKind, ImapError
 from hostile_imap import HostileServer, Session, fetch_response
 
@@ -134,7 +134,7 @@ def test_literal_in_progress_holds_memory_for_bytes_received_not_announced() -> 
 
 def test_slow_drip_of_a_literal_hits_the_transfer_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     # 1 MB at about 20 KB/s; with a 1 MB/s floor the deadline is timeout + ~1 s.
-    monkeypatch.setattr(imap, "MIN_LITERAL_RATE", 1024 * 1024)
+    monkeypatch.setattr(transport, "MIN_LITERAL_RATE", 1024 * 1024)  # read where the reader is
     error, elapsed, _, _ = run_hostile("drip_literal", examine_and_fetch)
     assert error.kind is FailureKind.TIMEOUT
     assert "too slow" in error.detail
