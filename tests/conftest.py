@@ -110,50 +110,36 @@ def sqs_fifo_queue(moto: MotoServer) -> str:
     return moto.create_queue(f"test-{uuid.uuid4().hex[:20]}", fifo=True)
 
 
-@pytest.fixture
-def node_exporter(tmp_path: Path) -> Iterator[Callable[[Path], NodeExporter]]:
-    """Factory: ``node_exporter(textfile_dir)`` starts one on that directory; stopped after the test."""
-    started: list[NodeExporter] = []
+def _per_test(make: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """The body of a factory fixture: ``make(n, *args)`` builds the test's n-th server, ``start``
+    starts it (setup problems become one clear failure), and every one is stopped after the test."""
+    started: list[Any] = []
 
-    def start(textfile_dir: Path) -> NodeExporter:
-        root = tmp_path / f"node_exporter-{len(started)}"
-        server = _started(lambda: NodeExporter(textfile_dir, root=root))
+    def start(*args: Any, **kwargs: Any) -> Any:
+        server = _started(lambda: make(len(started), *args, **kwargs))
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def node_exporter(tmp_path: Path) -> Iterator[Callable[[Path], NodeExporter]]:
+    """Factory: ``node_exporter(textfile_dir)`` starts one on that directory; stopped after the test."""
+    yield from _per_test(lambda n, textfile_dir: NodeExporter(textfile_dir, root=tmp_path / f"node_exporter-{n}"))
 
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     """Factory: ``prometheus(["127.0.0.1:9100"], scrape_interval="1s")``; stopped after the test."""
-    started: list[Prometheus] = []
-
-    def start(scrape_targets: list[str], scrape_interval: str = "1s") -> Prometheus:
-        root = tmp_path / f"prometheus-{len(started)}"
-        server = _started(lambda: Prometheus(root, scrape_targets, scrape_interval=scrape_interval))
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    yield from _per_test(lambda n, scrape_targets, scrape_interval="1s":
+                         Prometheus(tmp_path / f"prometheus-{n}", scrape_targets, scrape_interval=scrape_interval))
 
 
 @pytest.fixture
 def hostile() -> Iterator[Callable[..., HostileServer]]:
     """Factory: ``hostile(scenario, host="127.0.0.2")`` starts a scripted server (tests/hostile_imap.py,
     for misbehaviour no real server produces on demand); every one is stopped after the test."""
-    started: list[HostileServer] = []
-
-    def start(scenario: Any, **options: Any) -> HostileServer:
-        server = HostileServer(scenario, **options)
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    yield from _per_test(lambda n, scenario, **options: HostileServer(scenario, **options))
