@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import backlog, contended, folders, idle, plots, polling
+from bench import backlog, contended, cpu, folders, idle, plots, polling
 from bench.common import BENCH_DIR, SCALES, Report, Scale, raise_fd_limit
 from bench.publish import run_publish
 from devtools.devservers import Dovecot, MotoServer, Postgres
@@ -29,9 +29,12 @@ SCENARIOS = ("hold", "latency-folders", "quiet", "status", "backlog", "publish",
 
 def run_scheduler(scale: Scale, report: Report) -> dict[str, Any]:
     path = report.directory / f"scheduler-{scale.mode}.json"  # not scheduler_bench's own default file
+    window = cpu.meter()  # the simulation is a child of this process: the "bench" group
     subprocess.run([sys.executable, str(BENCH_DIR / "scheduler_bench.py"), "--accounts", str(scale.scheduler_accounts),
                     "--json", str(path)], check=True, timeout=1800)
-    return json.loads(path.read_text())[f"accounts={scale.scheduler_accounts},hours=1"]
+    result = json.loads(path.read_text())[f"accounts={scale.scheduler_accounts},hours=1"]
+    result["cpu_by_process"] = {"simulation": window.stop()}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,19 @@
 """backlog: mailboxes full of mail, pulled by the daemon into PostgreSQL, by mbsync and by a bare loop.
 
-The three pull the very same mailboxes in the same run, one after the other, each with one process
-per CPU (the daemon: its workers; mbsync: one process per share of the channels; the bare loop: one
-imapclient process per share of the accounts). The mail sits in the page cache for all three: it was
-just APPENDed, and the machine has memory to spare.
+The three pull the very same mailboxes in the same run, one after the other, each with as many
+processes as the daemon has workers (``daemon.workers = "auto"``, as shipped: one per CPU): the
+daemon's workers; mbsync, one process per share of the channels; the bare loop, one imapclient
+process per share of the accounts. The mail sits in the page cache for all three: it was just
+APPENDed, and the machine has memory to spare. Each pull reports its CPU by process
+(``cpu_by_process``, bench/cpu.py).
 
 - daemon: PostgreSQL store with the outbox (queue.kind = "sqs" into bench/sqs_sink.py, publisher
-  running). Rate = messages / (last row's ``ingested_at`` - the moment ``mailingestd`` was spawned,
+  running), PostgreSQL set to its default durability for this pull (``fsync``, ``full_page_writes``
+  on; the bench's cluster runs with them off otherwise), as users run it. Rate = messages / (last row's ``ingested_at`` - the moment ``mailingestd`` was spawned,
   start-up included); read from the store, not from the daemon's counters. Then the time until
   the outbox is empty, from the last commit (target: within 10 s), and the envelopes the sink
   counted. moto_server is no sink for this: it takes 55-130 envelopes a second here.
-- mbsync (isync): ``Sync Pull`` into Maildir, ``FSync no`` (the PostgreSQL here runs fsync = off too).
+- mbsync (isync): ``Sync Pull`` into a local Maildir with its default ``FSync yes``, as users run it.
 - bare loop: LOGIN, EXAMINE, UID SEARCH ALL, ``UID FETCH (BODY.PEEK[] RFC822.SIZE)`` in batches of
   100, nothing stored: the floor any client in Python pays.
 """
@@ -18,7 +21,6 @@ just APPENDed, and the machine has memory to spare.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import subprocess
 import time
@@ -28,19 +30,19 @@ from typing import Any
 import imapclient
 import psycopg
 
+from bench import cpu
 from bench.common import (
     PASSWORD,
     BenchDaemon,
     Scale,
     accounts_toml,
-    cpu_during,
     fill_mailboxes,
-    process_tree,
     rnd,
 )
 from bench.idle import HOST, limits_for
 from bench.sqs_sink import SqsSink
 from devtools.devservers import Dovecot, Postgres
+from mailingestd.config import Config
 
 OUTBOX_EMPTY_TARGET = 10.0  # seconds from the last commit until every envelope is on the queue
 
@@ -64,21 +66,21 @@ def shares(users: list[str], parts: int) -> list[list[str]]:
     return [users[index::parts] for index in range(parts) if users[index::parts]]
 
 
-def run_bare(port: int, users: list[str]) -> dict[str, Any]:
-    cpus = len(os.sched_getaffinity(0))
+def run_bare(dovecot: Dovecot, users: list[str], processes: int) -> dict[str, Any]:
     started = time.monotonic()
-    machine = cpu_during({})
-    with multiprocessing.get_context("fork").Pool(cpus) as pool:
-        parts = pool.map(_bare_fetch, [(port, share) for share in shares(users, cpus)])
+    window = cpu.meter(dovecot=dovecot)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.map(_bare_fetch, [(dovecot.port, share) for share in shares(users, processes)])
     seconds = time.monotonic() - started
-    cpu = machine()
+    by_process = window.stop()
     messages, size = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    return {"machine_cores_busy": cpu["machine_cores"], "processes": cpus, "messages": messages, "bytes": size, "seconds": rnd(seconds, 2),
+    return {"machine_cores_busy": by_process["cores"]["machine"], "cpu_by_process": {"bare loop": by_process},
+            "processes": processes, "messages": messages, "bytes": size, "seconds": rnd(seconds, 2),
             "messages_per_second": rnd(messages / seconds, 1), "mb_per_second": rnd(size / seconds / 1e6, 1)}
 
 
 def mbsync_config(path: Path, maildir: Path, port: int, users: list[str]) -> None:
-    blocks = ["FSync no\n"]
+    blocks = []  # no FSync line: mbsync's default, FSync yes
     for user in users:
         blocks.append(f"""
 IMAPAccount {user}
@@ -108,35 +110,63 @@ SyncState *
     path.write_text("".join(blocks))
 
 
-def run_mbsync(root: Path, port: int, users: list[str]) -> dict[str, Any]:
-    cpus = len(os.sched_getaffinity(0))
+def run_mbsync(root: Path, dovecot: Dovecot, users: list[str], processes: int) -> dict[str, Any]:
     maildir = root / "maildir"
     shutil.rmtree(maildir, ignore_errors=True)
     maildir.mkdir(parents=True)
     for user in users:
         (maildir / user).mkdir()  # mbsync creates the folders (Create Near), not the store's root
     configs = []
-    for index, share in enumerate(shares(users, cpus)):
+    for index, share in enumerate(shares(users, processes)):
         config = root / f"mbsyncrc.{index}"
-        mbsync_config(config, maildir, port, share)
+        mbsync_config(config, maildir, dovecot.port, share)
         configs.append(config)
     started = time.monotonic()
-    machine = cpu_during({})
+    window = cpu.meter(dovecot=dovecot)
     procs = [subprocess.Popen(["mbsync", "-q", "-c", str(config), "-a"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for config in configs]
     outputs = [proc.communicate(timeout=3600)[0].decode(errors="replace") for proc in procs]
     seconds = time.monotonic() - started
-    cpu = machine()
+    by_process = window.stop()
     codes = [proc.returncode for proc in procs]
     files = [path for path in maildir.rglob("*") if path.is_file() and path.parent.name in ("cur", "new")]
     size = sum(path.stat().st_size for path in files)
-    result = {"machine_cores_busy": cpu["machine_cores"], "processes": len(procs), "exit_codes": codes, "messages": len(files), "bytes": size,
+    result = {"machine_cores_busy": by_process["cores"]["machine"], "cpu_by_process": {"mbsync": by_process},
+              "processes": len(procs), "exit_codes": codes, "messages": len(files), "bytes": size,
               "seconds": rnd(seconds, 2), "messages_per_second": rnd(len(files) / seconds, 1),
-              "mb_per_second": rnd(size / seconds / 1e6, 1), "fsync": False}
+              "mb_per_second": rnd(size / seconds / 1e6, 1), "fsync": True,
+              "maildir_filesystem": filesystem(maildir)}
     if any(codes):
         result["output_tail"] = "\n".join(outputs)[-2000:]
     shutil.rmtree(maildir, ignore_errors=True)
     return result
+
+
+DURABILITY = ("fsync", "full_page_writes", "synchronous_commit", "wal_sync_method")
+
+
+def default_durability(postgres: Postgres) -> dict[str, str]:
+    """PostgreSQL's own defaults for the settings the bench's cluster turns off; what is in force after."""
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        for name in ("fsync", "full_page_writes"):
+            conn.execute(f"ALTER SYSTEM SET {name} = on")
+        conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # the postmaster and its backends read the file on SIGHUP
+        return {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in DURABILITY}
+
+
+def restore_durability(postgres: Postgres) -> None:
+    """Back to the cluster's own settings (devtools.devservers: fsync and full_page_writes off)."""
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        for name in ("fsync", "full_page_writes"):
+            conn.execute(f"ALTER SYSTEM RESET {name}")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def filesystem(path: Path) -> str:
+    """The file system type under ``path`` (``stat -f``), for the report: fsync's cost depends on it."""
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=False).stdout.strip()
 
 
 def run_daemon(root: Path, dovecot: Dovecot, postgres: Postgres, sink: SqsSink, users: list[str],
@@ -156,10 +186,11 @@ region = "{sink.region}"
 {limits_for(len(users))}
 """)
     samples: list[tuple[float, int, int]] = []
+    durability = default_durability(postgres)
     try:
+        window = cpu.meter(daemon, dovecot=dovecot, postgres=postgres, queue=sink)
         daemon.start()
         running_at = time.time()
-        machine = cpu_during({"daemon": process_tree(daemon.pid), "dovecot": process_tree(dovecot.master_pid or 0)})
         deadline = running_at + max(600, total / 20)
         with psycopg.connect(store_url, autocommit=True) as conn:
             count = 0
@@ -169,7 +200,8 @@ region = "{sink.region}"
                 time.sleep(0.5)
             count, size, first, last = conn.execute(
                 "SELECT count(*), sum(size), min(ingested_at), max(ingested_at) FROM messages").fetchone()
-            cpu = machine()
+            by_process = {"until stored": window.stop()}
+            window = cpu.meter(daemon, dovecot=dovecot, postgres=postgres, queue=sink)
             raw_bytes = conn.execute("SELECT sum(length(raw)) FROM messages").fetchone()[0]
             outbox = 0
             # Waited for to the end (or 120 s past the last commit): announcing is part of the job.
@@ -180,12 +212,14 @@ region = "{sink.region}"
                 time.sleep(0.2)
             outbox_drained_after = time.time() - running_at if outbox == 0 else None
             empty_after_last_commit = time.time() - float(last) if outbox == 0 else None
+            by_process["outbox"] = window.stop()
         plots["backlog_rows_over_time"] = samples
         status = daemon.try_status() or {}
         # From spawning the daemon (start-up included): status may say "running" only after ingest
         # began when the machine is busy, so that moment is no fair start.
         seconds = float(last) - daemon.spawned_at
-        result = {"cpu_until_stored": cpu, "messages": int(count), "bytes": int(size), "raw_bytes_stored": int(raw_bytes or 0),
+        workers = sum(1 for child in status.get("children", []) if child["role"] == "worker")
+        result = {"cpu_by_process": by_process, "workers": workers, "postgresql": durability, "messages": int(count), "bytes": int(size), "raw_bytes_stored": int(raw_bytes or 0),
                   "seconds_from_running_to_last_commit": rnd(seconds, 2),
                   "seconds_from_spawn_to_last_commit": rnd(float(last) - daemon.spawned_at, 2),
                   "seconds_first_to_last_commit": rnd(float(last) - float(first), 2),
@@ -202,6 +236,7 @@ region = "{sink.region}"
                   "drain_and_exit": daemon.stop()}
     finally:
         daemon.kill()
+        restore_durability(postgres)
     return result
 
 
@@ -211,11 +246,12 @@ def run_backlog(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, 
     filled = fill_mailboxes(dovecot, {user: per_user for user in users}, seed=5)
     print(f"backlog: {filled['messages']} messages ({filled['bytes'] / 1e6:.0f} MB) appended to {len(users)} "
           f"mailboxes in {filled['seconds']} s", flush=True)
-    bare = run_bare(dovecot.port, users)
-    mbsync = run_mbsync(root / "mbsync", dovecot.port, users)
+    workers = Config().worker_count  # daemon.workers = "auto", as the backlog's daemon runs
+    bare = run_bare(dovecot, users, workers)
+    mbsync = run_mbsync(root / "mbsync", dovecot, users, workers)
     with SqsSink() as sink:
         daemon = run_daemon(root, dovecot, postgres, sink, users, filled["messages"], plots)
-    result = {"accounts": len(users), "mail": filled, "daemon": daemon, "mbsync": mbsync, "bare_loop": bare,
+    result = {"accounts": len(users), "mail": filled, "queue": "bench/sqs_sink.py", "daemon": daemon, "mbsync": mbsync, "bare_loop": bare,
               "ratio_to_mbsync": rnd(daemon["messages_per_second"] / mbsync["messages_per_second"], 2)
               if mbsync["messages_per_second"] else None,
               "ratio_to_bare_loop": rnd(daemon["messages_per_second"] / bare["messages_per_second"], 2),

@@ -26,9 +26,9 @@ from typing import Any
 
 import imapclient
 
-from mailingestd import control
 from devtools.devservers import Dovecot
 from devtools.samplemail import random_message
+from mailingestd import control
 
 BIN = Path(sys.executable).parent
 PASSWORD = "bench-secret"
@@ -97,6 +97,7 @@ class Report:
 
     def add(self, name: str, result: dict[str, Any]) -> None:
         result["commit"] = self.data["machine"]["commit"]  # passes with --only may differ
+        result["finished_at"] = now_iso()  # and so may their day and hour (bench/summarize.py picks the newest)
         self.data["scenarios"][name] = result
         self.save()
 

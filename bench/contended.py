@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 
+from bench import cpu
 from bench.common import BenchDaemon, Scale, accounts_toml, rnd, wait_for
 from bench.idle import HOST
 from bench.polling import INTERVALS, TIER_SECTION, tiers
@@ -65,6 +66,7 @@ connects_per_minute = {rate}
         order = [(tier, user) for tier in INTERVALS for user in sample[tier]]
         rng.shuffle(order)
         every = scale.poll_window / len(order)
+        window = cpu.meter(daemon, dovecot=dovecot, postgres=postgres)
         window_started = time.monotonic()
         for n, (tier, user) in enumerate(order):
             at = time.time()
@@ -73,6 +75,7 @@ connects_per_minute = {rate}
             if n % 10 == 0:
                 peak_sessions = max(peak_sessions, dovecot.connected_sessions())
             time.sleep(max(0.0, window_started + (n + 1) * every - time.monotonic()))
+        by_process = window.stop()
         time.sleep(2 * INTERVALS["medium"])  # high and medium mail is in; late low mail may not be
         status = daemon.try_status() or {}
         with psycopg.connect(store_url) as conn:
@@ -97,6 +100,7 @@ connects_per_minute = {rate}
                 "holding", "rotating", "logins_last_minute", "logins_allowed", "polls_needed", "polls_possible",
                 "late")},
             "append_to_store": per_tier, "peak_sessions": peak_sessions,
+            "cpu_by_process": {"window": by_process}, "queue": None,
             "logins_total": dovecot.login_count() - logins_at_start,
             "daemon_errors_logged": daemon.errors_logged(),
         }

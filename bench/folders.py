@@ -16,7 +16,15 @@ from typing import Any
 
 import psycopg
 
-from bench.common import BenchDaemon, Scale, accounts_toml, cpu_during, generate_messages, process_tree, rnd, summary
+from bench import cpu
+from bench.common import (
+    BenchDaemon,
+    Scale,
+    accounts_toml,
+    generate_messages,
+    rnd,
+    summary,
+)
 from bench.idle import append_load, limits_for, wait_all_idle
 from devtools.devservers import Dovecot, Postgres
 
@@ -40,9 +48,9 @@ def run_latency_folders(scale: Scale, root: Path, dovecot: Dovecot, postgres: Po
         if seconds is None:
             raise RuntimeError(f"{accounts} accounts with three folders did not all idle")
         time.sleep(2)  # the old messages' first syncs are done before the load starts
-        cpu_stop = cpu_during({"daemon": process_tree(daemon.pid), "dovecot": process_tree(dovecot.master_pid or 0)})
+        load = cpu.meter(daemon, dovecot=dovecot, postgres=postgres)
         records = append_load(dovecot.port, users, messages, scale.folders_rate, seed=19, folders=FOLDERS)
-        cpu = cpu_stop()
+        by_process = load.stop()
         committed = wait_committed(store_url, {(r["user"], r["folder"], r["uid"]) for r in records}, timeout=60)
         daemon.stop()
     finally:
@@ -55,7 +63,7 @@ def run_latency_folders(scale: Scale, root: Path, dovecot: Dovecot, postgres: Po
     result: dict[str, Any] = {
         "accounts": accounts, "folders_per_account": len(FOLDERS), "rate_target_per_second": scale.folders_rate,
         "appended": len(records), "stored": sum(len(values) for values in latency.values()),
-        "seconds_until_all_idle": rnd(seconds, 1), "cpu_during_load": cpu,
+        "seconds_until_all_idle": rnd(seconds, 1), "cpu_by_process": {"load": by_process}, "queue": None,
         "append_to_store_inbox_seconds": inbox, "append_to_store_other_folders_seconds": others,
         "append_to_store_by_folder_seconds": {folder: summary(values) for folder, values in latency.items()},
         "push": "NOTIFY (Dovecot 2.3): one connection per account watches every folder",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import queue
 import random
 import selectors
@@ -29,6 +28,7 @@ from typing import Any
 import imapclient
 import psycopg
 
+from bench import cpu
 from bench.common import (
     BIN,
     PASSWORD,
@@ -36,7 +36,6 @@ from bench.common import (
     BenchDaemon,
     Scale,
     accounts_toml,
-    cpu_during,
     cpu_of_tree_over,
     generate_messages,
     process_tree,
@@ -45,9 +44,9 @@ from bench.common import (
     rnd,
     summary,
 )
+from devtools.devservers import Dovecot, MotoServer, Postgres
 from mailingestd import control
 from mailingestd.config import AccountConfig
-from devtools.devservers import Dovecot, MotoServer, Postgres
 from mailingestd.store.store import open_store
 
 HOST = "127.0.0.1"
@@ -258,23 +257,22 @@ region = "{moto.region}"
 {limits_for(accounts)}
 """)
     logins_before = dovecot.login_count()
+    servers = {"dovecot": dovecot, "postgres": postgres, "queue": moto}
     try:
-        connect_cpu = cpu_during({"dovecot": process_tree(dovecot.master_pid or 0)})
+        connecting = cpu.meter(daemon, **servers)
         daemon.start()
         seconds, samples = wait_all_idle(daemon, accounts, timeout=max(120, accounts / 20))
-        connect_cpu = connect_cpu()
+        connect_cpu = connecting.stop()
         plots["hold_idle_over_time"] = samples
         sessions = dovecot.connected_sessions()
         tree = process_tree(daemon.pid)
         pss = pss_bytes(tree)
         status = daemon.try_status() or {}
         time.sleep(5)  # let the last logins' bookkeeping settle before the quiet window
-        machine_quiet = cpu_during({})
-        quiet = cpu_of_tree_over(daemon.pid, scale.quiet_seconds)
-        quiet["machine_cores_busy_meanwhile"] = machine_quiet()["machine_cores"]
+        quiet, quiet_by_process = quiet_window(daemon, scale.quiet_seconds, **servers)
         status_time = time_status(daemon)
         hold = {
-            "cpu_while_connecting": connect_cpu,
+            "cpu_by_process": {"connecting": connect_cpu, "quiet": quiet_by_process},
             "accounts": accounts, "imap_threads": scale.hold_threads,
             "seconds_until_all_idle": rnd(seconds, 1), "target_seconds": 60,
             "idle_connections_reported": samples[-1][1] if samples else 0,
@@ -289,15 +287,15 @@ region = "{moto.region}"
         print(f"hold: {accounts} accounts idle in {hold['seconds_until_all_idle']} s (Dovecot sessions {sessions}), "
               f"PSS {hold['pss_mib']} MiB over {len(tree)} processes, quiet CPU "
               f"{quiet['core_fraction'] * 100:.2f}% of a core, status {status_time['max_seconds']} s (machine busy "
-              f"{connect_cpu['machine_cores']:.1f} cores while connecting, {quiet['machine_cores_busy_meanwhile']:.1f} "
+              f"{connect_cpu['cores']['machine']:.1f} cores while connecting, {quiet['machine_cores_busy_meanwhile']:.1f} "
               f"while quiet) "
               f"-> {'met' if hold['meets_target'] else 'MISSED'} (60 s / 512 MiB / 5%)", flush=True)
-        latency = measure_latency(scale, daemon, dovecot, moto, queue_url, users, messages, plots,
+        latency = measure_latency(scale, daemon, dovecot, postgres, moto, queue_url, users, messages, plots,
                                   rate=scale.latency_rate)
         latency["daemon_errors_logged"] = daemon.errors_logged()
         # The same at a tenth of the rate, every message to a watched mailbox: the daemon's own
         # latency when the two cores are not saturated by the load generator and Dovecot.
-        light = measure_latency(scale, daemon, dovecot, moto, queue_url, users,
+        light = measure_latency(scale, daemon, dovecot, postgres, moto, queue_url, users,
                                 messages[:int(scale.latency_rate * scale.latency_seconds / 10)], plots,
                                 rate=scale.latency_rate / 10, name="latency_light", only_watched=True)
         hold["drain_and_exit"] = daemon.stop()
@@ -306,7 +304,8 @@ region = "{moto.region}"
     return {"hold": hold, "latency": latency, "latency_light": light}
 
 
-def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, moto: MotoServer, queue_url: str,
+def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, postgres: Postgres, moto: MotoServer,
+                    queue_url: str,
                     users: list[str], messages: list[bytes], plots: dict[str, Any], *, rate: float,
                     name: str = "latency", only_watched: bool = False) -> dict[str, Any]:
     """Append ``messages`` at ``rate``; with ``only_watched`` every message goes to a watched mailbox."""
@@ -318,13 +317,10 @@ def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, moto: M
     if not ready.wait(120):
         raise RuntimeError("the bare IDLE watcher did not log in within 120 s")
     receiver = SqsReceiver(moto, queue_url).start()
-    moto_pids = set(process_tree(moto.pid or 0))
-    cpu_stop = cpu_during({"daemon": process_tree(daemon.pid), "dovecot": process_tree(dovecot.master_pid or 0),
-                           "moto": sorted(moto_pids),
-                           "bench": [pid for pid in process_tree(os.getpid()) if pid not in moto_pids]})
+    load = cpu.meter(daemon, dovecot=dovecot, postgres=postgres, queue=moto)
     records = append_load(dovecot.port, sample if only_watched else users, messages, rate, seed=11)
     append_seconds = max(r["acked"] for r in records) - min(r["due"] for r in records)
-    cpu_under_load = cpu_stop()
+    cpu_under_load = load.stop()
     # Everything appended must reach the store and the queue; give stragglers (10 MB messages) time.
     keys = {(r["user"], r["uid"]) for r in records}
     committed: dict[tuple[str, int], float] = {}
@@ -357,7 +353,7 @@ def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, moto: M
                                  for r in records if (r["user"], r["uid"]) in committed]
     result = {
         "rate_target_per_second": rate, "appended": len(records),
-        "cpu_during_load": cpu_under_load,
+        "cpu_by_process": {"load": cpu_under_load}, "queue": cpu_under_load["queue"],
         "append_rate_achieved": rnd(len(records) / append_seconds, 1),
         "bytes_appended": sum(r["size"] for r in records),
         "large_messages": sum(1 for r in records if r["size"] >= 1_000_000),
@@ -381,9 +377,19 @@ def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, moto: M
     print(f"{name}: {len(records)} appends at {result['append_rate_achieved']}/s; append->store p50 {s['p50']} "
           f"p99 {s['p99']} max {s['max']} s; append->SQS p50 {q['p50']} p99 {q['p99']} max {q['max']} s; "
           f"bare IDLE floor p50 {f['p50']} p99 {f['p99']} s ({f['count']} msgs); stored {len(store_lat)}/{len(records)}; "
-          f"machine busy {cpu_under_load['machine_cores']:.1f} cores -> "
+          f"machine busy {cpu_under_load['cores']['machine']:.1f} cores -> "
           f"{'met' if result['meets_target'] else 'MISSED'} (p99 within 0.5 s of floor)", flush=True)
     return result
+
+
+def quiet_window(daemon: BenchDaemon, seconds: float, **servers: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CPU while nothing happens: the daemon's whole tree (``core_fraction``, the figure with a target)
+    and every process by group over the same window (nothing polls status meanwhile)."""
+    window = cpu.meter(daemon, **servers)
+    quiet = cpu_of_tree_over(daemon.pid, seconds)
+    by_process = window.stop()
+    quiet["machine_cores_busy_meanwhile"] = by_process["cores"]["machine"]
+    return quiet, by_process
 
 
 def run_quiet(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres) -> dict[str, Any]:
@@ -396,11 +402,10 @@ def run_quiet(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres) ->
         daemon.start()
         seconds, _ = wait_all_idle(daemon, accounts, timeout=180)
         time.sleep(5)
-        machine_quiet = cpu_during({})
-        quiet = cpu_of_tree_over(daemon.pid, scale.quiet_seconds)
-        quiet["machine_cores_busy_meanwhile"] = machine_quiet()["machine_cores"]
+        quiet, by_process = quiet_window(daemon, scale.quiet_seconds, dovecot=dovecot, postgres=postgres)
         result = {"accounts": accounts, "imap_threads": 16, "seconds_until_all_idle": rnd(seconds, 1),
                   "pss_mib": round(pss_bytes(process_tree(daemon.pid)) / 2**20, 1), "quiet_cpu": quiet,
+                  "cpu_by_process": {"quiet": by_process},
                   "target_core_fraction": 0.02, "meets_target": quiet["core_fraction"] < 0.02 and seconds is not None,
                   "drain_and_exit": daemon.stop()}
     finally:
@@ -421,7 +426,8 @@ def run_status(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres) -
     """
     accounts = scale.status_accounts
     users = [f"conf{index}" for index in range(1, accounts + 1)]
-    result: dict[str, Any] = {"accounts_configured": accounts, "target_seconds": 1.0}
+    by_process: dict[str, Any] = {}
+    result: dict[str, Any] = {"accounts_configured": accounts, "target_seconds": 1.0, "cpu_by_process": by_process}
     for where in ("config_file", "store"):
         store_url = postgres.create_database(f"status_{where}_{int(time.time())}")
         if where == "store":
@@ -435,9 +441,10 @@ def run_status(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres) -
             startup = daemon.start()
             time.sleep(5)  # accounts loaded and connecting (at the default connect rate)
             status = daemon.try_status() or {}
-            machine = cpu_during({})
+            window = cpu.meter(daemon, dovecot=dovecot, postgres=postgres)
             timing = time_status(daemon)
-            timing["machine_cores_busy_meanwhile"] = machine()["machine_cores"]
+            by_process[where] = window.stop()
+            timing["machine_cores_busy_meanwhile"] = by_process[where]["cores"]["machine"]
             result[f"accounts_in_{where}"] = {
                 "accounts_in_status": status.get("accounts", {}).get("total"),
                 "daemon_startup_seconds": rnd(startup, 2), "status_time": timing,

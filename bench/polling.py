@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import cpu
 from bench.common import (
     BenchDaemon,
     Scale,
@@ -92,6 +93,7 @@ def run_polling(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, 
                              timeout=max(120, accounts / 20), interval=1.0)
         connected_after = time.time() - daemon.spawned_at if connected else None
         time.sleep(scale.poll_warmup)
+        window = cpu.meter(daemon, dovecot=dovecot, postgres=postgres)
         before = snapshot(daemon, dovecot)
         series: list[tuple[float, float]] = []
         window_end = before["at"] + scale.poll_window
@@ -100,6 +102,7 @@ def run_polling(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, 
             series.append((round(time.monotonic() - before["at"], 1),
                            prom_value(daemon.metrics(), "mailingestd_polls_total") - before["polls"]))
         after = snapshot(daemon, dovecot)
+        by_process = window.stop()
         plots["polling_polls_over_time"] = series
         minutes = (after["at"] - before["at"]) / 60
         lag = histogram_delta(after["lag"], before["lag"])
@@ -125,6 +128,7 @@ def run_polling(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, 
             "daemon_cpu_core_fraction": rnd((after["daemon_cpu"] - before["daemon_cpu"]) / (minutes * 60), 4),
             "machine_cores_busy": rnd((after["machine_cpu"] - before["machine_cpu"]) / (minutes * 60), 3),
             "dovecot_cpu_core_fraction": rnd((after["dovecot_cpu"] - before["dovecot_cpu"]) / (minutes * 60), 4),
+            "cpu_by_process": {"window": by_process}, "queue": None,
             "target_polls_per_minute": round(20_000 * accounts / 10_000),
             "daemon_errors_logged": daemon.errors_logged(),
         }

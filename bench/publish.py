@@ -27,13 +27,15 @@ from typing import Any
 
 import psycopg
 
+from bench import cpu as bench_cpu
 from bench.common import BenchDaemon, cpu_seconds, process_tree, rnd
 from bench.sqs_sink import SqsSink
 from devtools.devservers import Postgres
-from mailingestd.fetch.message import parse_headers
 from devtools.samplemail import random_message
+from mailingestd.envelope import make_envelope
+from mailingestd.fetch.message import parse_headers
 from mailingestd.store.keys import message_key
-from mailingestd.store.store import StoredMessage, make_envelope, open_store
+from mailingestd.store.store import StoredMessage, open_store
 
 PUBLISH_MESSAGES = 100_000
 PUBLISH_ACCOUNTS = 100
@@ -103,7 +105,9 @@ region = "{sink.region}"
         cpu_before, store_cpu_before = cpu_seconds([pid]), cpu_seconds(store_pids)
         fill(store_url, rows)
         started = time.monotonic()
+        window = bench_cpu.meter(daemon, postgres=postgres, queue=sink)
         finished = wait_entries(sink, queue_url, len(rows), timeout=max(120, len(rows) / 200))
+        by_process = window.stop()
         cpu = cpu_seconds([pid]) - cpu_before
         store_cpu = cpu_seconds(process_tree(store_pids[0])) - store_cpu_before
         seconds = (finished or time.monotonic()) - started
@@ -116,6 +120,7 @@ region = "{sink.region}"
                 "seconds": rnd(seconds, 2), "messages_per_second": rnd(sent["entries"] / seconds, 1),
                 "cpu_seconds": rnd(cpu, 2), "cpu_seconds_per_1000": rnd(cpu / max(1, sent["entries"]) * 1000, 3),
                 "postgresql_cpu_seconds_per_1000": rnd(store_cpu / max(1, sent["entries"]) * 1000, 3),
+                "cpu_by_process": {"drain": by_process},
                 "outbox_left": left, "drained": finished is not None,
                 "status_publish_rate": status.get("outbox", {}).get("publish_rate"),
                 "daemon_errors_logged": daemon.errors_logged(), "drain_and_exit": daemon.stop()}
@@ -161,7 +166,7 @@ def combined(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 def run_publish(root: Any, postgres: Postgres, messages: int = PUBLISH_MESSAGES) -> dict[str, Any]:
     rows = envelopes(messages, PUBLISH_ACCOUNTS)
-    result: dict[str, Any] = {"messages": messages, "accounts": PUBLISH_ACCOUNTS,
+    result: dict[str, Any] = {"messages": messages, "accounts": PUBLISH_ACCOUNTS, "queue": "bench/sqs_sink.py",
                               "envelope_bytes_mean": rnd(sum(len(r[2]) for r in rows) / len(rows), 0),
                               "target": f">= {TARGET_RATE:.0f} msg/s and >= {TARGET_RATIO}x the bare boto3 loop, "
                                         "standard and FIFO"}
