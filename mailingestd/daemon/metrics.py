@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import msgspec
+
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -27,7 +29,6 @@ from .. import __version__, frames
 from ..config import parse_listen
 from ..histogram import LATENCY_BUCKETS, Histogram
 from ..sched.planner import LAG_BUCKETS
-from ..sched.ratelimit import TIER_NAMES, deficit_line
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +59,6 @@ LABELED_COUNTERS = {
 def stat(beat: frames.Heartbeat, name: str) -> float:
     """A counter of the beat's role (``COUNTERS`` names fields of frames.*Stats); 0 for other roles."""
     return float(getattr(beat.stats, name, 0))
-
-
-def server_capacity(server: str, capacity: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """One server's capacity for ``mailingestctl status``: connections holding and rotating,
-    logins and polls per minute, late accounts per priority and the one-line deficit (or None)."""
-    if server not in capacity.get("polls_needed", {}):
-        return {}
-    late = {tier: int(capacity["late_accounts"].get(f"{server}/{tier}", 0)) for tier in TIER_NAMES}
-    needed, possible = capacity["polls_needed"][server], capacity["polls_possible"][server]
-    return {"holding": int(capacity["accounts_holding"].get(server, 0)),
-            "rotating": int(capacity["accounts_rotating"].get(server, 0)),
-            "logins_last_minute": int(capacity["logins_last_minute"].get(server, 0)),
-            "logins_allowed": int(capacity["connects_per_minute"].get(server, 0)),
-            "polls_needed": needed, "polls_possible": possible, "late": late,
-            "deficit": deficit_line(server, needed, possible, list(late.values()))}
 
 
 def _capacity_families(capacity: dict[str, dict[str, float]]) -> Iterable[GaugeMetricFamily]:
@@ -154,6 +140,36 @@ class Totals:
         return out
 
 
+class Snapshot(msgspec.Struct, kw_only=True):
+    """The supervisor's live view the collector reads (built by daemon/view.py)."""
+
+    beats: list[frames.Heartbeat] = []
+    totals: Totals = msgspec.field(default_factory=Totals)
+    state: str = "starting"
+    start_time: float = 0.0
+    children: dict[str, float] = {}  # running, by role
+    restarts: dict[str, float] = {}  # by role
+    heartbeat_age: dict[str, float] = {}  # the oldest, by role
+    memory_bytes: int = 0
+    memory_budget: int = 0
+    accounts: dict[tuple[str, str], float] = {}  # by (state, priority)
+    connections: dict[str, float] = {}  # by server
+    connection_limit: dict[str, float] = {}
+    waiting: dict[str, float] = {}
+    capacity: dict[str, dict[str, float]] = {}  # CAPACITY_STATS name -> by server (late_accounts: server/tier)
+    last_ingest: float = 0.0
+    idle_connections: int = 0
+    outbox_depth: int = 0
+    outbox_parked: int = 0
+    folders_stuck: int = 0
+    outbox_oldest_age: float = 0.0
+    publish_rate: float = 0.0
+    node_id: str = ""
+    high_interval: float = 0.0
+    leases: dict[str, float] = {}  # by node
+    notify_failures: int = 0
+
+
 def _histogram_family(name: str, bounds: tuple[float, ...], help_text: str, wire: list[float]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(f"mailingestd_{name}", help_text)
     counts = wire[: len(bounds) + 1] if wire else [0] * (len(bounds) + 1)
@@ -170,13 +186,12 @@ def _histogram_family(name: str, bounds: tuple[float, ...], help_text: str, wire
 class DaemonCollector:
     """A prometheus_client collector over the supervisor's live view (``snapshot()``)."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterable[Any]:
         snap = self.snapshot()
-        beats: list[frames.Heartbeat] = snap["beats"]
-        totals: Totals = snap["totals"]
+        beats, totals = snap.beats, snap.totals
 
         def gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"mailingestd_{name}", help_text, value=value)
@@ -191,28 +206,28 @@ class DaemonCollector:
         info.add_metric([__version__], 1)
         yield info
         yield labeled_gauge("supervisor_state", "1 for the supervisor's current state.", "state",
-                            {s: float(s == snap["state"]) for s in ("starting", "running", "draining", "drained",
+                            {s: float(s == snap.state) for s in ("starting", "running", "draining", "drained",
                                                                     "stopping")})
-        yield gauge("start_time_seconds", "Unix time the supervisor started.", snap["start_time"])
-        yield labeled_gauge("children", "Running child processes, by role.", "role", snap["children"])
+        yield gauge("start_time_seconds", "Unix time the supervisor started.", snap.start_time)
+        yield labeled_gauge("children", "Running child processes, by role.", "role", snap.children)
         restarts = CounterMetricFamily("mailingestd_process_restarts", "Child restarts, by role.", labels=["role"])
-        for role, value in sorted(snap["restarts"].items()):
+        for role, value in sorted(snap.restarts.items()):
             restarts.add_metric([role], value)
         yield restarts
         yield labeled_gauge("heartbeat_age_seconds", "Oldest heartbeat among the children of a role.", "role",
-                            snap["heartbeat_age"])
-        yield gauge("memory_bytes", "Proportional set size summed over every daemon process.", snap["memory_bytes"])
-        yield gauge("memory_budget_bytes", "Configured memory budget (daemon.memory_budget).", snap["memory_budget"])
+                            snap.heartbeat_age)
+        yield gauge("memory_bytes", "Proportional set size summed over every daemon process.", snap.memory_bytes)
+        yield gauge("memory_budget_bytes", "Configured memory budget (daemon.memory_budget).", snap.memory_budget)
         accounts = GaugeMetricFamily("mailingestd_accounts", "Accounts by scheduling state and priority.",
                                      labels=["state", "priority"])
-        for (state, priority), value in sorted(snap["accounts"].items()):
+        for (state, priority), value in sorted(snap.accounts.items()):
             accounts.add_metric([state, priority], value)
         yield accounts
-        yield labeled_gauge("connections", "Open IMAP connections, by server.", "server", snap["connections"])
-        yield labeled_gauge("connection_limit", "Connection cap in force, by server.", "server", snap["connection_limit"])
+        yield labeled_gauge("connections", "Open IMAP connections, by server.", "server", snap.connections)
+        yield labeled_gauge("connection_limit", "Connection cap in force, by server.", "server", snap.connection_limit)
         yield labeled_gauge("accounts_waiting", "Accounts due but held back by a server limit.", "server",
-                            snap["waiting"])
-        yield from _capacity_families(snap.get("capacity", {}))
+                            snap.waiting)
+        yield from _capacity_families(snap.capacity)
         for stat, (name, label, help_text) in LABELED_COUNTERS.items():
             family = CounterMetricFamily(f"mailingestd_{name}", help_text, labels=[label])
             for key, value in sorted(totals.labeled(stat, beats).items()):
@@ -226,23 +241,23 @@ class DaemonCollector:
             dropped.add_metric([role], value)
         yield dropped
         yield CounterMetricFamily("mailingestd_notify_failures", "sd_notify datagrams systemd had no room for "
-                                  "(keep-alives dropped, state notifications retried).", value=snap.get("notify_failures", 0))
-        yield gauge("last_ingest_timestamp_seconds", "Unix time a message was last stored.", snap["last_ingest"])
-        yield gauge("idle_connections", "Connections in IDLE.", snap["idle_connections"])
-        yield gauge("outbox_depth", "Messages stored but not yet announced on the queue.", snap["outbox_depth"])
+                                  "(keep-alives dropped, state notifications retried).", value=snap.notify_failures)
+        yield gauge("last_ingest_timestamp_seconds", "Unix time a message was last stored.", snap.last_ingest)
+        yield gauge("idle_connections", "Connections in IDLE.", snap.idle_connections)
+        yield gauge("outbox_depth", "Messages stored but not yet announced on the queue.", snap.outbox_depth)
         yield gauge("folders_stuck", "Folders halted below a message over imap.max_message_size.",
-                    snap.get("folders_stuck", 0))
+                    snap.folders_stuck)
         yield gauge("outbox_parked", "Outbox entries the queue refused again and again (retried every "
-                    "queue.retry_max).", snap.get("outbox_parked", 0))
+                    "queue.retry_max).", snap.outbox_parked)
         yield labeled_gauge("leases", "Unexpired account leases held, by cluster node (PostgreSQL store).", "node",
-                            snap.get("leases", {}))
+                            snap.leases)
         yield gauge("scheduler_high_interval_seconds", "Configured high-priority poll interval.",
-                    snap["high_interval"])
+                    snap.high_interval)
         yield gauge("outbox_oldest_age_seconds", "How long the oldest outbox row has waited (0: empty).",
-                    snap.get("outbox_oldest_age", 0.0))
+                    snap.outbox_oldest_age)
         yield labeled_gauge("publish_rate_per_second", "Envelopes this node's publisher had acknowledged per "
                             "second over the last minute, by node.", "node",
-                            {snap["node_id"]: snap.get("publish_rate", 0.0)} if "node_id" in snap else {})
+                            {snap.node_id: snap.publish_rate} if snap.node_id else {})
         for name, (bounds, help_text) in HISTOGRAMS.items():
             yield _histogram_family(name, bounds, help_text, totals.histogram(name, beats))
 
