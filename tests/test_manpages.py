@@ -187,7 +187,7 @@ def test_every_configuration_key_is_documented_with_its_default() -> None:
                     continue
             if written != expected_text:
                 problems.append(f"{heading} {field.name}: documented {written}, expected {expected_text}")
-    assert not problems, "mailingestd.toml(5) vs mailingestd/config.py:\n" + "\n".join(problems)
+    assert not problems, "mailingestd.toml(5) vs mailingestd/config/schema.py:\n" + "\n".join(problems)
 
 
 def test_every_configuration_key_is_in_the_example_config() -> None:
@@ -335,7 +335,7 @@ def test_exit_codes_and_signals_are_documented() -> None:
 def test_every_section_with_environment_overrides_is_listed() -> None:
     text = words(subsections(sections(render("mailingestd.toml.5"))["DESCRIPTION"])["Environment overrides"])
     listed = text.split("overrides one key of the sections", 1)[1].split(", for example", 1)[0]
-    assert sorted(re.findall(r"[a-z]+", listed.replace(" and ", " "))) == sorted(config._SECTIONS)
+    assert sorted(re.findall(r"[a-z]+", listed.replace(" and ", " "))) == sorted(config.SECTIONS)
 
 
 def test_worst_case_shutdown_time_agrees_everywhere() -> None:
