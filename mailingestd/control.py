@@ -3,7 +3,8 @@
 Transport: one JSON object per line over the Unix stream socket ``control.sock`` in runtime_dir
 (mode 0600, or 0660 to ``daemon.control_group``). Each command is a class whose docstring is its
 help text; the supervisor implements ``handle_<name>``. Anything that is not a known request gets
-one error reply and the connection is closed; it never reaches the daemon's logic.
+one error reply and the connection is closed; it never reaches the daemon's logic. The ``status``
+reply's data is a ``StatusReply`` (daemon/view.py builds it, mailingestctl reads it typed).
 
 Who may ask what is checked on the peer's credentials (``SO_PEERCRED``, ``SO_PEERGROUPS``), not
 only on the socket's mode: ``status`` for root, the daemon's user and members of
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -56,6 +58,96 @@ class Reply(msgspec.Struct):
 AnyRequest = Status | Drain | Resume | Reload
 READ_ONLY = (Status,)  # what daemon.control_group may ask
 
+
+# --- the status reply -----------------------------------------------------------------------------
+# What ``status`` answers (built by daemon/view.py, printed by mailingestctl). ``mailingestctl
+# status --json`` prints it as it came: a public output, so these fields, their nesting and their
+# values are that JSON's shape. A server's capacity fields are there only for servers the
+# scheduler reports capacity for (UNSET: left out of the JSON).
+class SupervisorStatus(msgspec.Struct):
+    pid: int
+    version: str
+    state: str
+    uptime: float
+    node_id: str
+    store: str
+    memory_bytes: int
+    memory_budget: int
+
+
+class ChildStatus(msgspec.Struct):
+    role: str
+    slot: int
+    pid: int | None
+    cpu: int | None
+    state: str
+    rss_bytes: int
+    restarts: int
+    heartbeat_age: float | None
+    last_exit: str | None
+
+
+class AccountsStatus(msgspec.Struct):
+    total: int
+    by_state: dict[str, float]
+    by_priority: dict[str, float]
+
+
+class ServerStatus(msgspec.Struct):
+    connections: float
+    limit: float | None
+    waiting: float
+    # ServerCapacity's fields, for servers the scheduler reports capacity for.
+    holding: int | UnsetType = UNSET
+    rotating: int | UnsetType = UNSET
+    logins_last_minute: int | UnsetType = UNSET
+    logins_allowed: int | UnsetType = UNSET
+    polls_needed: float | UnsetType = UNSET
+    polls_possible: float | UnsetType = UNSET
+    late: dict[str, int] | UnsetType = UNSET
+    deficit: str | None | UnsetType = UNSET
+
+
+class TrafficStatus(msgspec.Struct):
+    polls_total: float
+    messages_total: float
+    polls_last_minute: float
+    messages_last_minute: float
+    idle_connections: int
+    lag_p50: float | None
+    lag_p99: float | None
+
+
+class OutboxStatus(msgspec.Struct):
+    enabled: bool
+    depth: int
+    parked: int
+    published_total: float
+    oldest_age: float
+    publish_rate: float
+    node_id: str
+    publish_errors_total: float
+    publisher_state: str | None
+
+
+class DrainStatus(msgspec.Struct):
+    in_flight_accounts: int
+    in_flight_messages: int
+
+
+class StatusReply(msgspec.Struct):
+    supervisor: SupervisorStatus
+    children: list[ChildStatus]
+    accounts: AccountsStatus
+    servers: dict[str, ServerStatus]
+    traffic: TrafficStatus
+    outbox: OutboxStatus
+    drain: DrainStatus
+    cluster: dict[str, Any]  # store.leases.cluster_status: the scheduler's lease view, as it sent it
+    stuck_folders: list[str]
+    errors: list[str]
+
+
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; not named by Python 3.11
 
 
@@ -90,6 +182,8 @@ def authorize(request: Request, peer: Peer, control_gid: int | None, daemon_uid:
     allowed = "root, the daemon's user or daemon.control_group" if isinstance(request, READ_ONLY) \
         else "root or the daemon's user"
     return f"permission denied: {name} is for {allowed} (uid {peer.uid} is neither)"
+
+
 _request_decoder = msgspec.json.Decoder(AnyRequest)
 
 
@@ -145,6 +239,11 @@ def call(runtime_dir: str, request: Request, timeout: float = 5.0) -> Reply:
         return msgspec.json.decode(b"".join(chunks), type=Reply)
     except msgspec.DecodeError:
         raise DaemonUnreachable(f"mailingestd sent an unreadable reply on {path}") from None
+
+
+def status_of(reply: Reply) -> StatusReply:
+    """The typed status from a ``status`` reply."""
+    return msgspec.convert(reply.data, StatusReply)
 
 
 def pretty(data: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """mailingestctl status, drain, resume and reload: requests to the running daemon over control.sock.
-``status --json`` prints the supervisor's reply as it came (mailingestd/daemon/view.py, a public
-output); the text form is ``format_status``."""
+``status --json`` prints the supervisor's reply as it came (a public output); the text form,
+``format_status``, reads it as the typed ``control.StatusReply``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import click
+from msgspec import UNSET
 
 from .. import control
 from ..logs import printable
@@ -34,50 +35,50 @@ def format_cluster(cluster: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def format_status(data: dict[str, Any]) -> str:
-    sup = data["supervisor"]
-    lines = [f"mailingestd {sup['version']}  pid {sup['pid']}  {sup['state']}  up {sup['uptime']:.0f}s  "
-             f"node {sup['node_id']}  store {sup['store']}  memory {_mib(sup['memory_bytes'])} of "
-             f"{_mib(sup['memory_budget'])}", "", "PROCESSES"]
+def format_status(data: control.StatusReply) -> str:
+    sup = data.supervisor
+    lines = [f"mailingestd {sup.version}  pid {sup.pid}  {sup.state}  up {sup.uptime:.0f}s  "
+             f"node {sup.node_id}  store {sup.store}  memory {_mib(sup.memory_bytes)} of "
+             f"{_mib(sup.memory_budget)}", "", "PROCESSES"]
     lines.append(f"  {'role':<10} {'slot':>4} {'pid':>8} {'cpu':>4} {'state':<10} {'rss':>9} {'restarts':>8} "
                  f"{'heartbeat':>9}")
-    for c in data["children"]:
-        age = "-" if c["heartbeat_age"] is None else f"{c['heartbeat_age']:.1f}s"
-        lines.append(f"  {c['role']:<10} {c['slot']:>4} {c['pid'] or '-':>8} {'-' if c['cpu'] is None else c['cpu']:>4} "
-                     f"{c['state']:<10} {_mib(c['rss_bytes']):>9} {c['restarts']:>8} {age:>9}")
-    acc = data["accounts"]
-    lines += ["", f"ACCOUNTS  {acc['total']}"]
+    for c in data.children:
+        age = "-" if c.heartbeat_age is None else f"{c.heartbeat_age:.1f}s"
+        lines.append(f"  {c.role:<10} {c.slot:>4} {c.pid or '-':>8} {'-' if c.cpu is None else c.cpu:>4} "
+                     f"{c.state:<10} {_mib(c.rss_bytes):>9} {c.restarts:>8} {age:>9}")
+    acc = data.accounts
+    lines += ["", f"ACCOUNTS  {acc.total}"]
     lines.append("  by state:    " + ("  ".join(f"{coloured_state(k)} {int(v)}"
-                                                for k, v in sorted(acc["by_state"].items()) if v) or "-"))
-    lines.append("  by priority: " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc["by_priority"].items()) if v)
+                                                for k, v in sorted(acc.by_state.items()) if v) or "-"))
+    lines.append("  by priority: " + ("  ".join(f"{k} {int(v)}" for k, v in sorted(acc.by_priority.items()) if v)
                                       or "-"))
     lines += ["", "SERVERS", (f"  {'server':<32} {'connections':>11} {'limit':>6} {'waiting':>8} "
                               f"{'rotating':>8} {'logins/min':>13} {'polls/min':>15}")]
-    for server, s in data["servers"].items():
+    for server, s in data.servers.items():
         # logins/min: used of allowed; polls/min: what the limits allow of what the tiers need.
-        capacity = (f"{s['rotating']:>8} {s['logins_last_minute']:>6}/{s['logins_allowed']:<6} "
-                    f"{s['polls_possible']:>7.0f}/{s['polls_needed']:<7.0f}" if "polls_needed" in s else "")
-        lines.append(f"  {server:<32} {int(s['connections']):>11} {'-' if s['limit'] is None else int(s['limit']):>6} "
-                     f"{int(s['waiting']):>8} {capacity}".rstrip())
-    lines += [f"  {s['deficit']}" for s in data["servers"].values() if s.get("deficit")]
-    lines += ["", *format_cluster(data.get("cluster"))]
-    t = data["traffic"]
-    lag = ("-" if t["lag_p99"] is None else f"p50 <= {t['lag_p50']:g}s, p99 <= {t['lag_p99']:g}s")
+        capacity = (f"{s.rotating:>8} {s.logins_last_minute:>6}/{s.logins_allowed:<6} "
+                    f"{s.polls_possible:>7.0f}/{s.polls_needed:<7.0f}" if s.polls_needed is not UNSET else "")
+        lines.append(f"  {server:<32} {int(s.connections):>11} {'-' if s.limit is None else int(s.limit):>6} "
+                     f"{int(s.waiting):>8} {capacity}".rstrip())
+    lines += [f"  {s.deficit}" for s in data.servers.values() if s.deficit]
+    lines += ["", *format_cluster(data.cluster)]
+    t = data.traffic
+    lag = ("-" if t.lag_p99 is None else f"p50 <= {t.lag_p50:g}s, p99 <= {t.lag_p99:g}s")
     lines += ["", "TRAFFIC",
-              f"  polls     last minute {int(t['polls_last_minute'])}   total {int(t['polls_total'])}",
-              f"  messages  last minute {int(t['messages_last_minute'])}   total {int(t['messages_total'])}",
-              f"  idling connections {int(t['idle_connections'])}   scheduler lag {lag}"]
-    out = data["outbox"]
-    if out["enabled"]:
-        lines.append(f"  outbox depth {int(out['depth'])}   oldest {out.get('oldest_age', 0):g}s   "
-                     f"published {int(out['published_total'])} ({out.get('publish_rate', 0):g}/s on this node)   "
-                     f"publish errors {int(out['publish_errors_total'])}   parked {int(out.get('parked', 0))}")
+              f"  polls     last minute {int(t.polls_last_minute)}   total {int(t.polls_total)}",
+              f"  messages  last minute {int(t.messages_last_minute)}   total {int(t.messages_total)}",
+              f"  idling connections {int(t.idle_connections)}   scheduler lag {lag}"]
+    out = data.outbox
+    if out.enabled:
+        lines.append(f"  outbox depth {int(out.depth)}   oldest {out.oldest_age:g}s   "
+                     f"published {int(out.published_total)} ({out.publish_rate:g}/s on this node)   "
+                     f"publish errors {int(out.publish_errors_total)}   parked {int(out.parked)}")
     else:
         lines.append("  queue: none (queue.kind = \"none\")")
-    if data.get("stuck_folders"):
+    if data.stuck_folders:
         lines += ["", "STUCK FOLDERS (a message over imap.max_message_size; see imap.oversize)"]
-        lines += [f"  {printable(line)}" for line in data["stuck_folders"]]
-    lines += ["", "RECENT ERRORS"] + ([f"  {printable(e)}" for e in data["errors"]] or ["  none"])
+        lines += [f"  {printable(line)}" for line in data.stuck_folders]
+    lines += ["", "RECENT ERRORS"] + ([f"  {printable(e)}" for e in data.errors] or ["  none"])
     return "\n".join(lines)
 
 
@@ -87,7 +88,7 @@ def format_status(data: dict[str, Any]) -> str:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the supervisor, every child, accounts, servers, traffic, outbox and recent errors."""
     reply = ask(ctx, control.Status())
-    click.echo(control.pretty(reply.data) if as_json else format_status(reply.data))
+    click.echo(control.pretty(reply.data) if as_json else format_status(control.status_of(reply)))
 
 
 @cli.command()
@@ -107,21 +108,21 @@ def drain(ctx: click.Context, wait: bool, timeout: float | None, exit_after: boo
         emit(as_json, {"state": state}, f"draining (state {state})")
         return
     deadline = None if timeout is None else started + timeout
-    last: dict[str, Any] = {}
+    last: control.StatusReply | None = None
     shown = None
     while True:
         try:
-            last = control.call(cfg.daemon.runtime_dir, control.Status(), 5.0).data
+            last = control.status_of(control.call(cfg.daemon.runtime_dir, control.Status(), 5.0))
         except control.DaemonUnreachable:
             if exit_after:
                 took = time.monotonic() - started
                 emit(as_json, {"state": "exited", "seconds": round(took, 3)}, f"drained and exited after {took:.1f}s")
                 return
             fail(EX_UNAVAILABLE, "the daemon went away while draining")
-        state = last["supervisor"]["state"]
+        state = last.supervisor.state
         if state in ("drained", "stopping"):
             break
-        progress = (state, last["drain"]["in_flight_accounts"], int(last["outbox"]["depth"]))
+        progress = (state, last.drain.in_flight_accounts, int(last.outbox.depth))
         if progress != shown:  # one line per change, on stderr: stdout keeps the result alone
             click.echo(f"{time.monotonic() - started:5.1f}s {state}: {progress[1]} accounts in flight, "
                        f"outbox depth {progress[2]}", err=True)
@@ -130,13 +131,12 @@ def drain(ctx: click.Context, wait: bool, timeout: float | None, exit_after: boo
             fail(EX_TEMPFAIL, f"not drained after {timeout:g}s (state {state}, {progress[1]} accounts in flight); "
                               "the drain goes on: run drain --wait again, or resume")
         time.sleep(0.2)
-    d, took = last["drain"], time.monotonic() - started
-    emit(as_json, {"state": state, "seconds": round(took, 3), "in_flight_accounts": d["in_flight_accounts"],
-                   "messages_total": int(last["traffic"]["messages_total"]),
-                   "outbox_depth": int(last["outbox"]["depth"])},
-         f"drained in {took:.1f}s: {d['in_flight_accounts']} accounts were in flight; "
-         f"{int(last['traffic']['messages_total'])} messages stored in total; "
-         f"outbox depth {int(last['outbox']['depth'])}")
+    took = time.monotonic() - started
+    in_flight, messages, depth = last.drain.in_flight_accounts, int(last.traffic.messages_total), int(last.outbox.depth)
+    emit(as_json, {"state": state, "seconds": round(took, 3), "in_flight_accounts": in_flight,
+                   "messages_total": messages, "outbox_depth": depth},
+         f"drained in {took:.1f}s: {in_flight} accounts were in flight; {messages} messages stored in total; "
+         f"outbox depth {depth}")
 
 
 @cli.command()

@@ -3,9 +3,8 @@ snapshot and the one-line systemd status, all built from the children's last typ
 (``frames.SchedulerStats``/``WorkerStats``/``PublisherStats``) and the banked totals.
 
 Nothing here changes state: every function reads a ``Daemon`` (the supervisor) and returns a
-Struct. ``Status`` is the reply of ``mailingestctl status --json``, a public output: its fields,
-their nesting and their values are that JSON's shape (man/mailingestctl.1). Per-server capacity
-fields are present only for servers the scheduler reports capacity for (``UNSET`` otherwise).
+Struct. The status reply's Structs are in ``control.py`` (``StatusReply``), beside the request,
+because mailingestctl reads them too.
 """
 
 from __future__ import annotations
@@ -13,12 +12,13 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
-from msgspec import UNSET, UnsetType
 
 from .. import __version__, frames
+from ..control import (AccountsStatus, ChildStatus, DrainStatus, OutboxStatus, ServerStatus, StatusReply,
+                       SupervisorStatus, TrafficStatus)
 from ..child import pss_bytes
 from ..config import Config
 from ..histogram import Histogram
@@ -53,35 +53,6 @@ class Daemon(Protocol):
 
 
 # --- the status reply ------------------------------------------------------------------------------
-class SupervisorStatus(msgspec.Struct):
-    pid: int
-    version: str
-    state: str
-    uptime: float
-    node_id: str
-    store: str
-    memory_bytes: int
-    memory_budget: int
-
-
-class ChildStatus(msgspec.Struct):
-    role: str
-    slot: int
-    pid: int | None
-    cpu: int | None
-    state: str
-    rss_bytes: int
-    restarts: int
-    heartbeat_age: float | None
-    last_exit: str | None
-
-
-class AccountsStatus(msgspec.Struct):
-    total: int
-    by_state: dict[str, float]
-    by_priority: dict[str, float]
-
-
 class ServerCapacity(msgspec.Struct):
     """A contended server's capacity: connections holding and rotating, logins and polls per
     minute, late accounts per priority and the one-line deficit (None when the limits suffice)."""
@@ -95,60 +66,6 @@ class ServerCapacity(msgspec.Struct):
     late: dict[str, int]
     deficit: str | None
 
-
-class ServerStatus(msgspec.Struct):
-    connections: float
-    limit: float | None
-    waiting: float
-    # ServerCapacity's fields, for servers the scheduler reports capacity for.
-    holding: int | UnsetType = UNSET
-    rotating: int | UnsetType = UNSET
-    logins_last_minute: int | UnsetType = UNSET
-    logins_allowed: int | UnsetType = UNSET
-    polls_needed: float | UnsetType = UNSET
-    polls_possible: float | UnsetType = UNSET
-    late: dict[str, int] | UnsetType = UNSET
-    deficit: str | None | UnsetType = UNSET
-
-
-class TrafficStatus(msgspec.Struct):
-    polls_total: float
-    messages_total: float
-    polls_last_minute: float
-    messages_last_minute: float
-    idle_connections: int
-    lag_p50: float | None
-    lag_p99: float | None
-
-
-class OutboxStatus(msgspec.Struct):
-    enabled: bool
-    depth: int
-    parked: int
-    published_total: float
-    oldest_age: float
-    publish_rate: float
-    node_id: str
-    publish_errors_total: float
-    publisher_state: str | None
-
-
-class DrainStatus(msgspec.Struct):
-    in_flight_accounts: int
-    in_flight_messages: int
-
-
-class Status(msgspec.Struct):
-    supervisor: SupervisorStatus
-    children: list[ChildStatus]
-    accounts: AccountsStatus
-    servers: dict[str, ServerStatus]
-    traffic: TrafficStatus
-    outbox: OutboxStatus
-    drain: DrainStatus
-    cluster: dict[str, Any]  # store.leases.cluster_status: the scheduler's lease view, as it sent it
-    stuck_folders: list[str]
-    errors: list[str]
 
 
 # --- reading the heartbeats ---------------------------------------------------------------------------
@@ -293,7 +210,7 @@ def _children(daemon: Daemon, now: float) -> list[ChildStatus]:
             for slot in daemon.slots if not (slot.retired and slot.pid is None)]
 
 
-def status(daemon: Daemon) -> Status:
+def status(daemon: Daemon) -> StatusReply:
     now = time.monotonic()
     snap = metrics_snapshot(daemon)
     live = snap.beats
@@ -314,7 +231,7 @@ def status(daemon: Daemon) -> Status:
             if line not in errors:
                 errors.append(line)
     pub_beat = beat_of(daemon, "publisher")
-    return Status(
+    return StatusReply(
         supervisor=SupervisorStatus(pid=daemon.pid, version=__version__, state=daemon.state.value,
                                     uptime=round(now - daemon.started_mono, 1), node_id=node_id(config),
                                     store=config.store_url.split("://")[0], memory_bytes=daemon.memory,
