@@ -52,22 +52,6 @@ class Daemon(Protocol):
     memory: int
 
 
-# --- the status reply ------------------------------------------------------------------------------
-class ServerCapacity(msgspec.Struct):
-    """A contended server's capacity: connections holding and rotating, logins and polls per
-    minute, late accounts per priority and the one-line deficit (None when the limits suffice)."""
-
-    holding: int
-    rotating: int
-    logins_last_minute: int
-    logins_allowed: int
-    polls_needed: float
-    polls_possible: float
-    late: dict[str, int]
-    deficit: str | None
-
-
-
 # --- reading the heartbeats ---------------------------------------------------------------------------
 def beats(daemon: Daemon) -> list[frames.Heartbeat]:
     return [s.beat for s in daemon.slots if s.beat is not None]
@@ -176,6 +160,20 @@ def metrics_snapshot(daemon: Daemon) -> metrics.Snapshot:
 
 
 # --- status ------------------------------------------------------------------------------------------
+class ServerCapacity(msgspec.Struct):
+    """A contended server's capacity: connections holding and rotating, logins and polls per
+    minute, late accounts per priority and the one-line deficit (None when the limits suffice)."""
+
+    holding: int
+    rotating: int
+    logins_last_minute: int
+    logins_allowed: int
+    polls_needed: float
+    polls_possible: float
+    late: dict[str, int]
+    deficit: str | None
+
+
 def server_capacity(server: str, capacity: dict[str, dict[str, float]]) -> ServerCapacity | None:
     """One server's capacity from the scheduler's labeled stats (docs/contended-servers.md)."""
     if server not in capacity.get("polls_needed", {}):
