@@ -74,7 +74,7 @@ def run_bare(dovecot: Dovecot, users: list[str], processes: int) -> dict[str, An
     seconds = time.monotonic() - started
     by_process = window.stop()
     messages, size = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    return {"machine_cores_busy": by_process["cores"]["machine"], "cpu_by_process": {"bare loop": by_process},
+    return {"machine_cores_busy": by_process["cores"]["machine"], "cpu_by_process": {"pull": by_process},
             "processes": processes, "messages": messages, "bytes": size, "seconds": rnd(seconds, 2),
             "messages_per_second": rnd(messages / seconds, 1), "mb_per_second": rnd(size / seconds / 1e6, 1)}
 
@@ -131,7 +131,7 @@ def run_mbsync(root: Path, dovecot: Dovecot, users: list[str], processes: int) -
     codes = [proc.returncode for proc in procs]
     files = [path for path in maildir.rglob("*") if path.is_file() and path.parent.name in ("cur", "new")]
     size = sum(path.stat().st_size for path in files)
-    result = {"machine_cores_busy": by_process["cores"]["machine"], "cpu_by_process": {"mbsync": by_process},
+    result = {"machine_cores_busy": by_process["cores"]["machine"], "cpu_by_process": {"pull": by_process},
               "processes": len(procs), "exit_codes": codes, "messages": len(files), "bytes": size,
               "seconds": rnd(seconds, 2), "messages_per_second": rnd(len(files) / seconds, 1),
               "mb_per_second": rnd(size / seconds / 1e6, 1), "fsync": True,
@@ -200,7 +200,7 @@ region = "{sink.region}"
                 time.sleep(0.5)
             count, size, first, last = conn.execute(
                 "SELECT count(*), sum(size), min(ingested_at), max(ingested_at) FROM messages").fetchone()
-            by_process = {"until stored": window.stop()}
+            by_process = {"pull": window.stop()}
             window = cpu.meter(daemon, dovecot=dovecot, postgres=postgres, queue=sink)
             raw_bytes = conn.execute("SELECT sum(length(raw)) FROM messages").fetchone()[0]
             outbox = 0
@@ -212,14 +212,15 @@ region = "{sink.region}"
                 time.sleep(0.2)
             outbox_drained_after = time.time() - running_at if outbox == 0 else None
             empty_after_last_commit = time.time() - float(last) if outbox == 0 else None
-            by_process["outbox"] = window.stop()
+            by_process["outbox drain"] = window.stop()
         plots["backlog_rows_over_time"] = samples
         status = daemon.try_status() or {}
         # From spawning the daemon (start-up included): status may say "running" only after ingest
         # began when the machine is busy, so that moment is no fair start.
         seconds = float(last) - daemon.spawned_at
         workers = sum(1 for child in status.get("children", []) if child["role"] == "worker")
-        result = {"cpu_by_process": by_process, "workers": workers, "postgresql": durability, "messages": int(count), "bytes": int(size), "raw_bytes_stored": int(raw_bytes or 0),
+        result = {"cpu_by_process": by_process, "workers": workers, "postgresql": durability,
+                  "messages": int(count), "bytes": int(size), "raw_bytes_stored": int(raw_bytes or 0),
                   "seconds_from_running_to_last_commit": rnd(seconds, 2),
                   "seconds_from_spawn_to_last_commit": rnd(float(last) - daemon.spawned_at, 2),
                   "seconds_first_to_last_commit": rnd(float(last) - float(first), 2),

@@ -25,6 +25,10 @@ def _durability(daemon: dict[str, Any]) -> str:
     return f" (fsync {pg['fsync']}, full_page_writes {pg['full_page_writes']})" if pg else ""
 
 
+def _workers(daemon: dict[str, Any]) -> str:
+    return f" ({daemon['workers']} workers)" if daemon.get("workers") else ""
+
+
 def _s(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds} s"
 
@@ -100,7 +104,7 @@ def rows(scenarios: dict[str, Any], machine: dict[str, Any]) -> list[tuple[str, 
         b = s["backlog"]
         d, m, bare = b["daemon"], b["mbsync"], b["bare_loop"]
         out += [("backlog", (f"{b['mail']['messages']} messages, {b['mail']['bytes'] / 1e6:.0f} MB, "
-                 f"{b['accounts']} accounts: daemon into PostgreSQL{_durability(d)} + outbox, "
+                 f"{b['accounts']} accounts: daemon{_workers(d)} into PostgreSQL{_durability(d)} + outbox, "
                  f"queue {_queue(b)}"),
                  f"{d['messages_per_second']} msg/s, {d['mb_per_second']} MB/s", ""),
                 ("backlog", (f"mbsync, {m['processes']} processes (Maildir, "
@@ -248,7 +252,7 @@ def _backlog_row(b: dict[str, Any]) -> tuple[str, str, str]:
     d, m, bare = b["daemon"], b["mbsync"], b["bare_loop"]
     return ((f"backlog: {b['accounts']} accounts, {b['mail']['messages']:,} messages, "
                         f"{b['mail']['bytes'] / 1e9:.1f} GB"),
-            (f"daemon into PostgreSQL{_durability(d)} + outbox {d['messages_per_second']:,.0f} msg/s; "
+            (f"daemon{_workers(d)} into PostgreSQL{_durability(d)} + outbox {d['messages_per_second']:,.0f} msg/s; "
              f"mbsync (FSync {'yes' if m.get('fsync') else 'no'}, {m['processes']} processes) "
              f"{m['messages_per_second']:,.0f} msg/s; bare fetch loop {bare['messages_per_second']:,.0f} msg/s; "
              f"queue {_queue(b)}"),
