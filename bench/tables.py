@@ -71,7 +71,7 @@ def rows(scenarios: dict[str, Any], machine: dict[str, Any]) -> list[tuple[str, 
                           lat["floor_append_to_idle_exists_seconds"])
             out += [(name, f"appends ({lat['rate_target_per_second']:g}/s asked)",
                      (f"{lat['appended']} at {lat['append_rate_achieved']}/s, stored {lat['stored']}, "
-                     f"on SQS {lat['announced_on_sqs']}"), "all stored"),
+                     f"on the queue ({lat.get('queue') or 'SQS'}) {lat['announced_on_sqs']}"), "all stored"),
                     (name, "append -> store p50 / p99 / max", f"{st['p50']} / {st['p99']} / {st['max']} s", ""),
                     (name, "append -> SQS p50 / p99 / max", f"{sq['p50']} / {sq['p99']} / {sq['max']} s", ""),
                     (name, f"bare IDLE floor p50 / p99 ({fl['count']} msgs)", f"{fl['p50']} / {fl['p99']} s", ""),
