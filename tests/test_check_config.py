@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from mailingestd.cli import POSTGRESQL_MIN_VERSION, StoreProbe, supported_problem
-from mailingestd.store.store import _MIGRATIONS
+from mailingestd.store.schema import MIGRATIONS as _MIGRATIONS
 
 BIN = Path(sys.executable).parent
 LATEST = _MIGRATIONS[-1][0]

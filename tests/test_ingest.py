@@ -103,10 +103,10 @@ def test_uidvalidity_change_starts_folder_over_and_says_so(dovecot, mailbox, sto
     now = store.get_mailbox(mailbox, "Archive")
     assert now.uidvalidity == new_validity and now.last_uid == 2
     with store.transaction() as cur:
-        cur.execute(store._sql("SELECT uidvalidity, COUNT(*) FROM messages WHERE account_id = ? GROUP BY uidvalidity"),
+        cur.execute(store.sql("SELECT uidvalidity, COUNT(*) FROM messages WHERE account_id = ? GROUP BY uidvalidity"),
                     (mailbox,))
         by_validity = dict(cur.fetchall())
-        cur.execute(store._sql("SELECT old_uidvalidity, new_uidvalidity FROM uidvalidity_changes WHERE account_id = ?"),
+        cur.execute(store.sql("SELECT old_uidvalidity, new_uidvalidity FROM uidvalidity_changes WHERE account_id = ?"),
                     (mailbox,))
         changes = cur.fetchall()
     assert by_validity == {old.uidvalidity: 1, new_validity: 2}, "old rows are kept"

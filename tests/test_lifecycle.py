@@ -5,6 +5,7 @@ What each test proves is in its name; docs/data-lifecycle.md explains the design
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -14,24 +15,24 @@ import uuid
 import msgspec
 import pytest
 
-from mailingestd.store import blobs, partitions, retention, store as store_mod
+from mailingestd.store import blobs, partitions, retention, schema
 from mailingestd.config import BlobsConfig, QueueConfig, StoreConfig
 from mailingestd.fetch.message import parse_headers
 from mailingestd.publish.publisher import Publisher
 from devtools.samplemail import corpus, make_large
-from mailingestd.store.store import open_store
+from mailingestd.store.store import StoredMessage, open_store
 
 DAY = 86400
 
 
-def stored(uid: int, raw: bytes) -> store_mod.StoredMessage:
+def stored(uid: int, raw: bytes) -> StoredMessage:
     h = parse_headers(raw)
-    return store_mod.StoredMessage(uid=uid, raw=raw, size=len(raw), internaldate=None, message_id=h.message_id,
-                                   from_=h.from_, to=h.to, cc=h.cc, subject=h.subject, date=h.date,
-                                   in_reply_to=h.in_reply_to, references=h.references)
+    return StoredMessage(uid=uid, raw=raw, size=len(raw), internaldate=None, message_id=h.message_id,
+                         from_=h.from_, to=h.to, cc=h.cc, subject=h.subject, date=h.date,
+                         in_reply_to=h.in_reply_to, references=h.references)
 
 
-def message(uid: int, size: int = 2000) -> store_mod.StoredMessage:
+def message(uid: int, size: int = 2000) -> StoredMessage:
     raw = f"Message-ID: <{uid}@lifecycle>\r\nSubject: m{uid}\r\n\r\n".encode() + b"y" * size + b"\r\n"
     return stored(uid, raw)
 
@@ -44,7 +45,7 @@ def commit(st, account: str, uids, announce: bool = True, size: int = 2000, uidv
 
 def rows(st, sql: str, params: tuple = ()) -> list[tuple]:
     with st.transaction() as cur:
-        return st._exec(cur, sql, params).fetchall()
+        return st.execute(cur, sql, params).fetchall()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -53,6 +54,31 @@ def any_store(request, tmp_path):
     st = open_store(url)
     yield st
     st.close()
+
+
+# --- the commit of a batch, in both dialects ----------------------------------------------------
+def test_batch_commit_is_exactly_once_and_refused_under_a_new_uidvalidity(any_store):
+    st = any_store
+    opened = st.open_mailbox("acct", "INBOX", 7, uidnext=1)
+    assert opened.created and opened.previous_uidvalidity is None and opened.state.last_uid == 0
+    box = opened.state
+    assert st.commit_batch(box, [message(1), message(2)], settled_uid=2, highestmodseq=5) == 2
+    assert st.commit_batch(box, [message(1), message(2), message(3)], settled_uid=3) == 1, "stored keys: no-ops"
+    assert st.commit_batch(box, [message(4)], settled_uid=4, announce=False) == 1
+    assert rows(st, "SELECT key FROM outbox ORDER BY id") == [(f"acct/INBOX/7/{u}",) for u in (1, 2, 3)]
+    stored_rows = rows(st, 'SELECT uid, size, "from", subject, sha256, blob FROM messages ORDER BY uid')
+    assert [(r[0], r[1], r[5]) for r in stored_rows] == [(u, message(u).size, None) for u in (1, 2, 3, 4)]
+    assert stored_rows[0][2:5] == (message(1).from_, message(1).subject, hashlib.sha256(message(1).raw).hexdigest())
+    st.commit_batch(box, [], settled_uid=1)
+    again = st.open_mailbox("acct", "INBOX", 7, uidnext=9)
+    assert not again.created and again.previous_uidvalidity is None
+    assert (again.state.last_uid, again.state.highestmodseq) == (4, 5), "the checkpoint never moves back"
+    changed = st.open_mailbox("acct", "INBOX", 8, uidnext=9)  # UIDVALIDITY changed under a batch in flight
+    assert changed.previous_uidvalidity == 7 and changed.state.resync_below == 9 and changed.state.last_uid == 0
+    assert rows(st, "SELECT old_uidvalidity, new_uidvalidity FROM uidvalidity_changes") == [(7, 8)]
+    with pytest.raises(Exception, match="changed UIDVALIDITY"):
+        st.commit_batch(box, [message(5)], settled_uid=5)
+    assert st.counts()["messages"] == 4 and st.get_mailbox("acct", "INBOX").last_uid == 0
 
 
 # --- PostgreSQL partitions --------------------------------------------------------------------------
@@ -83,7 +109,7 @@ def test_partitions_are_created_ahead_and_contiguous(pg_url):
 def test_migration_moves_old_table_and_retention_drops_only_whole_announced_partitions(postgres, monkeypatch):
     url = postgres.create_database(f"test_{uuid.uuid4().hex}")
     # A store as it was before migration 3: the plain messages table, with rows on three old days.
-    monkeypatch.setattr(store_mod, "_MIGRATIONS", store_mod._MIGRATIONS[:2])
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
     old = open_store(url)
     now = time.time()
     days = [partitions.period_start(now - d * DAY, "day") for d in (40, 39, 38)]
@@ -92,11 +118,11 @@ def test_migration_moves_old_table_and_retention_drops_only_whole_announced_part
         for n, day in enumerate(days):
             for i in range(3):
                 uid = n * 3 + i + 1
-                old._exec(cur, "INSERT INTO messages (account_id, folder, uidvalidity, uid, size, raw, sha256, "
+                old.execute(cur, "INSERT INTO messages (account_id, folder, uidvalidity, uid, size, raw, sha256, "
                                "ingested_at) VALUES ('acct', 'INBOX', 7, ?, 3, ?, 'x', ?)", (uid, b"raw", day + 60 * i))
-        old._exec(cur, "UPDATE mailboxes SET last_uid = 9")
+        old.execute(cur, "UPDATE mailboxes SET last_uid = 9")
         # The message of day -39 with UID 4 was never announced.
-        old._exec(cur, "INSERT INTO outbox (key, account_id, envelope, raw_size, created_at) "
+        old.execute(cur, "INSERT INTO outbox (key, account_id, envelope, raw_size, created_at) "
                        "VALUES ('acct/INBOX/7/4', 'acct', '{}', 3, ?)", (now,))
     old.close()
     monkeypatch.undo()
@@ -126,7 +152,7 @@ def test_migration_moves_old_table_and_retention_drops_only_whole_announced_part
     assert commit(st, "acct", [10]) == 0, "a recent key is still refused"
     # Once announced, its partition goes on the next pass.
     with st.transaction() as cur:
-        st._exec(cur, "DELETE FROM outbox")
+        st.execute(cur, "DELETE FROM outbox")
     assert retention.run_pass(st, cfg, now=now).partitions_dropped == [day_names[1]]
     st.close()
 
@@ -170,7 +196,7 @@ def test_sqlite_metadata_retention_deletes_only_checkpointed_rows(tmp_path):
     # UIDs 11..12 committed without moving the checkpoint past 10 (as a retried tail would be).
     st.commit_batch(mailbox, [message(11), message(12)], settled_uid=10)
     with st.transaction() as cur:
-        st._exec(cur, "DELETE FROM outbox WHERE key != 'acct/INBOX/7/3'")
+        st.execute(cur, "DELETE FROM outbox WHERE key != 'acct/INBOX/7/3'")
     cfg = StoreConfig(raw_retention=7 * DAY, metadata_retention=30 * DAY, retention_batch=3, retention_pause=0.0)
     result = retention.run_pass(st, cfg, now=time.time() + 31 * DAY)
     left = sorted(r[0] for r in rows(st, "SELECT uid FROM messages"))

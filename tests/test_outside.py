@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from mailingestd import config
 from mailingestd.backoff import retry_delay
 from mailingestd.config import LimitsConfig, SchedulerConfig
+from mailingestd.envelope import make_envelope
 from mailingestd.fetch.imap import classify
 from mailingestd.sched.planner import AccountPlan, AccountState, Planner
-from mailingestd.store.store import StoredMessage, make_envelope
+from mailingestd.store.store import StoredMessage
 
 SCHEDULER = SchedulerConfig(high_interval=60, medium_interval=300, low_interval=900, idle_safety_interval=900,
                             backoff_base=5, backoff_max=900, auth_failure_limit=3, tick=0.1)

@@ -23,11 +23,12 @@ started), so it has stopped before any other node may claim its leases.
 
 Fencing: that local deadline is not enough for a process that was paused (SIGSTOP, a VM freeze,
 a partition) in the middle of a fetch. :class:`Fence` runs inside every store transaction that
-moves a checkpoint (``Store.commit_batch``, ``Store.start_mailbox``) and checks, on the database
-clock, that this node still owns the account's lease and that it has not expired. It reads the
-lease row ``FOR SHARE``: a claimer's ``FOR UPDATE SKIP LOCKED`` skips a row while a commit that
-passed the check is still open, so a lease can never change hands under a committing batch. The
-new holder starts from the committed checkpoint; rows the old holder committed are no-ops for it.
+moves a checkpoint (``Store.commit_batch``, ``Store.start_mailbox``, ``Store.open_mailbox`` when
+it starts a folder) and checks, on the database clock, that this node still owns the account's
+lease and that it has not expired. It reads the lease row ``FOR SHARE``: a claimer's ``FOR UPDATE
+SKIP LOCKED`` skips a row while a commit that passed the check is still open, so a lease can never
+change hands under a committing batch. The new holder starts from the committed checkpoint; rows
+the old holder committed are no-ops for it.
 
 Why a ``leases`` table rather than columns on ``accounts``: renewing thousands of leases every
 few seconds would rewrite the wide accounts rows (settings, ciphertexts) and hold row locks that
@@ -51,6 +52,7 @@ import time
 from typing import Any
 
 from ..config import Config
+from .base import StoreBase
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -95,10 +97,14 @@ class Fence:
         self.node = node
         self.idle_timeout_ms = max(1000, int(lease_time * 1000 / 3))
 
-    def check(self, cur: Any, account_id: str) -> None:
-        cur.execute(f"SET LOCAL idle_in_transaction_session_timeout = {self.idle_timeout_ms}")
-        cur.execute("SELECT owner, expires_at > now() FROM leases WHERE account_id = %s FOR SHARE", (account_id,))
-        row = cur.fetchone()
+    def check(self, store: StoreBase, cur: Any, account_id: str) -> None:
+        """Raise :class:`LeaseLost` unless this node holds ``account_id``'s lease; ``cur`` is the
+        transaction of ``store`` that is about to commit (one statement: the timeout is set
+        transaction-locally by ``set_config`` in the same SELECT)."""
+        row = store.execute(cur, "SELECT owner, expires_at > now(), "
+                                 "set_config('idle_in_transaction_session_timeout', ?, true) "
+                                 "FROM leases WHERE account_id = ? FOR SHARE",
+                            (str(self.idle_timeout_ms), account_id)).fetchone()
         if row is None or row[0] != self.node or not row[1]:
             owner = row[0] if row else None
             log.warning("event=lease_lost account=%s node=%s owner=%s expired=%s action=rollback",
@@ -186,7 +192,7 @@ class LeaseManager:
         try:
             with self.store.transaction() as cur:
                 # A round must end well inside the lease it renews.
-                cur.execute(f"SET LOCAL statement_timeout = {max(1, int(self.renew_every * 1000))}")
+                self.store.execute(cur, f"SET LOCAL statement_timeout = {max(1, int(self.renew_every * 1000))}")
                 self._heartbeat(cur, state)
                 self._free(cur, self.releasing)
                 released = len(self.releasing)
@@ -216,44 +222,47 @@ class LeaseManager:
         self.held = owned - self.releasing
 
     def _heartbeat(self, cur: Any, state: str) -> None:
-        cur.execute("""INSERT INTO nodes (node_id, capacity, state, host, pid, lease_time, started_at, heartbeat_at)
-                       VALUES (%s, %s, %s, %s, %s, %s, now(), now())
-                       ON CONFLICT (node_id) DO UPDATE SET capacity = excluded.capacity, state = excluded.state,
-                           host = excluded.host, pid = excluded.pid, lease_time = excluded.lease_time,
-                           heartbeat_at = now()""",
-                    (self.node, self.capacity, state, socket.gethostname(), os.getpid(), self.lease_time))
+        self.store.execute(cur, """
+            INSERT INTO nodes (node_id, capacity, state, host, pid, lease_time, started_at, heartbeat_at)
+            VALUES (?, ?, ?, ?, ?, ?, now(), now())
+            ON CONFLICT (node_id) DO UPDATE SET capacity = excluded.capacity, state = excluded.state,
+                host = excluded.host, pid = excluded.pid, lease_time = excluded.lease_time, heartbeat_at = now()""",
+                           (self.node, self.capacity, state, socket.gethostname(), os.getpid(), self.lease_time))
         # Every account gets its lease row (new accounts); deleted ones cascade away.
-        cur.execute("""INSERT INTO leases (account_id) SELECT a.id FROM accounts a
-                       WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.account_id = a.id)
-                       ON CONFLICT (account_id) DO NOTHING""")
+        self.store.execute(cur, """INSERT INTO leases (account_id) SELECT a.id FROM accounts a
+                                   WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.account_id = a.id)
+                                   ON CONFLICT (account_id) DO NOTHING""")
 
     def _owned(self, cur: Any) -> set[str]:
-        cur.execute("SELECT account_id FROM leases WHERE owner = %s", (self.node,))
+        self.store.execute(cur, "SELECT account_id FROM leases WHERE owner = ?", (self.node,))
         return {r[0] for r in cur.fetchall()}
 
     def _renew(self, cur: Any) -> set[str]:
         # Also an expired lease still in our name: nobody took it, so nobody committed meanwhile.
-        cur.execute("""UPDATE leases SET expires_at = now() + make_interval(secs => %s), renewed_at = now()
-                       WHERE owner = %s RETURNING account_id""", (self.lease_time, self.node))
+        self.store.execute(cur, """UPDATE leases SET expires_at = now() + make_interval(secs => ?),
+                                   renewed_at = now() WHERE owner = ? RETURNING account_id""",
+                           (self.lease_time, self.node))
         return {r[0] for r in cur.fetchall()}
 
     def _free(self, cur: Any, account_ids: set[str]) -> None:
         if account_ids:
-            cur.execute("UPDATE leases SET owner = NULL, expires_at = '-infinity' "
-                        "WHERE owner = %s AND account_id = ANY(%s)", (self.node, sorted(account_ids)))
+            self.store.execute(cur, "UPDATE leases SET owner = NULL, expires_at = '-infinity' "
+                                    "WHERE owner = ? AND account_id = ANY(?)", (self.node, sorted(account_ids)))
 
     def _survey(self, cur: Any, state: str) -> None:
         """Nodes, their leases and this node's fair share."""
-        cur.execute("DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => %s)", (NODE_FORGET_AFTER,))
-        cur.execute("""SELECT n.node_id, n.capacity, n.state, extract(epoch FROM now() - n.heartbeat_at)::float8,
-                              n.heartbeat_at > now() - make_interval(secs => %s) AS live,
-                              (SELECT count(*) FROM leases l WHERE l.owner = n.node_id AND l.expires_at > now()),
-                              n.publish_rate
-                       FROM nodes n ORDER BY n.node_id""", (self.lease_time,))
+        self.store.execute(cur, "DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => ?)",
+                           (NODE_FORGET_AFTER,))
+        self.store.execute(cur, """
+            SELECT n.node_id, n.capacity, n.state, extract(epoch FROM now() - n.heartbeat_at)::float8,
+                   n.heartbeat_at > now() - make_interval(secs => ?) AS live,
+                   (SELECT count(*) FROM leases l WHERE l.owner = n.node_id AND l.expires_at > now()),
+                   n.publish_rate
+            FROM nodes n ORDER BY n.node_id""", (self.lease_time,))
         self.nodes = [{"node_id": r[0], "capacity": r[1], "state": r[2], "heartbeat_age": round(r[3], 1),
                        "live": bool(r[4]), "leases": int(r[5]), "publish_rate": round(float(r[6]), 1)}
                       for r in cur.fetchall()]
-        cur.execute("SELECT count(*) FROM accounts")
+        self.store.execute(cur, "SELECT count(*) FROM accounts")
         self.total = int(cur.fetchone()[0])
         others = sum(n["capacity"] for n in self.nodes
                      if n["live"] and n["state"] == "running" and n["node_id"] != self.node)
@@ -262,15 +271,15 @@ class LeaseManager:
     def _claim(self, cur: Any, wanted: int) -> set[str]:
         if wanted <= 0:
             return set()
-        cur.execute("""SELECT account_id, owner FROM leases WHERE owner IS NULL OR expires_at <= now()
-                       ORDER BY random() LIMIT %s FOR UPDATE SKIP LOCKED""", (wanted,))
+        self.store.execute(cur, """SELECT account_id, owner FROM leases WHERE owner IS NULL OR expires_at <= now()
+                                   ORDER BY random() LIMIT ? FOR UPDATE SKIP LOCKED""", (wanted,))
         rows = cur.fetchall()
         if not rows:
             return set()
         claimed = [r[0] for r in rows]
-        cur.execute("""UPDATE leases SET owner = %s, expires_at = now() + make_interval(secs => %s),
-                           acquired_at = now(), renewed_at = now() WHERE account_id = ANY(%s)""",
-                    (self.node, self.lease_time, claimed))
+        self.store.execute(cur, """UPDATE leases SET owner = ?, expires_at = now() + make_interval(secs => ?),
+                                       acquired_at = now(), renewed_at = now() WHERE account_id = ANY(?)""",
+                           (self.node, self.lease_time, claimed))
         taken_over = sorted({r[1] for r in rows if r[1] and r[1] != self.node})
         log.info("event=leases_claimed node=%s count=%d from_expired=%s", self.node, len(claimed),
                  ",".join(taken_over) or "-")
@@ -292,9 +301,10 @@ class LeaseManager:
         over at their next round instead of after a lease time."""
         try:
             with self.store.transaction() as cur:
-                cur.execute("UPDATE leases SET owner = NULL, expires_at = '-infinity' WHERE owner = %s", (self.node,))
+                self.store.execute(cur, "UPDATE leases SET owner = NULL, expires_at = '-infinity' WHERE owner = ?",
+                                   (self.node,))
                 count = cur.rowcount
-                cur.execute("DELETE FROM nodes WHERE node_id = %s", (self.node,))
+                self.store.execute(cur, "DELETE FROM nodes WHERE node_id = ?", (self.node,))
             log.info("event=leases_released node=%s count=%d reason=shutdown", self.node, count)
         except StoreError as exc:
             log.error("event=lease_release_failed node=%s error=%s (the leases expire instead)", self.node, exc)

@@ -4,12 +4,13 @@ Why a second table. A partitioned table's primary key must contain the partition
 PostgreSQL ``messages`` is keyed ``(account_id, folder, uidvalidity, uid, ingested_at)`` and can
 no longer refuse a second row for the same message by itself (two commits of one UID carry two
 different ``ingested_at``). Uniqueness moves to ``message_keys``, a plain (non-partitioned) table
-whose primary key is the message key. :func:`insert_messages` runs inside the batch transaction:
+whose primary key is the message key. The batch statement (``PostgresStore._write_batch`` in
+postgres.py) runs inside the batch transaction:
 
 1. ``INSERT INTO message_keys ... ON CONFLICT DO NOTHING``; a concurrent committer of the same
    key blocks on the unique index until the first one commits or rolls back, then sees the
    conflict; a key already there is a no-op (docs/architecture.md, "The message key");
-2. only when that row was inserted, ``INSERT INTO messages`` (and the caller adds the outbox row).
+2. only for the keys that were inserted, ``INSERT INTO messages`` and the outbox rows.
 
 Both happen in the one transaction that also moves the checkpoint, so a key exists if and only if
 its message row was committed with it. Dropping a ``messages`` partition (retention) leaves the
@@ -31,20 +32,21 @@ import datetime
 import logging
 import re
 import time
-from typing import Any
 
 import msgspec
 
+from .base import StoreBase
 from .keys import sql_key
 
 log = logging.getLogger(__name__)
 
 DAY = 86400
 LOCK_TIMEOUT = "2s"
+# The columns of migration 3's copy of the rows (a shipped migration: never edited).
 _COLUMNS = ('account_id, folder, uidvalidity, uid, message_id, "from", "to", cc, subject, date, in_reply_to, '
             '"references", size, internaldate, raw, sha256, ingested_at')
 
-# Migration 3 (store._MIGRATIONS). PostgreSQL: message_keys filled from the old table, a
+# Migration 3 (schema.MIGRATIONS). PostgreSQL: message_keys filled from the old table, a
 # partitioned copy with one daily partition per day that has rows (plus today and two days ahead),
 # rows moved one day per statement, then the names swapped. SQLite: the blob column only.
 MIGRATION_3 = {
@@ -88,24 +90,6 @@ MIGRATION_3 = {
 }
 
 
-def insert_messages(store: Any, cur: Any, rows: list[tuple]) -> set[int]:
-    """Insert a batch of one mailbox's rows, exactly once per key (see the module docstring), in two
-    multi-row statements: the keys (``RETURNING`` those that were new), then the rows of those.
-    ``rows`` are in ``messages`` column order (``_COLUMNS`` then ``blob``). Returns the new UIDs."""
-    if not rows:
-        return set()
-    new = {row[0] for row in store._exec(
-        cur, "INSERT INTO message_keys (account_id, folder, uidvalidity, uid, ingested_at) VALUES "
-             + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows)) + " ON CONFLICT DO NOTHING RETURNING uid",
-        [value for values in rows for value in (*values[:4], values[16])]).fetchall()}
-    fresh = [values for values in rows if values[3] in new]
-    if fresh:
-        store._exec(cur, f"INSERT INTO messages ({_COLUMNS}, blob) VALUES "
-                         + ", ".join([f"({', '.join('?' * 18)})"] * len(fresh)),
-                    [value for values in fresh for value in values])
-    return new
-
-
 class Partition(msgspec.Struct):
     name: str
     start: float | None  # None for DEFAULT
@@ -117,10 +101,10 @@ class Partition(msgspec.Struct):
 _BOUND = re.compile(r"FROM \('?([-\d.e+]+)'?\) TO \('?([-\d.e+]+)'?\)")
 
 
-def list_partitions(store: Any, with_sizes: bool = False) -> list[Partition]:
+def list_partitions(store: StoreBase, with_sizes: bool = False) -> list[Partition]:
     """Every partition of ``messages``, oldest first, DEFAULT last."""
     with store.transaction() as cur:
-        rows = store._exec(cur, """
+        rows = store.execute(cur, """
             SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), pg_total_relation_size(c.oid),
                    c.reltuples::BIGINT
             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -131,7 +115,7 @@ def list_partitions(store: Any, with_sizes: bool = False) -> list[Partition]:
             part = Partition(name, float(match.group(1)) if match else None, float(match.group(2)) if match else None)
             if with_sizes:
                 part.bytes = int(size)
-                part.rows = store._exec(cur, f'SELECT COUNT(*) FROM "{name}"').fetchone()[0]
+                part.rows = store.execute(cur, f'SELECT COUNT(*) FROM "{name}"').fetchone()[0]
             out.append(part)
     return sorted(out, key=lambda p: (p.start is None, p.start or 0))
 
@@ -149,7 +133,7 @@ def _name(start: float) -> str:
     return "messages_p" + datetime.datetime.fromtimestamp(start, datetime.timezone.utc).strftime("%Y%m%d")
 
 
-def ensure_partitions(store: Any, interval: str = "day", ahead: int = 3, now: float | None = None) -> list[str]:
+def ensure_partitions(store: StoreBase, interval: str = "day", ahead: int = 3, now: float | None = None) -> list[str]:
     """Create partitions from the newest existing one up to ``ahead`` periods past now.
 
     A new partition starts where the newest ends (so a change from day to week leaves no gap) and
@@ -166,13 +150,13 @@ def ensure_partitions(store: Any, interval: str = "day", ahead: int = 3, now: fl
         end = period_start(start, interval) + step
         name = _name(start)
         with store.transaction() as cur:
-            store._exec(cur, f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            store._exec(cur, f'CREATE TABLE "{name}" (LIKE messages INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
+            store.execute(cur, f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            store.execute(cur, f'CREATE TABLE "{name}" (LIKE messages INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
                              f'INCLUDING COMPRESSION)')
-            store._exec(cur, f'INSERT INTO "{name}" SELECT * FROM messages_default WHERE ingested_at >= ? '
+            store.execute(cur, f'INSERT INTO "{name}" SELECT * FROM messages_default WHERE ingested_at >= ? '
                              f'AND ingested_at < ?', (start, end))
-            store._exec(cur, "DELETE FROM messages_default WHERE ingested_at >= ? AND ingested_at < ?", (start, end))
-            store._exec(cur, f'ALTER TABLE messages ATTACH PARTITION "{name}" FOR VALUES FROM ({start!r}) '
+            store.execute(cur, "DELETE FROM messages_default WHERE ingested_at >= ? AND ingested_at < ?", (start, end))
+            store.execute(cur, f'ALTER TABLE messages ATTACH PARTITION "{name}" FOR VALUES FROM ({start!r}) '
                              f'TO ({end!r})')
         created.append(name)
         log.info("event=partition_created name=%s from=%s to=%s", name, start, end)
@@ -180,7 +164,7 @@ def ensure_partitions(store: Any, interval: str = "day", ahead: int = 3, now: fl
     return created
 
 
-def droppable_partitions(store: Any, cutoff: float) -> list[Partition]:
+def droppable_partitions(store: StoreBase, cutoff: float) -> list[Partition]:
     """Partitions whose whole range ends before ``cutoff`` and none of whose rows is still in the
     outbox (unannounced); DEFAULT never."""
     out = []
@@ -188,7 +172,7 @@ def droppable_partitions(store: Any, cutoff: float) -> list[Partition]:
         if part.end is None or part.end > cutoff:
             continue
         with store.transaction() as cur:
-            pending = store._exec(cur, f"""
+            pending = store.execute(cur, f"""
                 SELECT 1 FROM "{part.name}" m JOIN outbox o
                   ON o.key = {sql_key('m')}
                 LIMIT 1""").fetchone()
@@ -197,20 +181,20 @@ def droppable_partitions(store: Any, cutoff: float) -> list[Partition]:
     return out
 
 
-def drop_partition(store: Any, part: Partition) -> bool:
+def drop_partition(store: StoreBase, part: Partition) -> bool:
     """Detach and drop one partition, re-checking the outbox under the detach lock; False if it
     had to be skipped (lock not granted in time, or a row was still unannounced)."""
     try:
         with store.transaction() as cur:
-            store._exec(cur, f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            store._exec(cur, f'ALTER TABLE messages DETACH PARTITION "{part.name}"')
-            pending = store._exec(cur, f"""
+            store.execute(cur, f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            store.execute(cur, f'ALTER TABLE messages DETACH PARTITION "{part.name}"')
+            pending = store.execute(cur, f"""
                 SELECT 1 FROM "{part.name}" m JOIN outbox o
                   ON o.key = {sql_key('m')}
                 LIMIT 1""").fetchone()
             if pending is not None:
                 raise _Skip()
-            store._exec(cur, f'DROP TABLE "{part.name}"')
+            store.execute(cur, f'DROP TABLE "{part.name}"')
     except _Skip:
         return False
     except Exception as exc:  # lock_timeout: ingest held the table; try again next pass

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import msgspec
 
 from . import partitions
+from .base import StoreBase
 from .keys import sql_key
 from ..config import StoreConfig
 
@@ -62,13 +63,13 @@ class PassResult(msgspec.Struct):
     seconds: float = 0.0
 
 
-def _batched(store: Any, sql: str, params: tuple, batch: int, pause: float,
+def _batched(store: StoreBase, sql: str, params: tuple, batch: int, pause: float,
              should_stop: Callable[[], bool]) -> int:
     """Run a bounded UPDATE/DELETE until it touches nothing; one short transaction per batch."""
     total = 0
     while not should_stop():
         with store.transaction() as cur:
-            done = store._exec(cur, sql, (*params, batch)).rowcount
+            done = store.execute(cur, sql, (*params, batch)).rowcount
         total += max(done, 0)
         if done < batch:
             break
@@ -76,7 +77,7 @@ def _batched(store: Any, sql: str, params: tuple, batch: int, pause: float,
     return total
 
 
-def _prune_raw(store: Any, cutoff: float, batch: int, pause: float, stop: Callable[[], bool]) -> int:
+def _prune_raw(store: StoreBase, cutoff: float, batch: int, pause: float, stop: Callable[[], bool]) -> int:
     pick = (f"SELECT {{id}} FROM messages m WHERE m.ingested_at < ? AND m.raw IS NOT NULL AND {_ANNOUNCED} "
             "LIMIT ?")
     if store.dialect == "sqlite":
@@ -88,21 +89,21 @@ def _prune_raw(store: Any, cutoff: float, batch: int, pause: float, stop: Callab
     return _batched(store, sql, (cutoff,), batch, pause, stop)
 
 
-def _delete_rows(store: Any, cutoff: float, batch: int, pause: float, stop: Callable[[], bool]) -> int:
+def _delete_rows(store: StoreBase, cutoff: float, batch: int, pause: float, stop: Callable[[], bool]) -> int:
     """SQLite: rows (and with them their keys) past metadata_retention, where the checkpoint protects."""
     sql = (f"DELETE FROM messages WHERE rowid IN (SELECT m.rowid FROM messages m WHERE m.ingested_at < ? "
            f"AND {_SETTLED} AND {_ANNOUNCED} LIMIT ?)")
     return _batched(store, sql, (cutoff,), batch, pause, stop)
 
 
-def _delete_keys(store: Any, cutoff: float, batch: int, pause: float, stop: Callable[[], bool]) -> int:
+def _delete_keys(store: StoreBase, cutoff: float, batch: int, pause: float, stop: Callable[[], bool]) -> int:
     """PostgreSQL: message_keys past metadata_retention whose message row is gone or settled."""
     sql = (f"DELETE FROM message_keys WHERE ctid IN (SELECT m.ctid FROM message_keys m WHERE m.ingested_at < ? "
            f"AND {_SETTLED} AND {_ANNOUNCED} LIMIT ?)")
     return _batched(store, sql, (cutoff,), batch, pause, stop)
 
 
-def run_pass(store: Any, cfg: StoreConfig, now: float | None = None,
+def run_pass(store: StoreBase, cfg: StoreConfig, now: float | None = None,
              should_stop: Callable[[], bool] = lambda: False) -> PassResult:
     """One retention pass (and, on PostgreSQL, partitions created ahead first)."""
     started = time.monotonic()
@@ -155,11 +156,11 @@ def start_thread(store_url: str, cfg: StoreConfig, should_stop: Callable[[], boo
     return thread
 
 
-def store_stats(store: Any) -> dict[str, Any]:
+def store_stats(store: StoreBase) -> dict[str, Any]:
     """Sizes, row counts, partitions and the oldest raw message (``mailingestctl store stats``)."""
     out: dict[str, Any] = {"backend": store.dialect}
     with store.transaction() as cur:
-        q = lambda sql: store._exec(cur, sql).fetchone()  # noqa: E731
+        q = lambda sql: store.execute(cur, sql).fetchone()  # noqa: E731
         total, with_raw, in_s3, raw_bytes = q("SELECT COUNT(*), COUNT(raw), COUNT(blob), "
                                               "COALESCE(SUM(LENGTH(raw)), 0) FROM messages")
         out["messages"] = {"rows": total, "raw_in_store": with_raw, "raw_in_s3": in_s3,

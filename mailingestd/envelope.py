@@ -1,0 +1,51 @@
+"""The queue's contract: the announcement of one stored message (docs/envelope.schema.json).
+
+Built by the store at commit time (the outbox row commits with the message row, rule 5) and sent
+as-is by the publisher; a module of its own beside frames.py because it is a contract between
+roles, and roles do not import each other.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .store.keys import message_key
+
+if TYPE_CHECKING:
+    from .store.records import StoredMessage
+
+
+ENVELOPE_VERSION = 1
+
+
+def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMessage, ingested_at: float,
+                  resync: bool, extra: dict[str, Any] | None = None) -> str:
+    """The queue body (docs/envelope.schema.json) without the raw message: consumers claim it by key."""
+    body = {
+        "v": ENVELOPE_VERSION,
+        "key": message_key(account_id, folder, uidvalidity, msg.uid),
+        "account_id": account_id,
+        "folder": folder,
+        "uidvalidity": uidvalidity,
+        "uid": msg.uid,
+        "message_id": msg.message_id,
+        "from": msg.from_,
+        "to": msg.to,
+        "cc": msg.cc,
+        "subject": msg.subject,
+        "date": msg.date,
+        "in_reply_to": msg.in_reply_to,
+        "references": msg.references,
+        "size": msg.size,
+        "ingested_at": ingested_at,
+    }
+    if resync:
+        # Rule 1: a UIDVALIDITY change re-ingests the folder; say so instead of posing as new mail.
+        body["resync"] = True
+    if msg.body_omitted:
+        body["body_omitted"] = True  # the store holds the header only; the body is on the server
+    if extra:
+        body.update(extra)  # raw bytes in S3: the payload pointer and sha256 (blobs.py)
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
