@@ -27,6 +27,7 @@ from .. import config as config_mod
 from ..config import AccountConfig, Config
 from .planner import AccountPlan, AccountState, Planner, ServerSnapshot
 from .ratelimit import TIER_NAMES
+from ..store.postgres import listen_account_changes
 from ..store.store import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -470,10 +471,7 @@ class Scheduler:
         if not self.config.store_url.startswith(("postgresql://", "postgres://")):
             return
         try:
-            import psycopg
-
-            self.listener = psycopg.connect(self.config.store_url, autocommit=True, connect_timeout=10)
-            self.listener.execute("LISTEN mailingestd_accounts")
+            self.listener = listen_account_changes(self.config.store_url)
             poller.register(self.listener.fileno(), zmq.POLLIN)
         except Exception as exc:  # the revision check still catches every change, a little later
             self.listener = None
