@@ -129,7 +129,7 @@ class Messages(StoreBase):
     def _write_batch(self, cur: Any, batch: Batch) -> set[int]:
         """The statements of one batch inside its transaction: check the checkpoint's UIDVALIDITY,
         insert the rows whose key is new and their outbox rows, move the checkpoint. Returns the new
-        UIDs. PostgreSQL overrides this with one statement (postgres.py)."""
+        UIDs. PostgreSQL overrides this with fewer round trips (postgres.py)."""
         mailbox = batch.mailbox
         self._check_uidvalidity(cur, mailbox)
         new_uids = {row.uid for row in batch.rows if self._insert_message(cur, row)}
