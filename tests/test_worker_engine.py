@@ -26,7 +26,7 @@ from harness import Daemon, account_toml, wait_until
 from hostile_imap import HostileServer, Session, fetch_response
 
 from devtools.devservers import Dovecot
-from mailingestd.fetch.worker import RENEW_JITTER, IdleTimers
+from mailingestd.fetch.sessions import RENEW_JITTER, IdleTimers
 
 LOG_TIMESTAMP = 'log_timestamp = "%Y-%m-%d %H:%M:%S.%{usecs} "\n'
 
