@@ -519,3 +519,67 @@ def test_timers_hand_out_at_most_the_limit_and_drop_stale_entries():
             timers.start(session, now=20.0)
         timers.compact(len(crowd))
     assert len(timers.heap) <= 2 * len(crowd) + 1024 + len(crowd)
+
+
+def test_batches_commit_in_uid_order_beside_the_next_fetch_and_a_failed_commit_stops_the_rest(dovecot, mailbox,
+                                                                                               tmp_path):
+    """ingest.sync_folder commits batch N on a helper thread while batch N+1 is fetched: the
+    commits still run one at a time in UID order, a failed commit leaves the checkpoint at the
+    last batch committed before it and commits nothing after it, and the retry stores every
+    message exactly once (rules 2 and 5)."""
+    import threading
+
+    from mailingestd.config import AccountConfig, ImapConfig
+    from mailingestd.fetch import imap
+    from mailingestd.fetch.ingest import sync_folder
+    from mailingestd.store.store import StoreError, open_store
+
+    uids = [dovecot.append(mailbox, f"Message-ID: <p{n}@test>\r\nSubject: {n}\r\n\r\nbody {n}\r\n".encode())
+            for n in range(60)]
+    store = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    settings = ImapConfig(batch_messages=10)
+    account = AccountConfig(id=mailbox, host=dovecot.host, port=dovecot.port, tls="none", username=mailbox,
+                            password_env="UNUSED")
+    commit_batch = store.commit_batch
+    commits: list[tuple[int, str, bool]] = []  # (settled uid, thread, another commit was running)
+    running = threading.Lock()
+
+    def recording_commit(mailbox_state, messages, settled_uid, **kwargs):
+        overlapped = not running.acquire(blocking=False)
+        try:
+            commits.append((settled_uid, threading.current_thread().name, overlapped))
+            if len(commits) == 3 and fail:
+                raise StoreError("refused for the test")
+            return commit_batch(mailbox_state, messages, settled_uid, **kwargs)
+        finally:
+            if not overlapped:
+                running.release()
+
+    store.commit_batch = recording_commit
+    try:
+        fail = True
+        client = imap.connect(account, dovecot.password, timeout=30)
+        try:
+            with pytest.raises(StoreError):
+                sync_folder(client, store, mailbox, "INBOX", settings)
+        finally:
+            imap.logout(client)
+        assert [uid for uid, _, _ in commits] == [uids[9], uids[19], uids[29]]
+        assert not any(overlapped for _, _, overlapped in commits)
+        assert all(thread != threading.current_thread().name for _, thread, _ in commits)
+        assert store.get_mailbox(mailbox, "INBOX").last_uid == uids[19]
+        assert store.counts()["messages"] == 20
+
+        fail, commits[:] = False, []
+        client = imap.connect(account, dovecot.password, timeout=30)
+        try:
+            result = sync_folder(client, store, mailbox, "INBOX", settings)
+        finally:
+            imap.logout(client)
+        assert [uid for uid, _, _ in commits] == [uids[n] for n in range(29, 60, 10)]
+        assert result.new_messages == 40 and result.settled_uid == uids[-1]
+        assert store.get_mailbox(mailbox, "INBOX").last_uid == uids[-1]
+        counts = store.counts()
+        assert counts["messages"] == counts["outbox"] == 60
+    finally:
+        store.close()

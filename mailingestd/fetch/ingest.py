@@ -19,16 +19,17 @@ This is the correctness core (docs/architecture.md rules 1-5), shared by every p
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from typing import Any, Callable, Sequence
 
 import msgspec
 
-from . import imap
 from ..config import ImapConfig
-from .message import parse_headers
 from ..store.store import MailboxState, Store, StoredMessage
+from . import imap
+from .message import parse_headers
 
 log = logging.getLogger(__name__)
 MAX_STUCK_SHOWN = 10
@@ -108,18 +109,16 @@ def pending_sizes(client: Any, first_uid: int) -> tuple[list[tuple[int, int]], l
     return sizes, missing
 
 
-def header_only(client: Any, uid: int, size: int) -> StoredMessage:
-    """The oversized message ``uid`` as metadata: its header (``BODY.PEEK[HEADER]``), no body."""
+def header_only(client: Any, uid: int, size: int) -> imap.Fetched:
+    """The oversized message ``uid`` as metadata: its header (``BODY.PEEK[HEADER]``), no body;
+    ``size`` stays the server's RFC822.SIZE (see :func:`to_stored`)."""
     try:
         response = client.fetch([uid], ["RFC822.SIZE", "INTERNALDATE", "BODY.PEEK[HEADER]"])
     except Exception as exc:
         raise imap.classify(exc) from exc
     items = response.get(uid, {})
-    header = bytes(items.get(b"BODY[HEADER]") or b"")
-    stored = to_stored(uid, imap.Fetched(uid=uid, raw=header, size=size, internaldate=items.get(b"INTERNALDATE")))
-    stored.size = size
-    stored.body_omitted = True
-    return stored
+    return imap.Fetched(uid=uid, raw=bytes(items.get(b"BODY[HEADER]") or b""), size=size,
+                        internaldate=items.get(b"INTERNALDATE"))
 
 
 def plan_batches(pending: Sequence[tuple[int, int]], max_messages: int, max_bytes: int) -> list[list[int]]:
@@ -141,13 +140,16 @@ def plan_batches(pending: Sequence[tuple[int, int]], max_messages: int, max_byte
     return batches
 
 
-def to_stored(uid: int, fetched: imap.Fetched) -> StoredMessage:
+def to_stored(fetched: imap.Fetched, body_omitted: bool = False) -> StoredMessage:
+    """The row to commit: the header fields parsed from ``raw``; ``size`` is the bytes stored, or
+    the server's size of a message whose body was left on the server (``body_omitted``)."""
     headers = parse_headers(fetched.raw)
     internaldate = fetched.internaldate.isoformat() if fetched.internaldate is not None else None
-    return StoredMessage(uid=uid, raw=fetched.raw, size=len(fetched.raw), internaldate=internaldate,
-                         message_id=headers.message_id, from_=headers.from_, to=headers.to, cc=headers.cc,
-                         subject=headers.subject, date=headers.date, in_reply_to=headers.in_reply_to,
-                         references=headers.references)
+    return StoredMessage(uid=fetched.uid, raw=fetched.raw, size=fetched.size if body_omitted else len(fetched.raw),
+                         internaldate=internaldate, message_id=headers.message_id, from_=headers.from_,
+                         to=headers.to, cc=headers.cc, subject=headers.subject, date=headers.date,
+                         in_reply_to=headers.in_reply_to, references=headers.references,
+                         body_omitted=body_omitted)
 
 
 def open_mailbox(store: Store, account_id: str, folder: str,
@@ -165,6 +167,63 @@ def open_mailbox(store: Store, account_id: str, folder: str,
     return mailbox, False, False
 
 
+class InOrderCommits:
+    """Commits a folder's batches one at a time, in UID order, on one helper thread, while the
+    caller fetches the next batch on the IMAP connection (rule 5 per batch, rule 2 across them).
+
+    Invariants: at most one commit is in flight; batch N+1 is handed over only after batch N's
+    commit returned, so the checkpoint moves in UID order and a failed commit stops every later
+    one (its error is raised to the caller at the next hand-over or at :meth:`finish`, and the
+    checkpoint stays below the failed batch). Header parsing runs on the helper too, off the
+    fetch path. Without a helper (``pipelined`` False: one batch only) the commit runs inline.
+    """
+
+    def __init__(self, store: Store, mailbox: MailboxState, highestmodseq: int | None, announce: bool,
+                 result: SyncResult, pipelined: bool) -> None:
+        self.store, self.mailbox, self.highestmodseq, self.announce = store, mailbox, highestmodseq, announce
+        self.result = result
+        self.helper = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+                       if pipelined else None)
+        self.in_flight: concurrent.futures.Future[None] | None = None
+
+    def commit(self, fetched: list[imap.Fetched], omitted: set[int], settled_uid: int) -> None:
+        """Hand over one batch (its messages in UID order; ``settled_uid``: its last UID asked for)."""
+        self.wait()
+        if self.helper is None:
+            self._commit(fetched, omitted, settled_uid)
+        else:
+            self.in_flight = self.helper.submit(self._commit, fetched, omitted, settled_uid)
+
+    def wait(self) -> None:
+        """Block until the commit in flight (if any) is done; raise its error."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def finish(self, failing: bool = False) -> None:
+        """Wait for the last commit, also when the caller is failing (no commit outlives the
+        sync), then let the helper thread go. ``failing``: the caller raises its own error, so a
+        commit error is logged instead of replacing it."""
+        try:
+            self.wait()
+        except Exception:
+            if not failing:
+                raise
+            log.exception("event=commit_failed account=%s folder=%s during=failed_sync",
+                          self.mailbox.account_id, self.mailbox.folder)
+        finally:
+            if self.helper is not None:
+                self.helper.shutdown(wait=True)
+
+    def _commit(self, fetched: list[imap.Fetched], omitted: set[int], settled_uid: int) -> None:
+        messages = [to_stored(f, body_omitted=f.uid in omitted) for f in fetched]
+        inserted = self.store.commit_batch(self.mailbox, messages, settled_uid=settled_uid,
+                                           highestmodseq=self.highestmodseq, announce=self.announce)
+        self.result.new_messages += inserted
+        self.result.new_bytes += sum(m.size for m in messages)
+        self.result.settled_uid = settled_uid
+
+
 def sync_folder(client: object, store: Store, account_id: str, folder: str, settings: ImapConfig, *,
                 announce: bool = True, should_stop: Callable[[], bool] | None = None,
                 state: imap.FolderState | None = None) -> SyncResult:
@@ -172,7 +231,8 @@ def sync_folder(client: object, store: Store, account_id: str, folder: str, sett
 
     ``state`` is the folder as just EXAMINEd (the caller may already have it selected); without it
     the folder is EXAMINEd here. ``should_stop`` is asked between batches: a drain finishes the
-    batch in flight, commits it and returns with ``interrupted``.
+    batch in flight, commits it and returns with ``interrupted``. Batch N commits while batch N+1
+    is fetched (:class:`InOrderCommits`).
     """
     if state is None:
         state = imap.examine(client, folder)
@@ -196,29 +256,32 @@ def sync_folder(client: object, store: Store, account_id: str, folder: str, sett
         pending = [(uid, size) for uid, size in pending if uid < first_big]
     else:
         HEALTH.moving(account_id, folder)
-    for batch in plan_batches(pending, settings.batch_messages, settings.batch_bytes):
-        if should_stop is not None and should_stop():
-            result.interrupted = True
-            break
-        started = time.monotonic()
-        fetched = imap.fetch_messages(client, [uid for uid in batch if uid not in too_big])
-        result.fetch_seconds += time.monotonic() - started
-        messages = []
-        for uid in batch:
-            if uid in too_big:  # imap.oversize = "skip": announced, its body left on the server
-                log.warning("event=message_too_large account=%s folder=%s uid=%d size=%d limit=%d action=skip_body",
-                            account_id, folder, uid, too_big[uid], limit)
-                HEALTH.oversize_skipped += 1
-                messages.append(header_only(client, uid, too_big[uid]))
-            elif uid in fetched:
-                messages.append(to_stored(uid, fetched[uid]))
-        vanished = [uid for uid in batch if uid not in fetched and uid not in too_big]
-        if vanished:
-            HEALTH.vanished(account_id, folder, vanished, "no_body_in_fetch")
-        # UIDs asked for and not answered were expunged meanwhile: settled (rule 3).
-        inserted = store.commit_batch(mailbox, messages, settled_uid=batch[-1],
-                                      highestmodseq=state.highestmodseq, announce=announce)
-        result.new_messages += inserted
-        result.new_bytes += sum(m.size for m in messages)
-        result.settled_uid = batch[-1]
+    batches = plan_batches(pending, settings.batch_messages, settings.batch_bytes)
+    commits = InOrderCommits(store, mailbox, state.highestmodseq, announce, result, pipelined=len(batches) > 1)
+    try:
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                result.interrupted = True
+                break
+            started = time.monotonic()
+            fetched = imap.fetch_messages(client, [uid for uid in batch if uid not in too_big])
+            result.fetch_seconds += time.monotonic() - started
+            messages = []
+            for uid in batch:
+                if uid in too_big:  # imap.oversize = "skip": announced, its body left on the server
+                    log.warning("event=message_too_large account=%s folder=%s uid=%d size=%d limit=%d "
+                                "action=skip_body", account_id, folder, uid, too_big[uid], limit)
+                    HEALTH.oversize_skipped += 1
+                    messages.append(header_only(client, uid, too_big[uid]))
+                elif uid in fetched:
+                    messages.append(fetched[uid])
+            vanished = [uid for uid in batch if uid not in fetched and uid not in too_big]
+            if vanished:
+                HEALTH.vanished(account_id, folder, vanished, "no_body_in_fetch")
+            # UIDs asked for and not answered were expunged meanwhile: settled (rule 3).
+            commits.commit(messages, too_big.keys() & set(batch), settled_uid=batch[-1])
+    except BaseException:
+        commits.finish(failing=True)
+        raise
+    commits.finish()
     return result

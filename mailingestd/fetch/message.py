@@ -43,10 +43,12 @@ def _header_block(raw: bytes) -> bytes:
 def _decode(value: object, limit: int) -> str | None:
     if value is None:
         return None
-    try:
-        text = str(email.header.make_header(email.header.decode_header(str(value))))
-    except Exception:  # any malformed encoded-word: keep the undecoded text
-        text = str(value)
+    text = str(value)
+    if "=?" in text:  # RFC 2047 encoded words; without one, decoding would return the text as it is
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except Exception:  # any malformed encoded-word: keep the undecoded text
+            text = str(value)
     text = " ".join(text.replace("\x00", "").split())
     return text[:limit]
 
