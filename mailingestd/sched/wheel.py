@@ -39,7 +39,7 @@ _NEVER = 1 << 62  # a tick after every real one
 class TimingWheel:
     """Integer keys with due times; ``advance(now)`` hands out every key due by ``now``, each once."""
 
-    __slots__ = ("_block_end", "_block_start", "_blocks", "_bounds", "_count", "_cursor", "_due", "_near",
+    __slots__ = ("_block_end", "_block_start", "_blocks", "_bounds", "_count", "_cursor", "_due", "_earliest", "_near",
                  "_overdue", "_pending", "_pending_keys", "_pending_min", "_pending_ticks", "_run", "_run_ticks",
                  "_stale", "slots", "tick")
 
@@ -55,6 +55,9 @@ class TimingWheel:
         self._due = np.full(max(1, capacity), np.nan)
         self._count = 0
         self._stale = 0  # entries that no longer stand for a key where they are filed
+        # next_due's answer while nothing could have raised it (NaN: not known, compute it again).
+        # Scheduling only lowers it; taking out or moving the earliest key forgets it.
+        self._earliest = math.nan
         # Keys scheduled for a tick already handed out: returned first by the next advance.
         self._overdue: list[int] = []
         # Later blocks: block number -> chunks of (keys, ticks) filed there.
@@ -92,8 +95,14 @@ class TimingWheel:
         if key >= len(self._due):
             self.reserve(key + 1)
         due = self._due
-        present = not math.isnan(due[key])
+        old = due[key]
+        present = not math.isnan(old)
         due[key] = due_at
+        earliest = self._earliest
+        if present and old <= earliest < due_at:
+            self._earliest = math.nan  # the earliest key moved later
+        elif due_at < earliest or not self._count:
+            self._earliest = float(due_at)
         if not present:
             self._count += 1
         elif self._note_stale(1):
@@ -105,7 +114,15 @@ class TimingWheel:
         if not len(keys):
             return
         due = self._due
-        present = len(keys) - int(np.count_nonzero(np.isnan(due[keys])))
+        old = due[keys]
+        present = len(keys) - int(np.count_nonzero(np.isnan(old)))
+        earliest = self._earliest
+        if present and float(np.nanmin(old)) <= earliest:
+            self._earliest = math.nan  # the earliest key may have moved later
+        elif not self._count:
+            self._earliest = float(due_ats.min())
+        elif not math.isnan(earliest):  # known: the new keys can only lower it
+            self._earliest = min(earliest, float(due_ats.min()))
         self._count += len(keys) - present
         due[keys] = due_ats
         if present and self._note_stale(present):
@@ -130,6 +147,8 @@ class TimingWheel:
         """Take the key out of the wheel; False when it was not there."""
         if key >= len(self._due) or math.isnan(self._due[key]):
             return False
+        if self._due[key] <= self._earliest:
+            self._earliest = math.nan
         self._due[key] = np.nan
         self._count -= 1
         self._note_stale(1)
@@ -172,59 +191,22 @@ class TimingWheel:
         self._cursor = cursor
         if not parts:
             return _EMPTY
+        self._earliest = math.nan  # the earliest keys were taken out
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def next_due(self) -> float | None:
-        """The earliest due_at in the wheel (may be in the past), or None when it is empty."""
+        """The earliest due_at in the wheel (may be in the past), or None when it is empty.
+
+        Remembered between calls: a loop that asks every turn pays for it only after keys were
+        taken out or the earliest one moved, not once per turn."""
         if not self._count:
             return None
-        due = self._due
-        tick = self.tick
-        cursor = self._cursor
-        overdue = [float(due[key]) for key in self._overdue
-                   if not math.isnan(due[key]) and math.ceil(due[key] / tick) < cursor]
-        if overdue:
-            return min(overdue)
-        # The rest of the current block: every live key here is due before any later block's.
-        earliest = self._block_min()
-        if earliest is not None:
-            return earliest
-        # Pending keys (any later block) against the first later block with a live key.
-        keys, ticks = self._pending_arrays()
-        earliest = _live_min(due, keys, ticks, tick)
-        for block in sorted(self._blocks):
-            chunks = self._blocks[block]
-            low = _live_min(due, np.concatenate([keys for keys, _ in chunks]),
-                            np.concatenate([ticks for _, ticks in chunks]), tick)
-            if low is not None:
-                earliest = low if earliest is None else min(earliest, low)
-                break
+        earliest = self._earliest
+        if math.isnan(earliest):  # not known
+            earliest = self._earliest = float(np.nanmin(self._due))
         return earliest
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _block_min(self) -> float | None:
-        """The earliest due_at among the live entries left in the current block."""
-        cursor, start = self._cursor, self._block_start
-        if cursor >= self._block_end:
-            return None
-        due, tick, near, bounds = self._due, self.tick, self._near, self._bounds
-        low = bounds[cursor - start]
-        if len(self._run) - low + sum(map(len, near.values())) <= 4096:  # few entries left: all at once
-            keys, ticks = [self._run[low:]], [self._run_ticks[low:]]
-            for near_tick, near_keys in near.items():
-                keys.append(np.array(near_keys, dtype=np.int64))
-                ticks.append(np.full(len(near_keys), near_tick, dtype=np.int64))
-            return _live_min(due, np.concatenate(keys), np.concatenate(ticks), tick)
-        for next_tick in range(cursor, self._block_end):  # many: tick by tick, the first is usually live
-            keys = self._run[bounds[next_tick - start]:bounds[next_tick + 1 - start]]
-            if next_tick in near:
-                keys = np.concatenate((keys, np.array(near[next_tick], dtype=np.int64)))
-            if len(keys):
-                earliest = _live_min(due, keys, next_tick, tick)
-                if earliest is not None:
-                    return earliest
-        return None
 
     def _take(self, keys: np.ndarray, ticks: np.ndarray | int | None, parts: list[np.ndarray]) -> None:
         """Hand out the live entries: those filed under their key's current tick (``ticks``: per
@@ -391,11 +373,3 @@ class TimingWheel:
             self._pending.append((keys[later], ticks[later]))
             self._pending_min = int(ticks[later].min())
 
-
-def _live_min(due: np.ndarray, keys: np.ndarray, ticks: np.ndarray | int, tick: float) -> float | None:
-    """The earliest due_at of the entries still filed under their key's current tick."""
-    if not len(keys):
-        return None
-    times = due[keys]
-    live = times[np.ceil(times / tick) == ticks]
-    return float(live.min()) if len(live) else None
