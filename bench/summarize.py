@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH_DIR
-from bench.tables import CPU_HEADER, cpu_rows, readme_rows, rows, runtime
+from bench.tables import CPU_HEADER, cpu_rows, in_order, readme_rows, rows, runtime
 
 ROOT = BENCH_DIR.parent
 RESULTS_MD = ROOT / "bench/RESULTS.md"
@@ -86,6 +86,7 @@ def machine_line(run: dict[str, Any], kernel: bool = True) -> str:
 def section(source: Source, scenarios: dict[str, Any], heading: str = "###") -> list[str]:
     """One report's figures, CPU by process and run time, for the scenarios taken from it."""
     path, mode, run = source
+    scenarios = in_order(scenarios)
     commits = sorted({r.get("commit", "?") for r in scenarios.values()})
     lines = [f"{heading} `{path}`, key `{mode}`: {', '.join(scenarios)}", "",
              (f"Commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}; the run that last wrote this key started "
@@ -110,8 +111,7 @@ def mode_sections(sources: list[Source], mode: str) -> list[str]:
         entry[1][name] = result
     lines = []
     for source, scenarios in sorted(by_source.values(), key=lambda item: item[0][0], reverse=True):
-        ordered = {name: scenarios[name] for name in source[2]["scenarios"] if name in scenarios}
-        lines += section(source, ordered)
+        lines += section(source, scenarios)
     return lines
 
 

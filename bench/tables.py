@@ -12,8 +12,17 @@ from typing import Any
 from bench.cpu import GROUPS
 
 Row = tuple[str, ...]
+# The order python -m bench runs them in (a report's JSON keeps its keys sorted).
+ORDER = ("hold", "latency", "latency_light", "latency-folders", "quiet", "status", "backlog", "publish", "polling",
+         "contended", "scheduler")
 CPU_HEADER = ("scenario", "window", *("PostgreSQL" if g == "postgresql" else "Dovecot" if g == "dovecot" else g
                                       for g in GROUPS), "other", "machine")
+
+
+def in_order(scenarios: dict[str, Any]) -> dict[str, Any]:
+    """The scenarios in ORDER (unknown names last, as they came)."""
+    rank = {name: index for index, name in enumerate(ORDER)}
+    return dict(sorted(scenarios.items(), key=lambda item: rank.get(item[0], len(ORDER))))
 
 
 def _fs(mbsync: dict[str, Any]) -> str:
