@@ -207,24 +207,6 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / CLK_TCK, float(Path("/proc/uptime").read_text().split()[0])
 
 
-def cpu_during(pids_of: dict[str, list[int]]) -> Callable[[], dict[str, float]]:
-    """Start measuring CPU of named process groups and of the machine; call the result to stop.
-
-    Returns core fractions (1.0 = one core busy) for each group and for the whole machine."""
-    before = {name: cpu_seconds(pids) for name, pids in pids_of.items()}
-    machine_before, started = machine_busy_seconds()[0], time.monotonic()
-
-    def stop() -> dict[str, float]:
-        elapsed = time.monotonic() - started
-        result = {f"{name}_cores": round((cpu_seconds(pids_of[name]) - before[name]) / elapsed, 3)
-                  for name in pids_of}
-        result["machine_cores"] = round((machine_busy_seconds()[0] - machine_before) / elapsed, 3)
-        result["machine_cpus"] = os.cpu_count() or 0
-        return result
-
-    return stop
-
-
 def raise_fd_limit() -> None:
     """Soft descriptor limit up to the hard one, as the unit's LimitNOFILE= does for the daemon."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
