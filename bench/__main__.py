@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import backlog, contended, cpu, folders, idle, plots, polling
-from bench.common import BENCH_DIR, SCALES, Report, Scale, raise_fd_limit
+from bench.common import BENCH_DIR, COMMAND_METRIC, SCALES, Report, Scale, raise_fd_limit
 from bench.publish import run_publish
 from devtools.devservers import Dovecot, MotoServer, Postgres
 
@@ -72,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         return lazy[name]
 
     def dovecot() -> Dovecot:
-        return get("dovecot", lambda: Dovecot(root / "dovecot", users=[], password=idle.PASSWORD))
+        return get("dovecot", lambda: Dovecot(root / "dovecot", users=[], password=idle.PASSWORD,
+                                                 extra_conf=COMMAND_METRIC))
 
     def postgres() -> Postgres:
         return get("postgres", lambda: Postgres(root / "postgres"))
 
     def dovecot_noidle() -> Dovecot:
         return get("dovecot_noidle", lambda: Dovecot(root / "dovecot-noidle", users=[], password=idle.PASSWORD,
-                                                     idle=False, extra_conf=polling.COMMAND_METRIC))
+                                                     idle=False, extra_conf=COMMAND_METRIC))
 
     def moto() -> MotoServer:
         return get("moto", lambda: MotoServer(root / "moto"))

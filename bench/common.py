@@ -448,3 +448,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.5
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+# Dovecot counts each IMAP command it finished (doveadm stats dump), read by command_counts().
+COMMAND_METRIC = """
+metric imap_command {
+  filter = event=imap_command_finished
+  group_by = cmd_name
+}
+"""
+
+
+def command_counts(dovecot: Dovecot) -> dict[str, int]:
+    output = subprocess.run(["doveadm", "-c", str(dovecot.config_path), "stats", "dump"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
+    counts = {}
+    for line in output.splitlines()[1:]:
+        fields = line.split("\t")
+        if len(fields) > 2 and fields[0].startswith("imap_command_") and fields[1] == "duration":
+            counts[fields[0][len("imap_command_"):]] = int(fields[2])
+    return counts
