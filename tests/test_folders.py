@@ -346,3 +346,53 @@ def test_cyrus_the_only_folder_idles_and_a_second_is_checked_at_the_tier_interva
     # Cyrus's command log has whole seconds: the 2..5 s of the Dovecot test read as 1..6 here.
     second_folder_checked_at_the_tier_interval(cyrus, cyrus.new_user(), daemon_sessions_on_cyrus, tmp_path / "two",
                                                "cyrus", gaps=(1, 6))
+
+
+def test_a_folder_unchanged_since_its_last_complete_check_costs_no_store_round_trip(dovecot, mailbox, tmp_path):
+    """The EXAMINE of the folder IDLE runs on (each renewal, each reconnect) asks the store only when
+    the folder's (UIDVALIDITY, UIDNEXT) moved since the last check that found it complete; new
+    mail is still fetched at once, as an arrival."""
+    from mailingestd import frames
+    from mailingestd.config import AccountConfig, ImapConfig
+    from mailingestd.fetch import imap
+    from mailingestd.fetch.folder_sync import FolderChecks, JobOutcome
+    from mailingestd.store.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    calls: list[str] = []
+    for name in ("get_mailbox", "start_mailbox"):
+        def counted(*args, _method=getattr(store, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _method(*args, **kwargs)
+        setattr(store, name, counted)
+    checks = FolderChecks(store, ImapConfig(), announce=True, stopping=lambda: False, fast_stop=lambda: False)
+    account = AccountConfig(id=mailbox, host=dovecot.host, port=dovecot.port, tls="none", username=mailbox,
+                            password_env="UNUSED")
+
+    def check(client) -> JobOutcome:
+        calls.clear()
+        outcome = JobOutcome(result=frames.Result(slot=0, account_id=mailbox, order_id=0, ok=False, connected=False,
+                                                  idling=False))
+        checks.check(client, account, outcome, account.folders, examine_primary=True)
+        assert outcome.primary_current == (outcome.stored == 0)  # IDLE may follow at once
+        return outcome
+
+    dovecot.append(mailbox, b"Message-ID: <first@test>\r\n\r\nfirst\r\n")
+    client = imap.connect(account, dovecot.password, timeout=30)
+    try:
+        first = check(client)
+        assert (first.backlog, first.result.new_messages) == (1, 0) and calls == ["get_mailbox", "start_mailbox"]
+        again = check(client)
+        assert again.stored == 0 and calls == []
+        dovecot.append(mailbox, b"Message-ID: <second@test>\r\n\r\nsecond\r\n")
+        arrival = check(client)
+        assert arrival.result.new_messages == 1 and calls == ["get_mailbox"]
+    finally:
+        imap.logout(client)
+    client = imap.connect(account, dovecot.password, timeout=30)  # a reconnect: the worker remembers
+    try:
+        assert check(client).stored == 0 and calls == []
+    finally:
+        imap.logout(client)
+    assert store.counts()["messages"] == 2
+    store.close()

@@ -113,11 +113,20 @@ class FolderChecks:
                 continue
             outcome.primary_current = folder == primary and not synced.searched
 
+    def unchanged(self, account_id: str, folder: str, state: imap.FolderState) -> bool:
+        """The folder's (UIDVALIDITY, UIDNEXT) is what it was at the last check that found it complete."""
+        return state.uidnext is not None and self.current.get(account_id, {}).get(folder) == (state.uidvalidity,
+                                                                                                state.uidnext)
+
     def sync(self, client: Any, account: AccountConfig, folder: str, outcome: JobOutcome) -> SyncResult:
         """EXAMINE the folder and ingest what is new (ingest.sync_folder); when that completed,
-        remember its (UIDVALIDITY, UIDNEXT) so the next STATUS or NOTIFY saying the same costs
-        no store round trip and fetches nothing."""
+        remember its (UIDVALIDITY, UIDNEXT) so the next STATUS, NOTIFY or EXAMINE saying the same
+        costs no store round trip and fetches nothing (an IDLE renewal, a reconnect, a rotating
+        account's poll). A checkpoint changed behind the worker's back (``mailingestctl account
+        resync``) is seen when the folder next changes, as with STATUS (mailingestctl(1))."""
         state = imap.examine(client, folder)
+        if self.unchanged(account.id, folder, state):
+            return SyncResult(folder=folder)
         synced = sync_folder(client, self.store, account.id, folder, self.settings, announce=self.announce,
                              state=state, should_stop=self.fast_stop)
         if state.uidnext is not None and not synced.interrupted and not synced.oversize:
@@ -138,7 +147,7 @@ class FolderChecks:
             return folder
         for _ in range(3):
             state = imap.examine(client, folder)
-            if self.current.get(account.id, {}).get(folder) == (state.uidvalidity, state.uidnext):
+            if self.unchanged(account.id, folder, state):
                 return folder
             mailbox = self.store.get_mailbox(account.id, folder)
             if (mailbox is not None and mailbox.uidvalidity == state.uidvalidity
@@ -163,9 +172,7 @@ class FolderChecks:
         and no database round trip."""
         if state is None:
             state = imap.status(client, folder)
-        known = self.current.get(account_id)
-        if state.uidnext is not None and known is not None and known.get(folder) == (state.uidvalidity,
-                                                                                     state.uidnext):
+        if self.unchanged(account_id, folder, state):
             return False
         mailbox = self.store.get_mailbox(account_id, folder)
         if mailbox is None or mailbox.uidvalidity != state.uidvalidity or state.uidnext is None:
