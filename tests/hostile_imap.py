@@ -15,6 +15,7 @@ per accepted connection, in its own thread. ``server.connections`` counts connec
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -97,6 +98,15 @@ class Session:
             sub, _, rest = rest.partition(b" ")
             name = b"UID " + sub.upper()
         return tag, name, rest
+
+    def read_command_within(self, seconds: float) -> tuple[bytes, bytes, bytes] | None:
+        """The next command if it arrives within ``seconds``, else None (nothing is lost)."""
+        deadline = time.monotonic() + seconds
+        while b"\r\n" not in self._buffer:
+            if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            self._buffer += self._recv()
+        return self.read_command()
 
     def serve_until(self, wanted: bytes) -> tuple[bytes, bytes]:
         """Answer commands normally until ``wanted`` arrives; return its (tag, arguments)."""

@@ -8,6 +8,7 @@ Everything a well-behaved server does is checked against a real Dovecot (fixture
 from __future__ import annotations
 
 import imaplib
+import os
 import selectors
 import socket
 import ssl
@@ -419,6 +420,27 @@ def test_tls_verified_against_the_accounts_ca(tls_dovecot: Any, mode: str) -> No
         assert imap.examine(client, "INBOX").uidvalidity > 0
     finally:
         imap.logout(client, 2)
+
+
+def test_tls_connections_share_a_context_until_the_ca_file_changes(tls_dovecot: Any) -> None:
+    """Loading the CA store costs a good part of a second of CPU and most of a MiB, kept by every
+    socket wrapped with the context: connections with the same settings share one."""
+    def context(**extra: Any) -> Any:
+        acct = make_account(tls_dovecot.host, tls_dovecot.port, tls="implicit", username=tls_dovecot.users[0],
+                            tls_ca_file=str(tls_dovecot.ca_file), **extra)
+        client = imap.connect(acct, tls_dovecot.password, timeout=5)
+        try:
+            return client.socket().context
+        finally:
+            imap.logout(client, 2)
+
+    first = context()
+    assert context() is first
+    lax = context(tls_verify=False)
+    assert lax is not first and not lax.check_hostname
+    stat = os.stat(tls_dovecot.ca_file)
+    os.utime(tls_dovecot.ca_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert context() is not first  # a renewed CA file is read again
 
 
 @pytest.mark.parametrize("mode", ["implicit", "starttls"])

@@ -43,6 +43,7 @@ def idle_start(client: imapclient.IMAPClient) -> list[tuple[Any, ...]]:
     if not client.has_capability("IDLE"):
         raise ImapError(FailureKind.PROTOCOL, "server does not offer IDLE")
     imap = bounded(client)
+    imap.settle_ahead()  # from here on lines are read by hand: no reply of an earlier command may be left
     tag = imap._command("IDLE")
     early: list[tuple[Any, ...]] = []
     while True:

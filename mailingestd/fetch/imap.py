@@ -13,6 +13,11 @@ the rest of the edge, one concern per module:
 * :mod:`.idle`: IDLE for a selector loop (never blocking reads, DONE without waiting).
 * :mod:`.notify`: NOTIFY (RFC 5465), one connection watching several folders.
 
+A new connection costs as few round trips as the server allows: capabilities come from the
+greeting and from LOGIN's reply when the server puts them there (no CAPABILITY command), and
+``ENABLE CONDSTORE`` is pipelined with the caller's next command. TLS contexts (the CA store) are
+shared by connections with the same settings.
+
 Invariants here: the secret never appears in an error's detail; :func:`logout` and :func:`close`
 never raise and are bounded by a timeout. Never two threads on one client: an IMAPClient is not
 thread safe, and neither is the edge.
@@ -20,7 +25,9 @@ thread safe, and neither is the edge.
 
 from __future__ import annotations
 
+import os
 import ssl
+import time
 from typing import Protocol
 
 import imapclient
@@ -124,11 +131,34 @@ class Account(Protocol):
     tls_verify: bool
 
 
+# A verifying context loads the CA store (the system's and tls_ca_file): a noticeable fraction of
+# a second of CPU and most of a MiB, which every TLS socket wrapped with it keeps alive. Contexts are
+# shared by connections with the same settings and made afresh after _CONTEXT_TTL seconds or when
+# the CA file changes, so the next connections use a renewed CA store as they did before.
+_CONTEXTS: dict[tuple[str | None, bool, tuple[int, int] | None], tuple[float, ssl.SSLContext]] = {}
+_CONTEXT_TTL = 600.0
+_CONTEXTS_MAX = 64
+
+
 def _ssl_context(account: Account) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=getattr(account, "tls_ca_file", None) or None)
-    if not getattr(account, "tls_verify", True):
+    cafile = getattr(account, "tls_ca_file", None) or None
+    verify = bool(getattr(account, "tls_verify", True))
+    try:
+        stat = os.stat(cafile) if cafile else None
+    except OSError:  # create_default_context reports it, as for any connection
+        return ssl.create_default_context(cafile=cafile)
+    key = (cafile, verify, (stat.st_mtime_ns, stat.st_size) if stat else None)
+    now = time.monotonic()
+    cached = _CONTEXTS.get(key)
+    if cached is not None and now - cached[0] < _CONTEXT_TTL:
+        return cached[1]
+    context = ssl.create_default_context(cafile=cafile)
+    if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    if len(_CONTEXTS) >= _CONTEXTS_MAX:
+        _CONTEXTS.clear()
+    _CONTEXTS[key] = (now, context)
     return context
 
 
@@ -146,7 +176,8 @@ def connect(
     ``"starttls"`` sends STARTTLS after it, ``"none"`` stays in plaintext. Certificates and the
     host name are verified (system CAs plus ``account.tls_ca_file``) unless ``account.tls_verify``
     is false. Then :func:`authenticate`, and ``ENABLE CONDSTORE`` when the server offers both, so
-    :func:`examine` reports HIGHESTMODSEQ. ``timeout`` bounds the connect, the handshake and every
+    :func:`examine` reports HIGHESTMODSEQ (sent without waiting: its reply is read, and a refusal
+    raised, by the next command). ``timeout`` bounds the connect, the handshake and every
     later read and write; ``max_line`` and ``max_literal`` bound memory (see the module doc).
 
     Returns the logged-in client. Raises :class:`ImapError`; its detail never holds ``secret``.
@@ -172,7 +203,9 @@ def connect(
         authenticate(client, account, secret)
         client.socket().settimeout(timeout)
         if client.has_capability("CONDSTORE") and client.has_capability("ENABLE"):
-            client.enable("CONDSTORE")
+            # Pipelined (RFC 3501 5.5): the caller's next command (EXAMINE, STATUS) follows at once
+            # and its reading takes ENABLE's reply along; a refusal fails that command instead.
+            _bounded(client).send_ahead("ENABLE", "CONDSTORE")
         return client
     except BaseException as exc:
         if client is not None:

@@ -69,7 +69,9 @@ def examine(client: imapclient.IMAPClient, folder: str) -> FolderState:
     Read-only so that nothing we do can change the mailbox (rule 4). HIGHESTMODSEQ is present when
     :func:`connect` enabled CONDSTORE. A missing folder raises ``ImapError(MAILBOX)``.
     """
-    return folder_state(client.select_folder(folder, readonly=True), "EXAMINE")
+    state = folder_state(client.select_folder(folder, readonly=True), "EXAMINE")
+    bounded(client).forget_untagged()  # read above; a session idling on the folder keeps none of it
+    return state
 
 
 @raises_imap_error

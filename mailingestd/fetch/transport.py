@@ -17,6 +17,11 @@ Invariants:
   (response injection): the session is aborted.
 * ``file`` (imaplib's reader) is assigned once, by ``open()``, and never read from; only
   ``sock`` is replaced after STARTTLS.
+* A command sent ahead (:meth:`BoundedIMAP4.send_ahead`, pipelining) has its reply checked as soon
+  as a later command's reading has taken it along, and always before lines are read by hand
+  (IDLE): a refusal fails the session then, as it would have at once.
+* An idling session keeps little: no buffered reader, no line history, no compiled pattern of
+  its own, no untagged responses of its EXAMINE; capability lists are shared between sessions.
 
 Never two threads on one client: neither imaplib, imapclient nor this buffer is thread safe.
 """
@@ -24,6 +29,8 @@ Never two threads on one client: neither imaplib, imapclient nor this buffer is 
 from __future__ import annotations
 
 import imaplib
+import random
+import re
 import socket
 import ssl
 import time
@@ -34,7 +41,7 @@ import imapclient
 from .errors import LimitExceeded, ServerClosed
 
 __all__ = ["DEFAULT_MAX_LINE", "DEFAULT_MAX_LITERAL", "IDLE_MAX_LINE", "IDLE_MAX_LITERAL", "IDLE_READ_BUDGET",
-           "MIN_LITERAL_RATE", "BoundedIMAP4", "Client", "bounded"]
+           "MIN_LITERAL_RATE", "BoundedIMAP4", "Client", "bounded", "shared_capabilities"]
 
 # A `* SEARCH` reply carries every matching UID on one line: 8 MiB holds about 900,000 UIDs of
 # eight digits, enough for the first sync of a very large folder. Anything longer is hostile.
@@ -58,6 +65,44 @@ IDLE_MAX_LITERAL = 64 * 1024
 _RECV_CHUNK = 256 * 1024
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
+# imaplib compiles a tagged-response pattern for each connection from a random tag prefix; tags
+# only have to differ between the commands of one connection, so one prefix and one compiled
+# pattern serve every connection of the process.
+_TAG_PREFIX = imaplib.Int2AP(random.randint(4096, 65535))
+_TAGGED = re.compile(rb"(?P<tag>" + _TAG_PREFIX + rb"\d+) (?P<type>[A-Z]+) (?P<data>.*)", re.ASCII)
+# A CAPABILITY response code at the start of a tagged OK (LOGIN, AUTHENTICATE): RFC 3501 6.2.3.
+_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.ASCII | re.IGNORECASE)
+# Python 3.11 to 3.13 share imaplib's open() and _connect(), which BoundedIMAP4 replaces; from 3.14
+# ``file`` is a read-only property over imaplib's own reader, and both are then imaplib's.
+_IMAPLIB_OWNS_FILE = isinstance(getattr(imaplib.IMAP4, "file", None), property)
+# The capability lists servers send, one shared tuple per distinct list: thousands of sessions on
+# one server hold the same few lists. Bounded: a server varying its list cannot grow it forever.
+_CAPABILITIES: dict[bytes, tuple[bytes, ...]] = {}
+_CAPABILITIES_MAX = 256
+
+
+_GREETING_CAPABILITIES: dict[bytes, tuple[str, ...]] = {}
+
+
+def shared_capabilities(raw: bytes) -> tuple[bytes, ...]:
+    """``raw`` (``b"IMAP4rev1 IDLE ..."``) as a tuple of upper-case names, shared between sessions."""
+    found = _CAPABILITIES.get(raw)
+    if found is None:
+        found = tuple(raw.upper().split())
+        if len(_CAPABILITIES) < _CAPABILITIES_MAX:
+            _CAPABILITIES[raw] = found
+    return found
+
+
+def _greeting_capabilities(raw: bytes) -> tuple[str, ...]:
+    """The same for imaplib's ``capabilities`` (a tuple of str, before login)."""
+    found = _GREETING_CAPABILITIES.get(raw)
+    if found is None:
+        found = tuple(name.decode("ascii", "replace") for name in shared_capabilities(raw))
+        if len(_GREETING_CAPABILITIES) < _CAPABILITIES_MAX:
+            _GREETING_CAPABILITIES[raw] = found
+    return found
+
 
 class BoundedIMAP4(imaplib.IMAP4):
     """imaplib.IMAP4 reading through its own buffer, with size limits and deadlines.
@@ -68,22 +113,15 @@ class BoundedIMAP4(imaplib.IMAP4):
     already buffered.
     """
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        timeout: float,
-        max_line: int,
-        max_literal: int,
-    ) -> None:
+    def __init__(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None, timeout: float,
+                 max_line: int, max_literal: int) -> None:
         self._implicit_tls = ssl_context
         self.io_timeout = timeout
         self.max_line = max_line
         self.max_literal = max_literal
         self._rbuf = bytearray()
         self._scanned = 0  # bytes at the start of _rbuf known to hold no LF
+        self.sent_ahead: list[tuple[str, bytes]] = []  # (command, tag) sent without waiting
         super().__init__(host, port, timeout)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
@@ -96,13 +134,104 @@ class BoundedIMAP4(imaplib.IMAP4):
             sock.close()
             raise
 
+    def open(self, host: str = "", port: int = imaplib.IMAP4_PORT, timeout: float | None = None) -> None:
+        """imaplib's open() without its buffered reader: every read goes through ``_rbuf``, and an
+        8 KiB buffer per connection that is never filled is memory thousands of sessions keep."""
+        if _IMAPLIB_OWNS_FILE:
+            super().open(host, port, timeout)
+            return
+        self.host = host
+        self.port = port
+        self.sock = self._create_socket(timeout)
+        self.file = self.sock.makefile("rb", buffering=0)  # closed by shutdown(), never read
+
     def _connect(self) -> None:
         try:
-            super()._connect()
+            if _IMAPLIB_OWNS_FILE:
+                super()._connect()
+            else:
+                self._greeted()
         except self.abort as exc:  # not a greeting at all
             raise self.error(f"garbage instead of a greeting: {exc}") from None
         except self.error as exc:  # a well-formed refusal, usually "* BYE ..."
             raise self.error(f"server refused the session at greeting: {exc}") from None
+
+    def _greeted(self) -> None:
+        """imaplib's _connect() with the process-wide tag pattern, and the capabilities of the
+        greeting's CAPABILITY response code when it has one (RFC 3501 7.1): the CAPABILITY command
+        imaplib always sends is then one round trip saved on every connection."""
+        self.tagpre = _TAG_PREFIX
+        self.tagre = _TAGGED
+        self.welcome = self._get_response()
+        if "PREAUTH" in self.untagged_responses:
+            self.state = "AUTH"
+        elif "OK" in self.untagged_responses:
+            self.state = "NONAUTH"
+        else:
+            raise self.error(self.welcome)
+        greeting = self.untagged_responses.pop("CAPABILITY", None)
+        if greeting and greeting[-1]:
+            self.capabilities = _greeting_capabilities(greeting[-1])
+        else:
+            self._get_capabilities()
+        for version in imaplib.AllowedVersions:
+            if version in self.capabilities:
+                self.PROTOCOL_VERSION = version
+                return
+        raise self.error("server not IMAP4 compliant")
+
+    def _log(self, line: str) -> None:
+        """imaplib keeps the last ten lines of every session for debugging, the LOGIN line with its
+        password among them; the edge logs its own events and keeps none."""
+
+    def _get_line(self) -> bytes:
+        """imaplib's _get_line() without formatting every line for that history."""
+        line = self.readline()
+        if not line:
+            raise self.abort("socket error: EOF")
+        if not line.endswith(b"\r\n"):
+            raise self.abort(f"socket error: unterminated line: {line[:100]!r}")
+        return line[:-2]
+
+    def _command_complete(self, name: str, tag: bytes) -> tuple[str, list[Any]]:
+        typ, data = super()._command_complete(name, tag)
+        if name in ("LOGIN", "AUTHENTICATE") and typ == "OK" and "CAPABILITY" not in self.untagged_responses:
+            # The capabilities after login in the tagged OK (RFC 3501 6.2.3): imapclient takes an
+            # untagged CAPABILITY from here instead of asking with a CAPABILITY command.
+            code = _CAPABILITY_CODE.match(data[-1] or b"")
+            if code:
+                self.untagged_responses["CAPABILITY"] = [code.group(1)]
+        if self.sent_ahead and name != "LOGOUT":
+            self.settle_ahead(wait=False)
+        return typ, data
+
+    def forget_untagged(self) -> None:
+        """Drop the untagged responses a command left (a SELECT leaves a dozen lists), once the
+        caller has read what it needs: an idling session keeps none of them. A BYE stays, for
+        the next command to report."""
+        bye = self.untagged_responses.get("BYE")
+        self.untagged_responses.clear()
+        if bye:
+            self.untagged_responses["BYE"] = bye
+        self.mo = None  # imaplib's last match, which holds the line it matched
+
+    def send_ahead(self, name: str, *args: Any) -> None:
+        """Send a command without waiting for its completion (pipelining, RFC 3501 5.5): the next
+        command's reading takes its reply along, and :meth:`settle_ahead` checks it."""
+        self.sent_ahead.append((name, self._command(name, *args)))
+
+    def settle_ahead(self, wait: bool = True) -> None:
+        """Check the replies of commands sent ahead; with ``wait``, read until they have come
+        (bounded like any read). A command refused fails the session as it would have at once."""
+        while self.sent_ahead:
+            name, tag = self.sent_ahead[0]
+            if not wait and self.tagged_commands.get(tag) is None:
+                return
+            del self.sent_ahead[0]
+            typ, data = super()._command_complete(name, tag)
+            self.untagged_responses.pop("ENABLED", None)
+            if typ != "OK":
+                raise self.error(f"{name} refused: {typ} {data!r}")
 
     def _check_bye(self) -> None:
         bye = self.untagged_responses.get("BYE")
@@ -245,29 +374,26 @@ class BoundedIMAP4(imaplib.IMAP4):
 class Client(imapclient.IMAPClient):
     """IMAPClient on top of :class:`BoundedIMAP4`."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        timeout: float,
-        max_line: int,
-        max_literal: int,
-    ) -> None:
+    def __init__(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None, timeout: float,
+                 max_line: int, max_literal: int) -> None:
         self._limits = {"timeout": timeout, "max_line": max_line, "max_literal": max_literal}
         self._implicit_tls = ssl_context
         super().__init__(host, port, ssl=ssl_context is not None, ssl_context=ssl_context,
                          timeout=timeout)
+        del self._limits  # only _create_IMAP4 needed them
         # imapclient turns on imaplib's debug output (every line formatted for the log even when
         # the logger is off, and a command history dumped on errors); the edge logs its own events.
         self._imap.debug = 0
+        vars(self._imap).pop("_mesg", None)  # imapclient's logger adapter for that output, per client
         self.normalise_times = False  # keep INTERNALDATE's time zone
         self.idle_tag: bytes | None = None
         self.idle_done_sent = False
 
     def _create_IMAP4(self) -> BoundedIMAP4:
         return BoundedIMAP4(self.host, self.port, ssl_context=self._implicit_tls, **self._limits)
+
+    def _normalise_capabilites(self, raw_response: Any) -> tuple[bytes, ...]:  # sic, imapclient's name
+        return shared_capabilities(raw_response if isinstance(raw_response, bytes) else str(raw_response).encode())
 
 
 def bounded(client: imapclient.IMAPClient) -> BoundedIMAP4:
