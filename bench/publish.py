@@ -34,7 +34,7 @@ from devtools.devservers import Postgres
 from devtools.samplemail import random_message
 from mailingestd.envelope import make_envelope
 from mailingestd.fetch.message import parse_headers
-from mailingestd.store.keys import message_key
+from mailingestd.keys import message_key
 from mailingestd.store.store import StoredMessage, open_store
 
 PUBLISH_MESSAGES = 100_000

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .store.keys import message_key
+from .keys import message_key
 
 if TYPE_CHECKING:
     from .store.records import StoredMessage

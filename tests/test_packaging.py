@@ -24,6 +24,6 @@ def test_the_wheel_holds_the_daemon_and_no_devtools_tests_or_bench(tmp_path: Pat
     tops = {name.split("/")[0] for name in names}
     assert tops == {"mailingestd", f"{wheel.name.split('-py3')[0]}.data", f"{wheel.name.split('-py3')[0]}.dist-info"}, tops
     packaged = {name for name in names if name.startswith("mailingestd/")}
-    assert "mailingestd/fetch/worker.py" in packaged and "mailingestd/store/keys.py" in packaged
+    assert "mailingestd/fetch/worker.py" in packaged and "mailingestd/keys.py" in packaged
     assert not [name for name in packaged if any(dev in name for dev in ("devservers", "samplemail", "demo"))]
     assert any(name.endswith("share/man/man8/mailingestd.8") for name in names)

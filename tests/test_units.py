@@ -148,7 +148,7 @@ def test_control_commands_skip_account_tables_but_keep_the_rest(tmp_path):
 
 
 def test_message_key_formats_and_parses_in_one_place() -> None:
-    from mailingestd.store.keys import MessageKey, message_key, sql_key
+    from mailingestd.keys import MessageKey, message_key, sql_key
 
     key = message_key("acme", "Projects/2026/Q1", 1700000000, 42)
     assert key == "acme/Projects/2026/Q1/1700000000/42"

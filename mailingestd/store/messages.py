@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Sequence
 from ..envelope import make_envelope
 from . import blobs as blobs_mod
 from .base import StoreBase
-from .keys import MessageKey, message_key
+from ..keys import MessageKey, message_key
 from .records import (MESSAGE_COLUMNS, MailboxState, MessageRow, RecentMessage, StoredMessage, StoreError,
                       message_row)
 

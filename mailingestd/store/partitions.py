@@ -36,7 +36,7 @@ import time
 import msgspec
 
 from .base import StoreBase
-from .keys import sql_key
+from ..keys import sql_key
 
 log = logging.getLogger(__name__)
 

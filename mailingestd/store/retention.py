@@ -43,7 +43,7 @@ import msgspec
 
 from . import partitions
 from .base import StoreBase
-from .keys import sql_key
+from ..keys import sql_key
 from ..config import StoreConfig
 
 log = logging.getLogger(__name__)
