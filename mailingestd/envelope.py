@@ -8,18 +8,30 @@ roles, and roles do not import each other.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .keys import message_key
-
-if TYPE_CHECKING:
-    from .store.records import StoredMessage
 
 
 ENVELOPE_VERSION = 1
 
 
-def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: StoredMessage, ingested_at: float,
+class Announced(Protocol):
+    """What the envelope reads of a stored message (store/records.py's StoredMessage has it)."""
+    uid: int
+    message_id: str | None
+    from_: str | None
+    to: str | None
+    cc: str | None
+    subject: str | None
+    date: str | None
+    in_reply_to: str | None
+    references: str | None
+    size: int
+    body_omitted: bool
+
+
+def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: Announced, ingested_at: float,
                   resync: bool, extra: dict[str, Any] | None = None) -> str:
     """The queue body (docs/envelope.schema.json) without the raw message: consumers claim it by key."""
     body = {
