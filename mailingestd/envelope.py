@@ -8,7 +8,9 @@ roles, and roles do not import each other.
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any
+
+import msgspec
 
 from .keys import message_key
 
@@ -16,19 +18,26 @@ from .keys import message_key
 ENVELOPE_VERSION = 1
 
 
-class Announced(Protocol):
-    """What the envelope reads of a stored message (store/records.py's StoredMessage has it)."""
+class Headers(msgspec.Struct, frozen=True, kw_only=True):
+    """The header fields a stored message carries and its envelope announces, decoded best effort
+    (fetch/message.py); None where the message has no such header or it did not parse."""
+    message_id: str | None = None
+    from_: str | None = None
+    to: str | None = None
+    cc: str | None = None
+    subject: str | None = None
+    date: str | None = None
+    in_reply_to: str | None = None
+    references: str | None = None
+
+
+class Announced(Headers, frozen=True, kw_only=True):
+    """What the envelope says of one stored message (store/records.py's StoredMessage adds the raw
+    bytes and the server's INTERNALDATE). ``size`` is the stored bytes, or the server's size of a
+    message whose body was left on the server (``body_omitted``)."""
     uid: int
-    message_id: str | None
-    from_: str | None
-    to: str | None
-    cc: str | None
-    subject: str | None
-    date: str | None
-    in_reply_to: str | None
-    references: str | None
     size: int
-    body_omitted: bool
+    body_omitted: bool = False
 
 
 def make_envelope(account_id: str, folder: str, uidvalidity: int, msg: Announced, ingested_at: float,

@@ -146,10 +146,7 @@ def to_stored(fetched: imap.Fetched, body_omitted: bool = False) -> StoredMessag
     headers = parse_headers(fetched.raw)
     internaldate = fetched.internaldate.isoformat() if fetched.internaldate is not None else None
     return StoredMessage(uid=fetched.uid, raw=fetched.raw, size=fetched.size if body_omitted else len(fetched.raw),
-                         internaldate=internaldate, message_id=headers.message_id, from_=headers.from_,
-                         to=headers.to, cc=headers.cc, subject=headers.subject, date=headers.date,
-                         in_reply_to=headers.in_reply_to, references=headers.references,
-                         body_omitted=body_omitted)
+                         internaldate=internaldate, body_omitted=body_omitted, **msgspec.structs.asdict(headers))
 
 
 def open_mailbox(store: Store, account_id: str, folder: str,

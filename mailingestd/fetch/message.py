@@ -12,23 +12,12 @@ import email.parser
 import email.policy
 import email.utils
 
-import msgspec
+from ..envelope import Headers
 
 # Bounds keep one hostile header from bloating rows and queue envelopes.
 MAX_FIELD = 2048
 MAX_ADDRESS_FIELD = 8192
 MAX_HEADER_BYTES = 256 * 1024
-
-
-class Headers(msgspec.Struct, frozen=True):
-    message_id: str | None
-    from_: str | None
-    to: str | None
-    cc: str | None
-    subject: str | None
-    date: str | None
-    in_reply_to: str | None
-    references: str | None
 
 
 def _header_block(raw: bytes) -> bytes:
@@ -59,7 +48,7 @@ def parse_headers(raw: bytes) -> Headers:
         msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(_header_block(raw))
         get = msg.get
     except Exception:  # the stdlib parser is lenient, but a message must never cost the batch
-        return Headers(None, None, None, None, None, None, None, None)
+        return Headers()
     date = get("Date")
     normalized_date = None
     if date is not None:

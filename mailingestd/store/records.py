@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import msgspec
 
+from ..envelope import Announced
+
 
 class StoreError(Exception):
     """The store cannot be used (unreachable, disk full, schema newer than this code)."""
@@ -21,22 +23,12 @@ class MailboxState(msgspec.Struct):
     resync_below: int = 0
 
 
-class StoredMessage(msgspec.Struct):
-    """One fetched message ready to commit; ``raw`` is exactly what the server sent."""
+class StoredMessage(Announced, frozen=True, kw_only=True):
+    """One fetched message ready to commit; ``raw`` is exactly what the server sent (the header
+    only when ``body_omitted``)."""
 
-    uid: int
     raw: bytes
-    size: int
-    internaldate: str | None
-    message_id: str | None
-    from_: str | None
-    to: str | None
-    cc: str | None
-    subject: str | None
-    date: str | None
-    in_reply_to: str | None
-    references: str | None
-    body_omitted: bool = False  # over imap.max_message_size with imap.oversize = "skip": raw is the header
+    internaldate: str | None = None
 
 
 class OutboxEntry(msgspec.Struct):
