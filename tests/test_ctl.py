@@ -83,12 +83,18 @@ def test_config_show_masks_passwords(tmp_path: Path) -> None:
     assert 'daemon.shutdown_timeout = 30.0' in result.stdout  # every key, defaults included
 
 
-def test_failing_states_stand_out_unless_no_color(tmp_path: Path) -> None:
+def account_in_state(tmp_path: Path, state: str) -> Path:
+    """A config with one account "acme" whose stored state is ``state``."""
     config = write_config(tmp_path)
     assert add_account(config, "acme").returncode == 0
     with sqlite3.connect(tmp_path / "state" / "mailingestd.sqlite3") as conn:
-        conn.execute("UPDATE accounts SET state = 'auth_failed' WHERE id = 'acme'")
+        conn.execute("UPDATE accounts SET state = ? WHERE id = 'acme'", (state,))
     conn.close()
+    return config
+
+
+def test_failing_states_stand_out_unless_no_color(tmp_path: Path) -> None:
+    config = account_in_state(tmp_path, "auth_failed")
     args = ["--env-file", "", "account", "show", "acme", "--config", str(config)]
     coloured = CliRunner().invoke(cli, args, color=True, env={"NO_COLOR": None})
     assert coloured.exit_code == 0, coloured.output
@@ -137,11 +143,7 @@ def test_account_test_speaks_json(tmp_path: Path, dovecot, mailbox: str) -> None
 
 
 def test_account_list_colours_the_failing_state(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
-    assert add_account(config, "acme").returncode == 0
-    with sqlite3.connect(tmp_path / "state" / "mailingestd.sqlite3") as conn:
-        conn.execute("UPDATE accounts SET state = 'backoff' WHERE id = 'acme'")
-    conn.close()
+    config = account_in_state(tmp_path, "backoff")
     args = ["--env-file", "", "account", "list", "--config", str(config)]
     coloured = CliRunner().invoke(cli, args, color=True, env={"NO_COLOR": None})
     assert "\x1b[33m\x1b[1mbackoff" in coloured.output

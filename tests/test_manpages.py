@@ -48,30 +48,27 @@ def render(page: str) -> str:
     return result.stdout
 
 
-def sections(text: str) -> dict[str, str]:
-    """Top-level sections (NAME, OPTIONS...) of a rendered page, by heading."""
+def _split(text: str, heading_pattern: str) -> dict[str, str]:
+    """The text under each line that matches ``heading_pattern``, by that heading."""
     out: dict[str, str] = {}
     heading = ""
     for line in text.splitlines():
-        if re.match(r"^[A-Z][A-Z ]+$", line):
+        if re.match(heading_pattern, line):
             heading = line.strip()
             out[heading] = ""
         elif heading:
             out[heading] += line + "\n"
     return out
+
+
+def sections(text: str) -> dict[str, str]:
+    """Top-level sections (NAME, OPTIONS...) of a rendered page, by heading."""
+    return _split(text, r"^[A-Z][A-Z ]+$")
 
 
 def subsections(text: str) -> dict[str, str]:
     """Subsections (.SS, indented 3 in the rendering) of a section, by heading."""
-    out: dict[str, str] = {}
-    heading = ""
-    for line in text.splitlines():
-        if re.match(r"^   \S", line):
-            heading = line.strip()
-            out[heading] = ""
-        elif heading:
-            out[heading] += line + "\n"
-    return out
+    return _split(text, r"^   \S")
 
 
 def words(text: str) -> str:

@@ -153,17 +153,10 @@ class NotifySocket:
 
 def test_daemon_started_like_the_unit_notifies_systemd(tmp_path: Path) -> None:
     text = UNIT.read_text()
-    config = tmp_path / "mailingestd.toml"
-    config.write_text(f"""\
-[daemon]
-workers = 1
-runtime_dir = "{tmp_path / 'run'}"
-state_dir = "{tmp_path / 'state'}"
-[metrics]
+    config = _minimal_config(tmp_path, daemon="", metrics=f"""\
 textfile = "{tmp_path / 'textfile' / 'mailingestd.prom'}"
 interval = "1s"
 """)
-    (tmp_path / "state").mkdir()
 
     def command(setting: str) -> list[str]:
         argv = _as_test_user(shlex.split(unit_setting(text, setting)[0].replace(INSTALLED_BIN, f"{VENV_BIN}/")))
@@ -210,17 +203,17 @@ def _daemon_command(config: Path) -> list[str]:
     return [str(config) if arg == "/etc/mailingestd/mailingestd.toml" else arg for arg in argv]
 
 
-def _minimal_config(tmp_path: Path) -> Path:
+def _minimal_config(tmp_path: Path, daemon: str = 'heartbeat_interval = "0.2s"\n',
+                    metrics: str = 'textfile = ""\n') -> Path:
+    """One worker, runtime and state under tmp_path; ``daemon`` and ``metrics`` add to those sections."""
     config = tmp_path / "mailingestd.toml"
     config.write_text(f"""\
 [daemon]
 workers = 1
 runtime_dir = "{tmp_path / 'run'}"
 state_dir = "{tmp_path / 'state'}"
-heartbeat_interval = "0.2s"
-[metrics]
-textfile = ""
-""")
+{daemon}[metrics]
+{metrics}""")
     (tmp_path / "state").mkdir()
     return config
 
