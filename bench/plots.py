@@ -18,6 +18,26 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
+def _label(axis: Any, title: str, xlabel: str, ylabel: str) -> None:
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+
+
+def _over_time(path: Path, points: list[tuple[float, float]], title: str, xlabel: str, ylabel: str,
+               twin: tuple[str, list[tuple[float, float]]] | None = None) -> Path:
+    """One line over time; ``twin`` a second series on its own axis, (its label, its points)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([p[0] for p in points], [p[1] for p in points])
+    if twin is not None:
+        other = axis.twinx()
+        other.plot([p[0] for p in twin[1]], [p[1] for p in twin[1]], color="tab:orange")
+        other.set_ylabel(twin[0], color="tab:orange")
+    _label(axis, title, xlabel, ylabel)
+    return _save(figure, path)
+
+
 def render(plots: dict[str, Any], directory: Path, mode: str) -> list[str]:
     """Write every plot whose data the run produced; return the file names."""
     written: list[Path] = []
@@ -40,44 +60,25 @@ def render(plots: dict[str, Any], directory: Path, mode: str) -> list[str]:
         cdf.legend(fontsize=8)
         points = plots.get(f"{name}_timeline", [])
         timeline.scatter([p[0] for p in points], [p[1] for p in points], s=4)
-        timeline.set_xlabel("seconds into the load")
-        timeline.set_ylabel("append -> store commit (s)")
-        timeline.set_title("Per-message latency over the run")
-        timeline.grid(True, alpha=0.3)
+        _label(timeline, "Per-message latency over the run", "seconds into the load", "append -> store commit (s)")
         written.append(_save(figure, directory / f"{name}{suffix}.png"))
     if "hold_idle_over_time" in plots:
-        figure, axis = plt.subplots(figsize=(6, 4))
         samples = plots["hold_idle_over_time"]
-        axis.plot([s[0] for s in samples], [s[1] for s in samples])
-        axis.set_xlabel("seconds since mailingestd was started")
-        axis.set_ylabel("connections in IDLE (mailingestctl status)")
-        axis.set_title("hold: accounts idling over time")
-        axis.grid(True, alpha=0.3)
-        written.append(_save(figure, directory / f"hold{suffix}.png"))
+        written.append(_over_time(directory / f"hold{suffix}.png", [(s[0], s[1]) for s in samples],
+                                  "hold: accounts idling over time", "seconds since mailingestd was started",
+                                  "connections in IDLE (mailingestctl status)"))
     if "backlog_rows_over_time" in plots:
-        figure, axis = plt.subplots(figsize=(6, 4))
         samples = plots["backlog_rows_over_time"]
-        axis.plot([s[0] for s in samples], [s[1] for s in samples], label="messages")
-        axis.set_xlabel("seconds since the daemon was running")
-        axis.set_ylabel("message rows in PostgreSQL")
-        twin = axis.twinx()
-        twin.plot([s[0] for s in samples], [s[2] / 1e6 for s in samples], color="tab:orange", label="MB")
-        twin.set_ylabel("MB stored", color="tab:orange")
-        axis.set_title("backlog: rows committed over time")
-        axis.grid(True, alpha=0.3)
-        written.append(_save(figure, directory / f"backlog{suffix}.png"))
+        written.append(_over_time(directory / f"backlog{suffix}.png", [(s[0], s[1]) for s in samples],
+                                  "backlog: rows committed over time", "seconds since the daemon was running",
+                                  "message rows in PostgreSQL",
+                                  twin=("MB stored", [(s[0], s[2] / 1e6) for s in samples])))
     if "polling_polls_over_time" in plots:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        samples = plots["polling_polls_over_time"]
         rates, previous = [], (0.0, 0.0)
-        for at, polls in samples:
+        for at, polls in plots["polling_polls_over_time"]:
             if at > previous[0]:
                 rates.append((at, (polls - previous[1]) / (at - previous[0]) * 60))
             previous = (at, polls)
-        axis.plot([r[0] for r in rates], [r[1] for r in rates])
-        axis.set_xlabel("seconds into the measuring window")
-        axis.set_ylabel("polls per minute (mailingestd_polls_total)")
-        axis.set_title("polling: throughput over time")
-        axis.grid(True, alpha=0.3)
-        written.append(_save(figure, directory / f"polling{suffix}.png"))
+        written.append(_over_time(directory / f"polling{suffix}.png", rates, "polling: throughput over time",
+                                  "seconds into the measuring window", "polls per minute (mailingestd_polls_total)"))
     return [path.name for path in written]
