@@ -22,6 +22,9 @@ from ..config import AccountConfig
 
 # Renewals and keepalive probes fall in the last RENEW_JITTER of their interval, drawn afresh at
 # every IDLE entry: 10,000 sessions that entered IDLE together renew spread over 2 of 10 minutes.
+# The first renewal after a login is drawn over the whole interval instead, so connections made
+# together (a start, a reconnect storm) renew at the steady rate from the start, not in one wave
+# an interval later that the server (and the scheduler) would take all at once.
 RENEW_JITTER = 0.2
 
 
@@ -71,12 +74,13 @@ class IdleTimers:
         self.heap: list[tuple[float, int, int, Session]] = []
         self.seq = itertools.count()
 
-    def start(self, session: Session, now: float) -> None:
-        """The session (re)entered IDLE at ``now``."""
+    def start(self, session: Session, now: float, connected: bool = False) -> None:
+        """The session (re)entered IDLE at ``now``; ``connected``: on a connection made for it."""
         session.generation += 1
         session.heard_at = now
         session.probe_deadline = None
-        session.renew_at = now + self.renew_after * (1.0 - RENEW_JITTER * self.random())
+        spread = 1.0 if connected else RENEW_JITTER
+        session.renew_at = now + self.renew_after * (1.0 - spread * self.random())
         session.keepalive_after = self.keepalive * (1.0 - RENEW_JITTER * self.random())
         self._push(session, self.due_at(session))
 

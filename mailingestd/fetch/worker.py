@@ -339,7 +339,7 @@ class Worker:
                 session.fd = None
                 session.idling = False
             else:
-                self.timers.start(session, now)
+                self.timers.start(session, now, connected=outcome.connected_now)
                 self.timers.compact(len(self.sessions))
         if result.order_id == 0 and result.ok and result.new_messages:
             send(self.to_scheduler, frames.NewMail(slot=self.slot, account_id=result.account_id,
