@@ -154,3 +154,27 @@ def test_message_key_formats_and_parses_in_one_place() -> None:
     assert key == "acme/Projects/2026/Q1/1700000000/42"
     assert MessageKey.parse(key) == ("acme", "Projects/2026/Q1", 1700000000, 42)  # a folder may hold '/'
     assert sql_key("m") == "m.account_id || '/' || m.folder || '/' || m.uidvalidity || '/' || m.uid"
+
+
+def test_a_send_error_without_a_response_is_one_failed_batch_not_a_crash(tmp_path):
+    """Exceptions from botocore or the network carry ``response = None`` or none at all: the batch
+    fails with its reason and is retried; reading the missing reply must not raise."""
+    from mailingestd.config import QueueConfig
+    from mailingestd.publish.publisher import Publisher
+
+    class NoReply(Exception):
+        response = None
+
+    class Client:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def send_message_batch(self, **_: object) -> None:
+            raise self.exc
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    queue = QueueConfig(kind="sqs", url="https://sqs.eu-west-1.amazonaws.com/123456789012/mail")
+    for exc in (NoReply("connection reset"), OSError("no route")):
+        reply, reason, sender_fault = Publisher(store, queue, client=Client(exc))._send([(None, {"Id": "0"})])
+        assert reply is None and not sender_fault
+        assert reason.startswith(type(exc).__name__ + ": ")

@@ -302,9 +302,9 @@ class Publisher:
             return self.client.send_message_batch(QueueUrl=self.queue.url,
                                                   Entries=[item for _, item in batch]), "", False
         except Exception as exc:
-            error = getattr(exc, "response", {}).get("Error", {})  # botocore's ClientError
-            code = str(error.get("Code", ""))
-            sender_fault = (getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") == 400
+            response = getattr(exc, "response", None) or {}  # botocore's ClientError; others have none
+            code = str(response.get("Error", {}).get("Code", ""))
+            sender_fault = (response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 400
                             and "Throttl" not in code and "Credential" not in code and "Signature" not in code)
             return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", sender_fault
 
