@@ -13,15 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailingestd.config import LimitsConfig, SchedulerConfig, ServerLimits
-from mailingestd.sched.planner import (
-    LAG_BUCKETS,
-    AccountPlan,
-    AccountState,
-    Order,
-    Planner,
-    adaptive_intervals,
-)
+from mailingestd.histogram import LAG_BUCKETS, Histogram
+from mailingestd.sched.planner import AccountPlan, AccountState, Order, Planner
 from mailingestd.sched.priority import AdaptivePriority, PriorityRules, Tier
+from mailingestd.sched.table import adaptive_intervals
 
 SCHEDULER = SchedulerConfig(high_interval=60, medium_interval=300, low_interval=900, idle_safety_interval=900,
                             backoff_base=5, backoff_max=900, auth_failure_limit=3, tick=0.1)
@@ -178,7 +173,8 @@ def test_snapshot_counts_and_lag_histogram() -> None:
     assert snapshot.states["disabled"] == 1 and snapshot.states["polling"] == 51  # first polls within 10 s
     assert snapshot.tiers == {"high": 50, "medium": 2, "low": 0} and snapshot.auto_accounts == 2
     assert snapshot.lag.count == 51 and sum(snapshot.lag.counts) == 51
-    assert 0.0 <= snapshot.lag.p50 <= snapshot.lag.p99 <= 0.25
+    wire = snapshot.lag.to_wire()
+    assert 0.0 <= Histogram.quantile(LAG_BUCKETS, wire, 0.5) <= Histogram.quantile(LAG_BUCKETS, wire, 0.99) <= 0.25
     assert len(snapshot.lag.counts) == len(snapshot.lag.bounds) + 1
     assert [s.server for s in snapshot.servers] == ["imap.example", "other.example"]
 
@@ -357,4 +353,4 @@ def test_lag_histogram_counts_every_order_however_the_batches_come() -> None:
     assert len(lags) == 140_000
     histogram = planner.snapshot(now).lag
     assert histogram.counts == np.bincount(np.searchsorted(bounds, lags), minlength=len(bounds) + 1).tolist()
-    assert histogram.count == 140_000 and histogram.sum == pytest.approx(float(lags.sum()))
+    assert histogram.count == 140_000 and histogram.total == pytest.approx(float(lags.sum()))

@@ -1,4 +1,4 @@
-"""Token bucket and per-server connection limits, with a fake clock."""
+"""Token bucket and per-server connection limits (the batched admission the planner uses), with a fake clock."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from mailingestd.config import LimitsConfig, ServerLimits
-from mailingestd.sched.ratelimit import ConnectionLimits, Refusal, TokenBucket
+from mailingestd.config import LimitsConfig, SchedulerConfig, ServerLimits
+from mailingestd.sched.planner import AccountPlan, AccountState, Planner
+from mailingestd.sched.ratelimit import ConnectionLimits, TokenBucket
 
 
 @settings(max_examples=200, deadline=None)
@@ -42,28 +43,46 @@ def test_per_server_overrides_and_refusals() -> None:
     limits = ConnectionLimits(LimitsConfig(
         max_connections_per_server=3, connects_per_minute=600, max_connections_per_account=1,
         servers={"tight.example": ServerLimits(max_connections_per_server=1)}))
-    assert limits.limits_for("tight.example").max_connections_per_server == 1
-    assert limits.limits_for("tight.example").connects_per_minute == 600
-    assert limits.admit("tight.example", "a", 0.0)
-    assert limits.refusal("tight.example", "b", 0.0) is Refusal.SERVER_FULL
-    assert not limits.admit("tight.example", "b", 0.0)
-    assert limits.admit("other.example", "a", 0.0)
-    assert limits.refusal("other.example", "a", 0.0) is Refusal.ACCOUNT_FULL
-    limits.release("tight.example", "a")
-    limits.release("tight.example", "a")  # a second release does not go below zero
-    assert limits.connections("tight.example") == 0
-    assert limits.admit("tight.example", "b", 0.0)
+    tight = limits.server("tight.example", 0.0)
+    assert tight.limits.max_connections_per_server == 1
+    assert tight.limits.connects_per_minute == 600
+    assert tight.admit_many(1, 0.0) == 1
+    assert tight.admit_many(1, 0.0) == 0  # the server is full
+    assert limits.server("other.example", 0.0).admit_many(2, 0.0) == 2
+    tight.release_many(1)
+    tight.release_many(1)  # a second release does not go below zero
+    assert tight.open_connections == 0
+    assert tight.admit_many(1, 0.0) == 1
     status = limits.status("tight.example", 0.0)
     assert (status.connections, status.max_connections, status.connects_per_minute) == (1, 1, 600)
+    # An account cap of 0 admits nothing.
+    closed = ConnectionLimits(LimitsConfig(max_connections_per_account=0)).server("s", 0.0)
+    assert closed.admit_many(1, 0.0) == 0 and closed.open_connections == 0
+
+
+def test_an_account_with_a_connection_is_never_admitted_a_second() -> None:
+    """The account's cap as the planner applies it: an account holding a connection polls on it,
+    without a new admission, even when its server is full or its bucket empty."""
+    limits = LimitsConfig(max_connections_per_server=1, connects_per_minute=6, max_connections_per_account=1)
+    planner = Planner(SchedulerConfig(high_interval=60, jitter=0.0), limits, now=0.0, rng=random.Random(1))
+    planner.add(AccountPlan(account_id="a", server="s", priority="high"), 0.0, spread=False)
+    planner.add(AccountPlan(account_id="b", server="s", priority="high"), 0.0, spread=False)
+    first = planner.due(0.1, 10)
+    assert [(order.account_id, order.need_connect) for order in first] == [("a", True)]
+    planner.on_result("a", 0.2, ok=True, connected=True, idling=False)
+    again = planner.due(61.0, 10)
+    assert [(order.account_id, order.need_connect) for order in again] == [("a", False)]
+    assert planner.snapshot(61.0).servers[0].connections == 1 and planner.state_of("b") is AccountState.WAITING
 
 
 def test_rate_refusal_when_the_bucket_is_empty() -> None:
     limits = ConnectionLimits(LimitsConfig(connects_per_minute=6, max_connections_per_server=100),
                               burst_seconds=10.0)
-    assert limits.admit("s", "a", 0.0)
-    assert limits.refusal("s", "b", 0.0) is Refusal.RATE
-    assert limits.wait_time("s", 0.0) == 10.0
-    assert limits.admit("s", "b", 10.0)
+    server = limits.server("s", 0.0)
+    assert server.admit_many(1, 0.0) == 1
+    assert server.admit_many(1, 0.0) == 0  # the bucket is empty
+    assert server.connect_bucket.wait_time(0.0) == 10.0
+    assert server.admit_many(1, 10.0) == 1
 
 
 @settings(max_examples=150, deadline=None)
@@ -79,10 +98,13 @@ def test_concurrency_caps_are_never_exceeded(max_server: int, max_account: int, 
         now += rng.random()
         server, account = rng.choice(["s1", "s2"]), rng.choice("abcd")
         if open_connections and rng.random() < 0.4:
-            limits.release(*open_connections.pop(rng.randrange(len(open_connections))))
-        elif limits.admit(server, account, now):
-            open_connections.append((server, account))
+            name, _ = open_connections.pop(rng.randrange(len(open_connections)))
+            limits.server(name, now).release_many(1)
+        elif (server, account) not in open_connections:  # the planner asks only for accounts holding none
+            for _ in range(limits.server(server, now).admit_many(1, now)):
+                open_connections.append((server, account))
         for name in ("s1", "s2"):
-            assert limits.connections(name) == sum(1 for s, _ in open_connections if s == name) <= max_server
+            assert limits.server(name, now).open_connections == sum(1 for s, _ in open_connections if s == name)
+            assert limits.server(name, now).open_connections <= max_server
             for who in "abcd":
-                assert limits.account_connections(name, who) <= max_account
+                assert sum(1 for entry in open_connections if entry == (name, who)) <= min(1, max_account)

@@ -27,8 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from .. import __version__, frames
 from ..config import parse_listen
-from ..histogram import LATENCY_BUCKETS, Histogram
-from ..sched.planner import LAG_BUCKETS
+from ..histogram import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 

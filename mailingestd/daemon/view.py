@@ -21,8 +21,7 @@ from ..control import (AccountsStatus, ChildStatus, DrainStatus, OutboxStatus, S
                        SupervisorStatus, TrafficStatus)
 from ..child import pss_bytes
 from ..config import Config
-from ..histogram import Histogram
-from ..sched.planner import LAG_BUCKETS
+from ..histogram import LAG_BUCKETS, Histogram
 from ..sched.ratelimit import TIER_NAMES, deficit_line
 from ..store.leases import cluster_status, lease_counts
 from . import metrics, notify

@@ -1,12 +1,20 @@
-"""The scheduling state of every account: when to poll it, and whether its server lets it connect.
+"""The scheduling rules of every account: when to poll it, and whether its server lets it connect.
 
 The scheduler process feeds a ``Planner`` account definitions (``add``, ``update``, ``remove``)
-and worker reports (``on_result``, ``on_idle``, ``on_new_mail``, ``on_connection_closed``), and
-asks it for work with ``due(now, limit)``; it sends the returned ``Order``s to workers. No I/O
-and no clock: every call that depends on time takes ``now`` (monotonic seconds).
+and worker reports, and asks it for work: ``due_batch(now, limit)`` hands out an ``OrderBatch``
+and ``on_results`` classifies a turn's results in one call. The scheduler process and
+bench/scheduler_bench.py drive it through these same two calls; ``due`` and ``on_result`` are
+their one-account forms (a result the batch does not take, and the tests). ``on_idle``,
+``on_new_mail`` and ``on_connection_closed`` report single events. No I/O and no clock: every
+call that depends on time takes ``now`` (monotonic seconds).
 
-Parts: a ``TimingWheel`` of due accounts, ``ConnectionLimits`` per server, jittered exponential
-``backoff``, adaptive ``priority`` tiers, and a circuit breaker on authentication failures.
+Parts: a ``TimingWheel`` of due accounts, per-server connection limits (ratelimit.py), jittered
+exponential ``backoff``, adaptive ``priority`` tiers, and a circuit breaker on authentication
+failures. The states are in states.py; the per-account arrays the rules run over, in table.py.
+
+Longer than the other modules because it is one state machine: every method below moves
+accounts between the states of states.py and must keep the invariants of the next paragraphs
+(wheel, wait queues, slots, orders out) together, which is easiest to check in one place.
 
 An account is in exactly one ``AccountState``; it is in the wheel exactly when its state is new,
 scheduled, idling or backoff, in one server's wait queue exactly when waiting, and has one order
@@ -32,11 +40,9 @@ from __future__ import annotations
 
 import heapq
 import math
-import operator
 import random
 from collections import deque
 from collections.abc import Sequence
-from enum import IntEnum
 from typing import Literal
 
 import msgspec
@@ -45,9 +51,8 @@ import numpy as np
 from ..backoff import retry_delay
 from ..config import LimitsConfig, SchedulerConfig
 from ..frames import FailureKind
+from ..histogram import LAG_BUCKETS, Histogram
 from .priority import (
-    LONGEST_FACTOR,
-    SHORTEST_FACTOR,
     AdaptivePriority,
     FixedPriority,
     PriorityRules,
@@ -62,45 +67,27 @@ from .ratelimit import (
     ServerShare,
     share_server,
 )
+from .states import (
+    ALLOWED_MASK,
+    IN_WHEEL_MASK,
+    POLLING,
+    STATES,
+    AccountState,
+    InvalidTransition,
+)
+from .table import (
+    ADAPTIVE_KIND,
+    TIER_BITS,
+    AccountTable,
+    OrdersOut,
+    adaptive_intervals,
+    has_repeats,
+    kind_intervals,
+)
 from .wheel import TimingWheel
 
-
-class AccountState(IntEnum):
-    """Where an account is in its cycle (supervisord states.py style: transitions are guarded)."""
-
-    NEW = 0          # added, first poll not yet ordered (in the wheel at a jittered time)
-    SCHEDULED = 1    # in the wheel for its next poll
-    WAITING = 2      # due, but its server refused a new connection; in the server's wait queue
-    POLLING = 3      # an order is out, no result yet
-    IDLING = 4       # the worker holds it in IDLE; in the wheel for the slow safety poll
-    BACKOFF = 5      # failed; in the wheel at a jittered backoff time
-    AUTH_FAILED = 6  # circuit open after auth_failure_limit auth failures; never scheduled
-    DISABLED = 7     # disabled by the operator; never scheduled
-
-
-S = AccountState
-_ALLOWED: dict[AccountState, frozenset[AccountState]] = {
-    S.NEW: frozenset({S.SCHEDULED, S.WAITING, S.POLLING, S.DISABLED}),
-    S.SCHEDULED: frozenset({S.WAITING, S.POLLING, S.IDLING, S.BACKOFF, S.AUTH_FAILED, S.DISABLED}),
-    S.WAITING: frozenset({S.POLLING, S.SCHEDULED, S.DISABLED}),
-    S.POLLING: frozenset({S.SCHEDULED, S.IDLING, S.BACKOFF, S.AUTH_FAILED, S.DISABLED}),
-    S.IDLING: frozenset({S.SCHEDULED, S.POLLING, S.WAITING, S.BACKOFF, S.AUTH_FAILED, S.DISABLED}),
-    S.BACKOFF: frozenset({S.SCHEDULED, S.WAITING, S.POLLING, S.IDLING, S.DISABLED}),
-    S.AUTH_FAILED: frozenset({S.SCHEDULED, S.DISABLED}),
-    S.DISABLED: frozenset({S.SCHEDULED}),
-}
-# Bit masks over state numbers, for the hot paths.
-_ALLOWED_MASK = [sum(1 << target for target in _ALLOWED[state]) | (1 << state) for state in AccountState]
-_STATES = list(AccountState)
-_IN_WHEEL_MASK = (1 << S.NEW) | (1 << S.SCHEDULED) | (1 << S.IDLING) | (1 << S.BACKOFF)
-
-# Lag bucket upper bounds in seconds (Prometheus "le"); a last bucket takes everything above.
-LAG_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-                                  600.0, 1800.0)
-
-
-class InvalidTransition(RuntimeError):
-    """A state change the state machine does not allow (a bug in the caller or the planner)."""
+__all__ = ["AccountPlan", "AccountState", "InvalidTransition", "Order", "OrderBatch", "Planner",
+           "PlannerSnapshot", "ServerSnapshot"]
 
 
 class AccountPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,18 +128,6 @@ class ServerSnapshot(msgspec.Struct, frozen=True):
     share: ServerShare | None = None  # holders, rotating, polls needed and possible, late accounts
 
 
-class LagHistogram(msgspec.Struct, frozen=True):
-    """Order lag (now - due_at) since start: ``counts[i]`` orders with lag <= ``bounds[i]`` and above
-    the previous bound, ``counts[-1]`` above the last bound; p50/p99 interpolated within buckets."""
-
-    bounds: list[float]
-    counts: list[int]
-    count: int
-    sum: float
-    p50: float
-    p99: float
-
-
 class PlannerSnapshot(msgspec.Struct, frozen=True):
     """Counts for ``mailingestctl status`` and metrics."""
 
@@ -163,7 +138,7 @@ class PlannerSnapshot(msgspec.Struct, frozen=True):
     in_flight: int
     due_backlog: int
     servers: list[ServerSnapshot]
-    lag: LagHistogram
+    lag: Histogram  # order lag (now - due_at) since start, LAG_BUCKETS
     orders_total: int
     results_total: int
     stale_results_total: int
@@ -172,9 +147,11 @@ class PlannerSnapshot(msgspec.Struct, frozen=True):
 
 class OrderBatch(msgspec.Struct, frozen=True, gc=False):
     """The orders of one ``due_batch`` call, as parallel arrays (``index``: account indexes, see
-    ``Planner.account_id``; ``need_connect``: no open connection, one was admitted; ``release``:
-    log out after the poll, the account rotates on a contended server)."""
+    ``Planner.account_id``, and ``account_ids`` the same accounts' ids; ``need_connect``: no open
+    connection, one was admitted; ``release``: log out after the poll, the account rotates on a
+    contended server)."""
 
+    account_ids: list[str]
     index: np.ndarray
     need_connect: np.ndarray
     due_at: np.ndarray
@@ -185,7 +162,7 @@ class OrderBatch(msgspec.Struct, frozen=True, gc=False):
         return len(self.index)
 
 
-_NO_ORDERS = OrderBatch(np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), np.empty(0), np.empty(0),
+_NO_ORDERS = OrderBatch([], np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), np.empty(0), np.empty(0),
                         np.empty(0, dtype=bool))
 # How often the holders and rotating accounts of contended servers are chosen again (seconds).
 SHARE_INTERVAL = 2.0
@@ -216,16 +193,9 @@ class Planner:
         self._ids: list[str | None] = []
         self._plans: list[AccountPlan | None] = []
         self._priority: list[FixedPriority | AdaptivePriority | None] = []
-        # One _ACCOUNT record per account; _state, _due_at, ... are views of its fields (_bind).
-        self._accounts = _account_records(0)
-        # Per account: it rotates on a contended server (log out after each poll), and the factor
-        # on its interval when the server's limits cannot carry its tier (1.0: on time).
-        self._rotates = np.zeros(0, dtype=bool)
-        self._stretch = np.ones(0)
-        # A copy of each adaptive priority's state (_ADAPTIVE_FIELDS, see _set_priority), one row
-        # per account, for adaptive_intervals; and the interval of each kind (NaN: adaptive).
-        self._adaptive = np.zeros((0, len(_ADAPTIVE_FIELDS)))
-        self._kind_intervals = _kind_intervals(self.rules)
+        # The per-account arrays (table.py); _state, _due_at, ... are its views (_bind).
+        self._table = AccountTable()
+        self._kind_intervals = kind_intervals(self.rules)  # the interval of each kind (NaN: adaptive)
         self._bind()
         # Per server (by server index).
         self._server_ids: dict[str, int] = {}
@@ -240,14 +210,9 @@ class Planner:
         self._session_seconds: list[float] = []
         self._next_share_at = -math.inf
         self._due_backlog: deque[int] = deque()
-        # (ordered_at, indexes) chunks in time order; an entry is current while its account is
-        # polling with that ordered_at, else stale (dropped by expire_orders or compaction).
-        self._orders_out: deque[tuple[float, np.ndarray]] = deque()
-        self._orders_out_entries = 0
-        self._lag_counts = np.zeros(len(LAG_BUCKETS) + 1, dtype=np.int64)
-        self._lag_bounds = np.array(LAG_BUCKETS)
-        self._lag_sum = 0.0
-        # Lags of recent orders not yet in the counts: bucketed many batches at a time (_count_lags).
+        self._orders_out = OrdersOut()
+        self._lag = Histogram(LAG_BUCKETS)
+        # Lags of recent orders not yet in the histogram: bucketed many batches at a time (_count_lags).
         self._lags = np.empty(_LAG_BUFFER)
         self._lags_held = 0
         self._now = now
@@ -286,7 +251,7 @@ class Planner:
     def state_of(self, account_id: str) -> AccountState | None:
         """The account's state, or None when it is unknown."""
         index = self._index.get(account_id)
-        return None if index is None else _STATES[self._state[index]]
+        return None if index is None else STATES[self._state[index]]
 
     def tier_of(self, account_id: str) -> Tier | None:
         """The account's current tier, or None when it is unknown."""
@@ -305,7 +270,7 @@ class Planner:
     def due_at(self, account_id: str) -> float | None:
         """When the account is next due (None when it is not waiting for a due time)."""
         index = self._index.get(account_id)
-        if index is None or not (_IN_WHEEL_MASK >> int(self._state[index])) & 1:
+        if index is None or not (IN_WHEEL_MASK >> int(self._state[index])) & 1:
             return None
         return float(self._due_at[index])
 
@@ -433,7 +398,7 @@ class Planner:
         accounts pick up new intervals at their next reschedule."""
         self.config = scheduler
         self.rules.reconfigure(scheduler)
-        self._kind_intervals = _kind_intervals(self.rules)
+        self._kind_intervals = kind_intervals(self.rules)
         for fixed in self._fixed.values():
             fixed.refresh()
         count = len(self._ids)
@@ -449,11 +414,11 @@ class Planner:
     def due(self, now: float, limit: int) -> list[Order]:
         """``due_batch`` as ``Order`` objects with account ids (for callers that want one object per order)."""
         batch = self.due_batch(now, limit)
-        ids, servers, names = self._ids, self._server, self._server_names
-        return [Order(ids[index], names[servers[index]], need_connect, due_at, lag, release)
-                for index, need_connect, due_at, lag, release in zip(
-                    batch.index.tolist(), batch.need_connect.tolist(), batch.due_at.tolist(), batch.lag.tolist(),
-                    batch.release.tolist())]
+        servers, names = self._server, self._server_names
+        return [Order(account_id, names[servers[index]], need_connect, due_at, lag, release)
+                for account_id, index, need_connect, due_at, lag, release in zip(
+                    batch.account_ids, batch.index.tolist(), batch.need_connect.tolist(), batch.due_at.tolist(),
+                    batch.lag.tolist(), batch.release.tolist())]
 
     def due_batch(self, now: float, limit: int) -> OrderBatch:
         """At most ``limit`` orders for accounts due by ``now`` whose server admits them.
@@ -476,7 +441,7 @@ class Planner:
             wheel = self._wheel
             while backlog and len(taken) < limit:
                 index = backlog.popleft()
-                if (_IN_WHEEL_MASK >> int(self._state[index])) & 1 and index not in wheel:
+                if (IN_WHEEL_MASK >> int(self._state[index])) & 1 and index not in wheel:
                     self._take(index, now, taken, connects)
             return self._issue(np.array(taken, dtype=np.int64), np.array(connects, dtype=bool), now)
         room = max(0, limit - len(taken))
@@ -524,12 +489,11 @@ class Planner:
         """Mark the accounts polling, record their lag, and hand out the batch."""
         if not len(indexes):
             return _NO_ORDERS
-        self._state[indexes] = AccountState.POLLING
+        self._state[indexes] = POLLING
         self._ordered_at[indexes] = now
         due_at = self._due_at[indexes]
         lag = now - due_at
-        self._orders_out.append((now, indexes))
-        self._orders_out_entries += len(indexes)
+        self._orders_out.add(now, indexes, self._table, len(self._index))
         held = self._lags_held
         if held + len(lag) > _LAG_BUFFER:
             self._count_lags()
@@ -539,9 +503,9 @@ class Planner:
         else:
             self._lags[held:held + len(lag)] = lag
             self._lags_held = held + len(lag)
-        if self._orders_out_entries > 2 * len(self._index) + 4096:
-            self._compact_orders_out()
-        return OrderBatch(indexes, need_connect, due_at, lag, self._rotates[indexes])
+        ids = self._ids
+        return OrderBatch([ids[index] for index in indexes.tolist()], indexes, need_connect, due_at, lag,
+                          self._rotates[indexes])
 
     def _take(self, index: int, now: float, taken: list[int], connects: list[bool]) -> None:
         """A due account: order it on its open connection, or if its server admits a new one."""
@@ -566,7 +530,7 @@ class Planner:
         queue = self._waiting.get(server)
         if queue is None:
             queue = self._waiting[server] = []
-        interval = self.rules.intervals[self._kind[index] & _TIER_BITS] * self._stretch[index]
+        interval = self.rules.intervals[self._kind[index] & TIER_BITS] * self._stretch[index]
         heapq.heappush(queue, (float(self._due_at[index] + interval), index))
 
     def _admit_waiting(self, now: float, limit: int, taken: list[int], connects: list[bool]) -> None:
@@ -592,11 +556,16 @@ class Planner:
 
     def next_wakeup(self, now: float) -> float | None:
         """When ``due`` may next have work: ``now`` if anything is due or waiting on a refilling
-        bucket, else the wheel's next due time (None: nothing scheduled). Waits on full servers
-        end with a result or a closed connection, which the process answers with ``due`` anyway."""
+        bucket, else when the wheel hands out its next due account: the end of that account's tick,
+        not its due time inside the tick, so the process sleeps instead of asking again and again
+        until the tick ends (None: nothing scheduled). Waits on full servers end with a result or
+        a closed connection, which the process answers with ``due`` anyway."""
         if self._due_backlog:
             return now
         wakeup = self._wheel.next_due()
+        if wakeup is not None:
+            tick = self._wheel.tick
+            wakeup = math.ceil(wakeup / tick) * tick
         for server in self._waiting:
             connections = self._connections[server]
             server_full = connections.open_connections >= (connections.limits.max_connections_per_server or 0)
@@ -655,7 +624,7 @@ class Planner:
         wait = np.full(count, math.nan) if retry_after is None else np.asarray(retry_after, dtype=float)
         asked = np.ones(count, dtype=bool) if ordered is None else np.asarray(ordered, dtype=bool)
         pushed = np.ones(count, dtype=bool) if watches_all is None else np.asarray(watches_all, dtype=bool)
-        if count > 1 and _has_repeats(index):
+        if count > 1 and has_repeats(index):
             for position in range(count):
                 one = slice(position, position + 1)
                 self.on_results(now, index[one], ok[one], connected[one], idling[one], mail[one], auth[one],
@@ -663,7 +632,7 @@ class Planner:
             return
         self.results_total += count
         # Usually every account has its order out (polling; a removed account is disabled).
-        all_polling = bool((self._state[index] == AccountState.POLLING).all())
+        all_polling = bool((self._state[index] == POLLING).all())
         if not all_polling:
             live = self._live[index]
             if not live.all():
@@ -777,13 +746,7 @@ class Planner:
         dead. Each counts as a failure (backoff, in case the account is what kills workers) and
         its connection slot is released. Returns the account ids."""
         self._now = now
-        expired: list[int] = []
-        orders_out = self._orders_out
-        while orders_out and orders_out[0][0] + timeout <= now:
-            ordered_at, indexes = orders_out.popleft()
-            self._orders_out_entries -= len(indexes)
-            current = (self._state[indexes] == AccountState.POLLING) & (self._ordered_at[indexes] == ordered_at)
-            expired += indexes[current & self._live[indexes]].tolist()
+        expired = self._orders_out.expire(now, timeout, self._table)
         for index in expired:
             if self._holds_slot[index]:
                 self._release_slot(index)
@@ -827,8 +790,7 @@ class Planner:
         if not contended and not self._shares:
             return
         count = len(self._ids)
-        state = self._state[:count]
-        schedulable = self._live[:count] & (state != AccountState.DISABLED) & (state != AccountState.AUTH_FAILED)
+        schedulable = self._table.schedulable(count)
         servers = self._server[:count]
         intervals = np.array(self.rules.intervals)
         for server in set(self._shares) - set(contended):
@@ -838,9 +800,9 @@ class Planner:
             del self._shares[server]
         for server in contended:
             accounts = np.flatnonzero(schedulable & (servers == server))
-            tiers = self._kind[accounts] & _TIER_BITS
+            tiers = self._kind[accounts] & TIER_BITS
             ranked = accounts[np.lexsort((accounts, ~self._holds_slot[accounts], tiers))]
-            ranked_tiers = self._kind[ranked] & _TIER_BITS
+            ranked_tiers = self._kind[ranked] & TIER_BITS
             limits = self._connections[server].limits
             share = share_server(intervals[ranked_tiers], ranked_tiers, limits.max_connections_per_server or 0,
                                  limits.connects_per_minute or 0, self._session_seconds[server])
@@ -864,10 +826,9 @@ class Planner:
         """Per server, its share as if every schedulable account held a connection (right for the
         servers with no more accounts than their cap), from one count of accounts by server and tier."""
         count = len(self._ids)
-        state = self._state[:count]
-        schedulable = self._live[:count] & (state != AccountState.DISABLED) & (state != AccountState.AUTH_FAILED)
+        schedulable = self._table.schedulable(count)
         servers = len(self._server_names)
-        codes = self._server[:count][schedulable] * 3 + (self._kind[:count][schedulable] & _TIER_BITS)
+        codes = self._server[:count][schedulable] * 3 + (self._kind[:count][schedulable] & TIER_BITS)
         per_tier = np.bincount(codes, minlength=3 * servers).reshape(servers, 3)
         needed = per_tier @ (60.0 / np.array(self.rules.intervals))
         shares = []
@@ -899,8 +860,8 @@ class Planner:
                 share=None if server is None else self._shares.get(server, uncontended[server])))
         count = len(self._ids)
         live = self._live[:count]
-        state_counts = np.bincount(self._state[:count][live], minlength=len(AccountState)).tolist()
-        auto_accounts = int(np.count_nonzero(self._kind[:count][live] & _ADAPTIVE_KIND))
+        state_counts = self._table.census(count).sum(axis=1).tolist()
+        auto_accounts = int(np.count_nonzero(self._kind[:count][live] & ADAPTIVE_KIND))
         return PlannerSnapshot(
             accounts=len(self._index),
             states={state.name.lower(): state_counts[state] for state in AccountState},
@@ -909,70 +870,45 @@ class Planner:
             in_flight=state_counts[AccountState.POLLING],
             due_backlog=len(self._due_backlog),
             servers=servers,
-            lag=self._lag_histogram(),
-            orders_total=int(self._lag_counts.sum()),
+            lag=self._lag.copy(),
+            orders_total=self._lag.count,
             results_total=self.results_total,
             stale_results_total=self.stale_results_total,
             expired_total=self.expired_total,
         )
 
     def census(self) -> dict[str, int]:
-        """Accounts by ``state/tier`` (for the labelled accounts metric); one pass over the accounts."""
-        counts: dict[str, int] = {}
-        state_names = [state.name.lower() for state in AccountState]
+        """Accounts by ``state/tier`` (for the labelled accounts metric), every pair, from one count."""
+        by_state_tier = self._table.census(len(self._ids)).tolist()
         tier_names = [tier.name.lower() for tier in Tier]
-        for index in self._index.values():
-            key = f"{state_names[self._state[index]]}/{tier_names[self._priority[index].tier]}"
-            counts[key] = counts.get(key, 0) + 1
-        return counts
+        return {f"{state.name.lower()}/{tier_names[tier]}": count
+                for state, counts in zip(AccountState, by_state_tier) for tier, count in enumerate(counts) if count}
 
     def _count_lags(self, lag: np.ndarray | None = None) -> None:
-        """Add held lags (or ``lag``) to the histogram's counts and sum."""
+        """Add held lags (or ``lag``) to the histogram."""
         if lag is None:
             lag = self._lags[:self._lags_held]
             self._lags_held = 0
-        self._lag_counts += np.bincount(np.searchsorted(self._lag_bounds, lag), minlength=len(self._lag_counts))
-        self._lag_sum += float(lag.sum())
-
-    def _lag_histogram(self) -> LagHistogram:
-        counts = self._lag_counts.tolist()
-        total = sum(counts)
-        return LagHistogram(bounds=list(LAG_BUCKETS), counts=counts, count=total, sum=self._lag_sum,
-                            p50=_bucket_quantile(0.5, counts, total), p99=_bucket_quantile(0.99, counts, total))
+        self._lag.observe_many(lag)
 
     # -- internals -------------------------------------------------------------------------------
 
     def _reserve(self, capacity: int) -> None:
-        """Grow the per-account arrays (by doubling) to hold ``capacity`` accounts."""
-        old = len(self._accounts)
-        if capacity <= old:
-            return
-        size = max(capacity, 2 * old, 64)
-        accounts = _account_records(size)
-        accounts[:old] = self._accounts
-        adaptive = np.zeros((size, len(_ADAPTIVE_FIELDS)))
-        adaptive[:old] = self._adaptive
-        rotates = np.zeros(size, dtype=bool)
-        rotates[:old] = self._rotates
-        stretch = np.ones(size)
-        stretch[:old] = self._stretch
-        self._accounts, self._adaptive, self._rotates, self._stretch = accounts, adaptive, rotates, stretch
-        self._bind()
-        self._wheel.reserve(size)
+        """Grow the per-account arrays (and the wheel's) to hold ``capacity`` accounts."""
+        if self._table.reserve(capacity):
+            self._bind()
+            self._wheel.reserve(len(self._table))
 
     def _bind(self) -> None:
-        """The per-account field views of the current records."""
-        accounts = self._accounts
-        self._live = accounts["live"]
-        self._state = accounts["state"]
-        self._server = accounts["server"]
-        self._due_at = accounts["due_at"]
-        self._ordered_at = accounts["ordered_at"]
-        self._holds_slot = accounts["holds_slot"]
-        self._failures = accounts["failures"]
-        self._auth_failures = accounts["auth_failures"]
-        self._failure_counts = accounts.view(_FAILURE_COUNTS)["both"]
-        self._kind = accounts["kind"]
+        """The per-account field views of the current table."""
+        table = self._table
+        self._live, self._state, self._server = table.live, table.state, table.server
+        self._due_at, self._ordered_at, self._holds_slot = table.due_at, table.ordered_at, table.holds_slot
+        self._failures, self._auth_failures, self._failure_counts = (table.failures, table.auth_failures,
+                                                                     table.failure_counts)
+        self._kind, self._adaptive, self._rotates, self._stretch = (table.kind, table.adaptive, table.rotates,
+                                                                    table.stretch)
+        self._set_priority, self._set_adaptive = table.set_priority, table.set_adaptive
 
     def _server_index(self, name: str, now: float) -> int:
         server = self._server_ids.get(name)
@@ -985,25 +921,11 @@ class Planner:
             self._session_seconds.append(DEFAULT_SESSION_SECONDS)
         return server
 
-    def _set_priority(self, index: int, priority: FixedPriority | AdaptivePriority) -> None:
-        """Copy what the hot paths read of the account's priority into the arrays; call it after
-        every call that may change an adaptive priority (observe, interval, a new priority)."""
-        if priority.fixed_interval is None:
-            self._kind[index] = priority.tier | _ADAPTIVE_KIND
-            self._adaptive[index] = _ADAPTIVE_STATE(priority)
-        else:
-            self._kind[index] = priority.tier
-
-    def _set_adaptive(self, indexes: np.ndarray, priorities: list[AdaptivePriority]) -> None:
-        """``_set_priority`` for many adaptive priorities at once."""
-        self._kind[indexes] = [priority.tier | _ADAPTIVE_KIND for priority in priorities]
-        self._adaptive[indexes] = list(map(_ADAPTIVE_STATE, priorities))
-
     def _adaptive_intervals(self, indexes: np.ndarray, now: float) -> np.ndarray:
         """``self._priority[index].interval(now)`` for adaptive accounts, from the arrays; accounts
         due for a demotion go through ``interval`` itself (it moves their tier and census)."""
         state = self._adaptive[indexes]
-        intervals, demote = adaptive_intervals(self.rules, now, self._kind[indexes] & _TIER_BITS, *state.T)
+        intervals, demote = adaptive_intervals(self.rules, now, self._kind[indexes] & TIER_BITS, *state.T)
         if demote.any():
             for position in np.flatnonzero(demote).tolist():
                 index = int(indexes[position])
@@ -1015,7 +937,7 @@ class Planner:
     def _move(self, index: int, state: AccountState) -> None:
         """The one place a single state changes: guard and wait-queue counts."""
         old = int(self._state[index])
-        if not (_ALLOWED_MASK[old] >> state) & 1:
+        if not (ALLOWED_MASK[old] >> state) & 1:
             raise InvalidTransition(f"account {self._ids[index]}: {AccountState(old).name} -> {state.name}")
         if old == state:
             return
@@ -1047,18 +969,6 @@ class Planner:
                             retry_after)
         self._schedule(index, AccountState.BACKOFF, now + delay)
 
-    def _compact_orders_out(self) -> None:
-        compacted: deque[tuple[float, np.ndarray]] = deque()
-        entries = 0
-        for ordered_at, indexes in self._orders_out:
-            polling = self._state[indexes] == AccountState.POLLING
-            current = indexes[polling & (self._ordered_at[indexes] == ordered_at)]
-            if len(current):
-                compacted.append((ordered_at, current))
-                entries += len(current)
-        self._orders_out = compacted
-        self._orders_out_entries = entries
-
     def _recount_slots(self, indexes: np.ndarray, connected: np.ndarray) -> None:
         """Results that disagree with the planner's slot: count found connections, release lost ones."""
         # Per server, found (2 * server) then lost (2 * server + 1): one count for both.
@@ -1077,41 +987,8 @@ class Planner:
         self._holds_slot[index] = False
 
 
-# The fields of an account that the hot paths read and write together, one 32-byte record per
-# account, so a decision about an account touches one cache line of them, not one per array.
-_ACCOUNT = np.dtype([("due_at", np.float64), ("ordered_at", np.float64), ("failures", np.int32),
-                     ("auth_failures", np.int32), ("server", np.int32), ("state", np.int8),
-                     ("holds_slot", np.bool_), ("live", np.bool_), ("kind", np.int8)])
-# Both failure counts as one 8-byte field, to reset them in one step.
-_FAILURE_COUNTS = np.dtype({"names": ["both"], "formats": [np.int64], "offsets": [_ACCOUNT.fields["failures"][1]],
-                            "itemsize": _ACCOUNT.itemsize})
-# kind: the priority's tier, with _ADAPTIVE_KIND set for adaptive priorities.
-_TIER_BITS = 3
+# Order lags held before they are bucketed into the histogram.
 _LAG_BUFFER = 1 << 16
-_LOW = int(Tier.LOW)  # numpy compares a plain int much faster than an IntEnum
-_ADAPTIVE_KIND = 4
-_ADAPTIVE_FIELDS = ("rate", "rate_at", "last_mail_at", "changed_at")
-_ADAPTIVE_STATE = operator.attrgetter(*_ADAPTIVE_FIELDS)
-
-
-def _account_records(size: int) -> np.ndarray:
-    """``size`` zeroed account records, the first on a cache-line boundary."""
-    raw = np.zeros(size * _ACCOUNT.itemsize + 64, dtype=np.uint8)
-    offset = -raw.ctypes.data % 64
-    return raw[offset:offset + size * _ACCOUNT.itemsize].view(_ACCOUNT)
-
-
-def _kind_intervals(rules: PriorityRules) -> np.ndarray:
-    """The poll interval of each kind: a fixed priority's tier interval; NaN when adaptive."""
-    intervals = np.full(2 * _ADAPTIVE_KIND, math.nan)
-    intervals[:len(rules.intervals)] = rules.intervals
-    return intervals
-
-
-def _has_repeats(index: np.ndarray) -> bool:
-    """Whether an account index appears twice."""
-    ordered = np.sort(index)
-    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def wheel_slots(config: SchedulerConfig) -> int:
@@ -1121,37 +998,3 @@ def wheel_slots(config: SchedulerConfig) -> int:
     shortest = config.high_interval * 0.5 * (1.0 - config.jitter)
     ticks = int(shortest / config.tick / 2)
     return min(max(4, 1 << max(0, ticks.bit_length() - 1)), 256)
-
-
-def adaptive_intervals(rules: PriorityRules, now: float, tier: np.ndarray, rate: np.ndarray,
-                       rate_at: np.ndarray, last_mail_at: np.ndarray, changed_at: np.ndarray,
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """``AdaptivePriority.interval(now)`` for many accounts in one numpy pass, from their state as
-    arrays: the EWMA rate decayed to ``now``, the tier's base interval scaled by
-    ``clamp(1 / sqrt(rate * base), SHORTEST_FACTOR, LONGEST_FACTOR)``. Also returns the mask of
-    accounts due for a demotion (``demote_after`` of silence and since their last tier change):
-    their intervals here are wrong until ``interval`` itself demotes them."""
-    # now - max(a, b) is the smaller of now - a and now - b (rounding is monotonic).
-    demote = (now - np.maximum(last_mail_at, changed_at) >= rules.demote_after) & (tier < _LOW)
-    base = np.array(rules.intervals)[tier]
-    # No decay when the rate was measured at or after now: exp(-0.0) is exactly 1.
-    expected = rate * np.exp(np.maximum(now - rate_at, 0.0) / -rules.promote_window) * base
-    # A rate of 0 gives the longest factor, as does anything below 1 / LONGEST_FACTOR**2.
-    factor = 1.0 / np.sqrt(np.maximum(expected, 1e-300))
-    return base * np.minimum(np.maximum(factor, SHORTEST_FACTOR), LONGEST_FACTOR), demote
-
-
-def _bucket_quantile(quantile: float, counts: list[int], total: int) -> float:
-    """Prometheus histogram_quantile: linear inside the bucket; the top bucket reports its lower bound."""
-    if total == 0:
-        return 0.0
-    rank = quantile * total
-    cumulative = 0
-    for index, count in enumerate(counts):
-        if count and cumulative + count >= rank:
-            if index == len(LAG_BUCKETS):
-                return LAG_BUCKETS[-1]
-            lower = LAG_BUCKETS[index - 1] if index else 0.0
-            return lower + (LAG_BUCKETS[index] - lower) * (rank - cumulative) / count
-        cumulative += count
-    return LAG_BUCKETS[-1]

@@ -27,13 +27,28 @@ Adaptive rules (every decision takes ``now``, monotonic seconds):
 
 from __future__ import annotations
 
-import math
 from enum import IntEnum
+
+import numpy as np
 
 from ..config import SchedulerConfig
 
 SHORTEST_FACTOR = 0.5
 LONGEST_FACTOR = 1.5
+
+
+def decayed_rate(rate, rate_at, now: float, window: float):
+    """The arrival rate measured at ``rate_at`` as it stands at ``now`` (EWMA over ``window``); no
+    decay when it was measured at or after ``now`` (exp(-0.0) is exactly 1). Floats or arrays."""
+    return rate * np.exp(np.maximum(now - rate_at, 0.0) / -window)
+
+
+def scaled_interval(base, rate):
+    """The interval inside a tier: ``base * clamp(1 / sqrt(rate * base), SHORTEST_FACTOR,
+    LONGEST_FACTOR)``; a rate of 0 (or anything below 1 / LONGEST_FACTOR**2 per interval) gives the
+    longest. The one formula for a single priority and for the planner's arrays (floats or arrays)."""
+    factor = 1.0 / np.sqrt(np.maximum(rate * base, 1e-300))
+    return base * np.minimum(np.maximum(factor, SHORTEST_FACTOR), LONGEST_FACTOR)
 
 
 class Tier(IntEnum):
@@ -114,10 +129,7 @@ class AdaptivePriority:
 
     def current_rate(self, now: float) -> float:
         """Messages per second, exponentially weighted over ``promote_window``."""
-        elapsed = now - self.rate_at
-        if elapsed <= 0:
-            return self.rate
-        return self.rate * math.exp(-elapsed / self.rules.promote_window)
+        return float(decayed_rate(self.rate, self.rate_at, now, self.rules.promote_window))
 
     def observe(self, count: int, now: float) -> None:
         """``count`` new messages seen at ``now``: feeds the rate and may promote one tier."""
@@ -147,16 +159,7 @@ class AdaptivePriority:
                 and now - self.changed_at >= rules.demote_after):
             tier = Tier(tier + 1)
             self._move(tier, now)
-        base = rules.intervals[tier]
-        expected = self.current_rate(now) * base
-        if expected <= 0:
-            return base * LONGEST_FACTOR
-        factor = 1.0 / math.sqrt(expected)
-        if factor < SHORTEST_FACTOR:
-            factor = SHORTEST_FACTOR
-        elif factor > LONGEST_FACTOR:
-            factor = LONGEST_FACTOR
-        return base * factor
+        return float(scaled_interval(rules.intervals[tier], self.current_rate(now)))
 
     def _move(self, tier: Tier, now: float) -> None:
         counts = self.rules.tier_counts

@@ -3,7 +3,10 @@
 Reconnect storms get accounts locked (docs/architecture.md rule 7), so every new IMAP connection to a
 server must pass three checks at once: the server's token bucket (``connects_per_minute``), the
 server's cap on concurrent connections (``max_connections_per_server``) and the account's cap
-(``max_connections_per_account``). Limits come from ``LimitsConfig.for_server(host)``.
+(``max_connections_per_account``). The planner admits connections a batch at a time
+(``ServerConnections.admit_many``) for accounts that hold none (it opens at most one per
+account, so the account's cap only decides whether any may be opened). Limits come from
+``LimitsConfig.for_server(host)``.
 
 Pure logic: no clock of its own, every call takes ``now`` (monotonic seconds).
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from enum import Enum
 
 import msgspec
 import numpy as np
@@ -65,18 +67,10 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate_per_second
 
 
-class Refusal(str, Enum):
-    """Why a new connection was not admitted."""
-
-    SERVER_FULL = "server_full"      # max_connections_per_server connections are open
-    ACCOUNT_FULL = "account_full"    # the account has max_connections_per_account open
-    RATE = "rate"                    # the server's connect bucket is empty
-
-
 class ServerConnections:
     """One IMAP server's limits in force, its connect bucket and its open connection counts."""
 
-    __slots__ = ("server", "limits", "connect_bucket", "open_connections", "open_by_account", "recent_connects")
+    __slots__ = ("connect_bucket", "limits", "open_connections", "recent_connects", "server")
 
     def __init__(self, server: str, limits: ServerLimits, now: float,
                  burst_seconds: float = DEFAULT_BURST_SECONDS) -> None:
@@ -85,7 +79,6 @@ class ServerConnections:
         rate = limits.connects_per_minute or 0
         self.connect_bucket = TokenBucket(rate, connect_burst(rate, burst_seconds), now)
         self.open_connections = 0
-        self.open_by_account: dict[str, int] = {}
         # [whole second, connects admitted in it] over the last minute, for the logins/min used.
         self.recent_connects: deque[list[int]] = deque(maxlen=61)
 
@@ -143,7 +136,7 @@ class ServerStatus(msgspec.Struct, frozen=True):
 
 
 class ConnectionLimits:
-    """Admission of new connections per server; counts of open ones per server and per account."""
+    """Every server's ``ServerConnections``, created with its configured limits on first use."""
 
     def __init__(self, limits: LimitsConfig, burst_seconds: float = DEFAULT_BURST_SECONDS) -> None:
         self.limits = limits
@@ -157,81 +150,6 @@ class ConnectionLimits:
             state = ServerConnections(server, self.limits.for_server(server), now, self.burst_seconds)
             self._servers[server] = state
         return state
-
-    def refusal(self, server: str, account_id: str, now: float) -> Refusal | None:
-        """Why ``admit`` would refuse now, or None when it would admit. Takes nothing."""
-        state = self.server(server, now)
-        limits = state.limits
-        if state.open_connections >= limits.max_connections_per_server:
-            return Refusal.SERVER_FULL
-        if state.open_by_account.get(account_id, 0) >= limits.max_connections_per_account:
-            return Refusal.ACCOUNT_FULL
-        if state.connect_bucket.wait_time(now) > 0:
-            return Refusal.RATE
-        return None
-
-    def admit(self, server: str, account_id: str, now: float) -> bool:
-        """Take a connect token and a connection slot for the account, only if all three allow."""
-        state = self._servers.get(server) or self.server(server, now)
-        limits = state.limits
-        if state.open_connections >= limits.max_connections_per_server:
-            return False
-        by_account = state.open_by_account
-        account_open = by_account.get(account_id, 0)
-        if account_open >= limits.max_connections_per_account:
-            return False
-        # TokenBucket.try_take, inlined: this runs for every new connection the scheduler orders.
-        bucket = state.connect_bucket
-        elapsed = now - bucket.updated_at
-        if elapsed > 0:
-            tokens = bucket.tokens + elapsed * bucket.rate_per_second
-            bucket.tokens = tokens if tokens < bucket.burst else bucket.burst
-            bucket.updated_at = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        state.open_connections += 1
-        by_account[account_id] = account_open + 1
-        return True
-
-    def occupy(self, server: str, account_id: str, now: float) -> None:
-        """Count a connection that exists without having been admitted (found open after a restart)."""
-        state = self.server(server, now)
-        state.open_connections += 1
-        state.open_by_account[account_id] = state.open_by_account.get(account_id, 0) + 1
-
-    def release(self, server: str, account_id: str) -> None:
-        """A connection of the account to the server closed; frees its slot (never below zero)."""
-        state = self._servers.get(server)
-        if state is None:
-            return
-        account_open = state.open_by_account.get(account_id, 0)
-        if account_open <= 0:
-            return
-        if account_open == 1:
-            del state.open_by_account[account_id]
-        else:
-            state.open_by_account[account_id] = account_open - 1
-        state.open_connections -= 1
-
-    def connections(self, server: str) -> int:
-        """Open connections to the server."""
-        state = self._servers.get(server)
-        return state.open_connections if state else 0
-
-    def account_connections(self, server: str, account_id: str) -> int:
-        """Open connections of one account to the server."""
-        state = self._servers.get(server)
-        return state.open_by_account.get(account_id, 0) if state else 0
-
-    def wait_time(self, server: str, now: float) -> float:
-        """Seconds until the server's bucket has a token."""
-        return self.server(server, now).connect_bucket.wait_time(now)
-
-    def limits_for(self, server: str) -> ServerLimits:
-        """The limits in force for the server."""
-        state = self._servers.get(server)
-        return state.limits if state else self.limits.for_server(server)
 
     def servers(self) -> list[str]:
         """Every server seen so far, sorted."""

@@ -6,15 +6,17 @@ worker that owns each account, results come back on one PULL socket. Each accoun
 worker slot by rendezvous hashing, so a restarted slot gets the same accounts back and a change
 in the number of workers moves only the accounts it must. In-flight orders are bounded by
 credits per worker, so a slow worker cannot pile up an unbounded queue.
+
+Longer than the other modules: it is the process's one loop and the bookkeeping of each frame
+kind (accounts, orders, results, worker restarts, control), which share the in-flight orders and
+the worker credits. The pure parts live beside it: planner.py, results.py, accounts.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
-
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -25,8 +27,11 @@ from ..store import leases, retention
 from ..child import Child, bind_pull, connect_push, ipc_path, send
 from .. import config as config_mod
 from ..config import AccountConfig, Config
-from .planner import AccountPlan, AccountState, Planner, ServerSnapshot
+from .accounts import credentials_version, owner_slot
+from .planner import AccountPlan, Planner, ServerSnapshot
 from .ratelimit import TIER_NAMES
+from .results import ResultRows
+from .states import AccountState
 from ..store.postgres import listen_account_changes
 from ..store.store import Store, StoreError, open_store
 
@@ -35,28 +40,6 @@ log = logging.getLogger(__name__)
 ACCOUNTS_CHECK_INTERVAL = 2.0
 MAX_WAIT = 0.5
 STORE_STATES = {AccountState.AUTH_FAILED: "auth_failed", AccountState.DISABLED: "disabled"}
-
-
-def owner_slot(account_id: str, workers: int) -> int:
-    """Rendezvous (highest random weight) hashing: stable per account, minimal moves on resize."""
-    def weight(slot: int) -> bytes:
-        return hashlib.blake2b(f"{slot}\0{account_id}".encode(), digest_size=8).digest()
-
-    return max(range(workers), key=weight)
-
-
-def credentials_version(account: AccountConfig, secrets: dict[str, str] | None = None) -> str:
-    """Changes when anything about the credentials changes: settings, stored secrets, the file's mtime."""
-    mtime = 0.0
-    if account.password_file:
-        try:
-            mtime = os.stat(account.password_file).st_mtime
-        except OSError:
-            pass
-    parts = (account.host, account.username, account.auth, account.password_file, account.password_env,
-             msgspec.json.encode(account.oauth2).decode() if account.oauth2 else "", str(mtime),
-             msgspec.json.encode(secrets or {}).decode())
-    return hashlib.blake2b("\0".join(p or "" for p in parts).encode(), digest_size=8).hexdigest()
 
 
 def capacity_stats(servers: list[ServerSnapshot]) -> dict[str, dict[str, float]]:
@@ -247,15 +230,21 @@ class Scheduler:
 
     # --- frames -----------------------------------------------------------------------------------
     def read_frames(self, now: float) -> None:
+        """The frames waiting, in order; results are gathered and classified in one planner call,
+        handed over before any other frame so that each account's events keep their order."""
+        rows = ResultRows()
         for _ in range(10_000):  # bounded per turn so heartbeats and orders keep flowing
             try:
                 data = self.pull.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             frame = self.child.decode(data)
             if isinstance(frame, frames.Result):
-                self.take_result(frame, now)
-            elif isinstance(frame, frames.NewMail):
+                rows = self.gather_result(frame, rows, now)
+                continue
+            if rows:
+                rows = self.take_results(rows, now)
+            if isinstance(frame, frames.NewMail):
                 self.planner.on_new_mail(frame.account_id, now, frame.count)
             elif isinstance(frame, frames.WorkerReady):
                 self.on_worker_ready(frame, now)
@@ -267,13 +256,53 @@ class Scheduler:
                 self.on_control(frame, now)
             elif frame is not None:
                 self.child.frames_dropped += 1
+        if rows:
+            self.take_results(rows, now)
 
-    def take_result(self, result: frames.Result, now: float) -> None:
-        """``on_result``, but one result that breaks it parks its account instead of ending the
+    def gather_result(self, result: frames.Result, rows: ResultRows, now: float) -> ResultRows:
+        """One job's outcome, whatever started it (an order, a push, a renewal, a lost
+        connection): the order bookkeeping at once; the classification (backoff and
+        ``retry_after``, the auth breaker) in the batch, or at once for what the batch does not
+        take (a requeue, ``reauth_required``, an account already in the batch or unknown)."""
+        if result.uidvalidity_changed:
+            self.uidvalidity_changes += 1
+        if result.order_id:
+            if result.order_id not in self.in_flight:
+                return rows  # an order already taken back (its worker was replaced)
+            self.forget_order(result.order_id)
+        account_id = result.account_id
+        index = self.planner.index_of(account_id)
+        if (index is None or account_id in rows.accounts or result.failure_kind in frames.NOT_THE_ACCOUNTS_FAULT
+                or result.failure_kind is frames.FailureKind.REAUTH):
+            if rows:
+                rows = self.take_results(rows, now)
+            self.guarded(result, now, lambda: self.on_result(result, now))
+            return rows
+        self.note_missing_folders(result)
+        rows.add(result, index, self.planner.state_of(account_id))
+        return rows
+
+    def take_results(self, rows: ResultRows, now: float) -> ResultRows:
+        """Classify the gathered results in one planner call; then what follows each of them. Should
+        the batch break, the results go again one by one, so only the one that breaks is parked."""
+        try:
+            rows.apply(self.planner, now)
+        except Exception:
+            log.exception("event=result_batch_failed results=%d action=one_by_one", len(rows))
+            for result, index, before in zip(rows.results, rows.indexes, rows.before):
+                one = ResultRows()
+                one.add(result, index, before)
+                self.guarded(result, now, lambda one=one: one.apply(self.planner, now))
+        for result, before in zip(rows.results, rows.before):
+            self.after_result(result, before, now)
+        return ResultRows()
+
+    def guarded(self, result: frames.Result, now: float, classify: Callable[[], None]) -> None:
+        """``classify``, but one result that breaks it parks its account instead of ending the
         scheduler: a restart would poll the same account and die again (a crash loop is exit 70,
         the whole service down for one hostile reply)."""
         try:
-            self.on_result(result, now)
+            classify()
         except Exception as exc:
             log.exception("event=result_failed account=%s failure_kind=%s error=%s action=backoff",
                           result.account_id, result.failure_kind, exc)
@@ -292,17 +321,9 @@ class Scheduler:
         self.credits_used[slot] = max(0, self.credits_used.get(slot, 0) - 1)
 
     def on_result(self, result: frames.Result, now: float) -> None:
-        """One job's outcome, whatever started it (an order, a push, a renewal, a lost
-        connection): every result goes through the same classification (backoff and
-        ``retry_after``, the auth breaker, ``reauth_required``); only the order bookkeeping
-        differs."""
+        """One result the batch does not take (its order bookkeeping is done): every result goes
+        through the same classification; only what surrounds it differs."""
         account_id = result.account_id
-        if result.uidvalidity_changed:
-            self.uidvalidity_changes += 1
-        if result.order_id:
-            if result.order_id not in self.in_flight:
-                return  # an order already taken back (its worker was replaced)
-            self.forget_order(result.order_id)
         if result.failure_kind in frames.NOT_THE_ACCOUNTS_FAULT:
             # The worker had no connection to use: due again at once, no failure counted.
             self.planner.on_connection_closed(account_id, now)
@@ -312,20 +333,27 @@ class Scheduler:
         if result.failure_kind is frames.FailureKind.REAUTH:
             self.park_for_reauth(account_id, now, result)
             return
-        if result.missing_folders:
-            self.child.errors.add(f"account={account_id} error_kind=mailbox "
-                                  f"error=folders missing on the server: {', '.join(result.missing_folders)}")
+        self.note_missing_folders(result)
         before = self.planner.state_of(account_id)
         self.planner.on_result(account_id, now, ok=result.ok, new_messages=result.new_messages,
                                failure_kind=result.failure_kind, retry_after=result.retry_after,
                                connected=result.connected, idling=result.idling,
                                ordered=result.order_id > 0, watches_all=result.watches_all)
+        self.after_result(result, before, now)
+
+    def note_missing_folders(self, result: frames.Result) -> None:
+        if result.missing_folders:
+            self.child.errors.add(f"account={result.account_id} error_kind=mailbox "
+                                  f"error=folders missing on the server: {', '.join(result.missing_folders)}")
+
+    def after_result(self, result: frames.Result, before: AccountState | None, now: float) -> None:
+        """A worker's own result (a push, a renewal) moves IDLE, and a state the store keeps is saved."""
         if not result.order_id and result.ok:
             if result.connected and result.idling:
-                self.planner.on_idle(account_id, now, True)
+                self.planner.on_idle(result.account_id, now, True)
             elif not result.connected:
-                self.planner.on_connection_closed(account_id, now)
-        self.note_state(account_id, before, result)
+                self.planner.on_connection_closed(result.account_id, now)
+        self.note_state(result.account_id, before, result)
 
     def park_for_reauth(self, account_id: str, now: float, result: frames.Result) -> None:
         """The provider refused the refresh token: only a person can fix that, so no retries (no
@@ -410,20 +438,24 @@ class Scheduler:
         if self.draining or free <= 0:
             return
         refused = []
-        for order in self.planner.due(now, free):
-            slot = self.owner.get(order.account_id)
+        orders = self.planner.due_batch(now, free)
+        if not len(orders):
+            return
+        for account_id, need_connect, release in zip(orders.account_ids, orders.need_connect.tolist(),
+                                                     orders.release.tolist()):
+            slot = self.owner.get(account_id)
             if slot is None or self.credits_used.get(slot, 0) >= self.credits_per_worker:
-                refused.append(order.account_id)
+                refused.append(account_id)
                 continue
             order_id = self.next_order_id
             self.next_order_id += 1
             # release: the account rotates on a contended server (Planner, docs/contended-servers.md).
-            if not self.send_to(slot, frames.Poll(account_id=order.account_id, order_id=order_id,
-                                                  may_connect=order.need_connect, release=order.release)):
-                refused.append(order.account_id)
+            if not self.send_to(slot, frames.Poll(account_id=account_id, order_id=order_id,
+                                                  may_connect=need_connect, release=release)):
+                refused.append(account_id)
                 continue
-            self.in_flight[order_id] = (order.account_id, slot)
-            self.order_by_account[order.account_id] = order_id
+            self.in_flight[order_id] = (account_id, slot)
+            self.order_by_account[account_id] = order_id
             self.credits_used[slot] = self.credits_used.get(slot, 0) + 1
         if refused:
             self.planner.requeue(refused, now)
@@ -453,7 +485,6 @@ class Scheduler:
                 key = f"{tier.name.lower()}"
                 by_state_priority[f"disabled/{key}"] = by_state_priority.get(f"disabled/{key}", 1) - 1
                 by_state_priority[f"{state}/{key}"] = by_state_priority.get(f"{state}/{key}", 0) + 1
-        lag = snap.lag
         self.child.heartbeat(self.state_name(), now, stats=frames.SchedulerStats(
             accounts=snap.accounts, in_flight=snap.in_flight, uidvalidity_changes=self.uidvalidity_changes,
             drain_in_flight_accounts=self.drain_in_flight[0], drain_in_flight_messages=self.drain_in_flight[1],
@@ -462,7 +493,7 @@ class Scheduler:
             "connection_limit": {s.server: s.max_connections for s in snap.servers},
             "waiting": {s.server: s.waiting for s in snap.servers},
             **capacity_stats(snap.servers),
-        }, histograms={"scheduler_lag_seconds": [*lag.counts, lag.sum, lag.count]}, detail=self.leases.detail())
+        }, histograms={"scheduler_lag_seconds": snap.lag.to_wire()}, detail=self.leases.detail())
 
     # --- the loop -----------------------------------------------------------------------------------
     def listen_for_account_changes(self, poller: zmq.Poller) -> None:
