@@ -181,12 +181,18 @@ def test_idle_read_keeps_partial_lines_until_they_complete() -> None:
         imap.logout(client, 1)
 
 
+def idling_on(server: HostileServer, timeout: float) -> Any:
+    """A client of the scripted server, INBOX examined, in IDLE."""
+    client = imap.connect(make_account(server.host, server.port), SECRET, timeout=timeout)
+    imap.examine(client, "INBOX")
+    imap.idle_start(client)
+    return client
+
+
 @pytest.mark.timeout(10)
 def test_bye_during_idle_raises_instead_of_spinning() -> None:
     with HostileServer("bye_in_idle") as server:
-        client = imap.connect(make_account(server.host, server.port), SECRET, timeout=2)
-        imap.examine(client, "INBOX")
-        imap.idle_start(client)
+        client = idling_on(server, 2)
         wait_readable(client, 2)
         with pytest.raises(ImapError) as info:
             imap.idle_read(client)
@@ -202,9 +208,7 @@ def test_bye_during_idle_raises_instead_of_spinning() -> None:
 @pytest.mark.timeout(10)
 def test_idle_stop_and_logout_are_bounded_when_the_server_stops_answering() -> None:
     with HostileServer("deaf_in_idle") as server:
-        client = imap.connect(make_account(server.host, server.port), SECRET, timeout=5)
-        imap.examine(client, "INBOX")
-        imap.idle_start(client)
+        client = idling_on(server, 5)
         started = time.monotonic()
         with pytest.raises(ImapError) as info:
             imap.idle_stop(client, 0.5)
