@@ -396,3 +396,47 @@ def test_a_folder_unchanged_since_its_last_complete_check_costs_no_store_round_t
         imap.logout(client)
     assert store.counts()["messages"] == 2
     store.close()
+
+
+def test_mail_still_arriving_after_the_last_catch_up_is_announced_as_pushed(dovecot, mailbox, tmp_path):
+    """The catch-up before IDLE syncs at most three times; when mail arrives during every one of
+    them, the EXISTS of the last arrivals went by unread (IDLE does not repeat it), so the folder
+    is marked behind and the job announces it as pushed instead of idling past it."""
+    from mailingestd import frames
+    from mailingestd.config import AccountConfig, ImapConfig
+    from mailingestd.fetch import imap
+    from mailingestd.fetch.folder_sync import FolderChecks, JobOutcome
+    from mailingestd.store.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    checks = FolderChecks(store, ImapConfig(), announce=True, stopping=lambda: False, fast_stop=lambda: False)
+    account = AccountConfig(id=mailbox, host=dovecot.host, port=dovecot.port, tls="none", username=mailbox,
+                            password_env="UNUSED")
+    sync, arriving = checks.sync, [True]
+
+    def sync_while_mail_arrives(client, account, folder, outcome):
+        synced = sync(client, account, folder, outcome)
+        if arriving[0]:  # a message lands during every sync's FETCH, after its SEARCH
+            dovecot.append(mailbox, f"Message-ID: <{time.monotonic()}@test>\r\n\r\nx\r\n".encode())
+        return synced
+
+    checks.sync = sync_while_mail_arrives
+
+    def outcome() -> JobOutcome:
+        return JobOutcome(result=frames.Result(slot=0, account_id=mailbox, order_id=0, ok=False, connected=False,
+                                               idling=False))
+
+    client = imap.connect(account, dovecot.password, timeout=30)
+    try:
+        checks.check(client, account, outcome(), account.folders, examine_primary=True)
+        busy = outcome()
+        assert checks.catch_up_idle_folder(client, account, busy) == "INBOX"
+        assert busy.idle_folder_behind, "mail arrived during every catch-up: the folder must be checked again"
+        arriving[0] = False
+        quiet = outcome()
+        checks.check(client, account, quiet, account.folders, examine_primary=True)
+        assert checks.catch_up_idle_folder(client, account, quiet) == "INBOX"
+        assert not quiet.idle_folder_behind
+    finally:
+        imap.logout(client)
+    store.close()

@@ -46,6 +46,7 @@ class JobOutcome(msgspec.Struct):
     notified_at: float | None = None
     primary_current: bool = False  # the primary folder was EXAMINEd last and nothing ran since
     idle_folder: str | None = None  # the folder selected for IDLE (None: NOTIFY, nothing selected)
+    idle_folder_behind: bool = False  # mail kept arriving through the catch-up: check again at once
 
     @property
     def stored(self) -> int:
@@ -137,7 +138,11 @@ class FolderChecks:
     def catch_up_idle_folder(self, client: Any, account: AccountConfig, outcome: JobOutcome) -> str:
         """Select the folder to IDLE on (the primary one, else the first configured folder the
         server has) and ingest what arrived in it during the checks just done: a message
-        appended in that gap would otherwise wait for the next safety poll. Returns the folder."""
+        appended in that gap would otherwise wait for the next safety poll. Returns the folder.
+
+        A folder still receiving mail after the last try is marked ``idle_folder_behind``: the
+        EXISTS of what arrived during that try's FETCH went by unread, and IDLE does not repeat
+        it, so the job announces the folder as pushed and the loop checks it right away."""
         missing = set(outcome.result.missing_folders)
         if not outcome.checked_all:
             missing |= self.missing.get(account.id, frozenset())
@@ -154,6 +159,7 @@ class FolderChecks:
                     and (state.uidnext is None or state.uidnext <= mailbox.last_uid + 1)):
                 return folder
             self.sync(client, account, folder, outcome)  # leaves the folder selected
+        outcome.idle_folder_behind = True
         return folder
 
     def watch(self, client: Any, account: AccountConfig) -> tuple[str, ...]:

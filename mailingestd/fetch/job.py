@@ -124,6 +124,8 @@ class Jobs:
                 announced = self.folders.pushed(account, outcome.idle_folder, early)
                 if imap.literal_waiting(client):
                     announced = tuple(account.folders)
+                elif outcome.idle_folder_behind and outcome.idle_folder is not None:
+                    announced = (*announced, outcome.idle_folder)
                 outcome.pushed_pending = tuple(dict.fromkeys((*pending, *announced)))
             result.ok = True
         except ConfigError as exc:
