@@ -36,8 +36,11 @@ _BATCH_SQL = """
           WHERE b.account_id = s.account_id AND b.folder = s.folder AND b.uidvalidity = s.uidvalidity
             AND mb.uidvalidity = s.uidvalidity AND b.last_uid < s.settled_uid)
     SELECT (SELECT uidvalidity FROM mb), (SELECT array_agg(uid) FROM k)"""
-# The rows of the new keys, one short prepared statement per row sent in one pipeline: raw bytes
-# are bound per row, never gathered into one array that the server would have to materialise.
+# The rows of the new keys, one short prepared statement per row: raw bytes are bound per row,
+# never gathered into one array that the server would have to materialise. Not pipelined: a node
+# paused in the middle of a pipeline leaves its transaction waiting for input without ever having
+# been idle, so idle_in_transaction_session_timeout (the fence's, leases.py) never ends it and
+# its lease row stays locked FOR SHARE: no other node could take the account over.
 _MESSAGE_SQL = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({', '.join(['%b'] * len(MessageRow._fields))})"
 
 
@@ -110,7 +113,9 @@ class PostgresStore(Store):
             raise StoreError(f"mailbox {mailbox.account_id}/{mailbox.folder} changed UIDVALIDITY under a batch")
         new_uids = set(new or ())
         if new_uids:
-            self.executemany(cur, _MESSAGE_SQL, [row for row in batch.rows if row.uid in new_uids])
+            for row in batch.rows:
+                if row.uid in new_uids:
+                    self.execute(cur, _MESSAGE_SQL, row)
         return new_uids
 
     @contextlib.contextmanager
