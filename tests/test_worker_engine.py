@@ -482,6 +482,38 @@ def test_mail_announced_with_the_idle_continuation_is_fetched_at_once(tmp_path):
         server.stop()
 
 
+def slow_examine_after_idle(session: Session) -> None:
+    """A server slow to answer EXAMINE once the connection has idled: every renewal (DONE,
+    EXAMINE, IDLE) keeps the connection out of IDLE for 1.5 s, a good part of each cycle."""
+    session.greet()
+    idled = 0
+    while True:
+        tag, name, rest = session.read_command()
+        if name == b"IDLE":
+            idled += 1
+        elif name == b"EXAMINE" and idled:
+            session.sleep(1.5)
+        session.answer(tag, name, rest)
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_renewing_its_idle_still_counts_as_idling(hostile, tmp_path):
+    """The idle_connections gauge (and status) counts the accounts held in IDLE: a renewal in
+    progress takes its connection out of IDLE for a moment, not out of the count (10,000 sessions
+    renew about 17 times a second; the gauge would never read the number of accounts held)."""
+    server = hostile(slow_examine_after_idle)
+    with Daemon(tmp_path, accounts=account_toml("slow", server.host, server.port, id="slow"), password="pw",
+                sections=imap_section(idle_renew="2s")) as daemon:
+        idling(daemon, 1)
+        readings = []
+        for _ in range(24):  # 6 s: about three renewals, each 1.5 s out of IDLE
+            readings.append(daemon.status()["traffic"]["idle_connections"])
+            time.sleep(0.25)
+        assert readings == [1] * len(readings), readings
+        assert server.connections == 1  # renewals, not reconnects
+        no_restarts(daemon)
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop's timers (pure): renewals spread, bounded work per turn, stale entries dropped
 

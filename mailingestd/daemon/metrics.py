@@ -242,7 +242,8 @@ class DaemonCollector:
         yield CounterMetricFamily("mailingestd_notify_failures", "sd_notify datagrams systemd had no room for "
                                   "(keep-alives dropped, state notifications retried).", value=snap.notify_failures)
         yield gauge("last_ingest_timestamp_seconds", "Unix time a message was last stored.", snap.last_ingest)
-        yield gauge("idle_connections", "Connections in IDLE.", snap.idle_connections)
+        yield gauge("idle_connections", "Connections in IDLE (a renewal in progress included).",
+                    snap.idle_connections)
         yield gauge("outbox_depth", "Messages stored but not yet announced on the queue.", snap.outbox_depth)
         yield gauge("folders_stuck", "Folders halted below a message over imap.max_message_size.",
                     snap.folders_stuck)

@@ -51,7 +51,7 @@ from ..store.store import Store, open_store
 from . import imap, ingest
 from .folder_sync import FolderChecks, JobOutcome
 from .job import Jobs
-from .sessions import IdleTimers, Session
+from .sessions import IdleTimers, Session, held_in_idle
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,7 @@ class Worker:
         session.busy = True
         session.probe_deadline = None
         was_idling, session.idling = session.idling, False
+        session.returns_to_idle = was_idling and failure is None
         self.submit(self.jobs.run, session.account, session.client, trigger, order_id, may_connect, was_idling,
                     notified, failure, pushed, release)
 
@@ -305,6 +306,7 @@ class Worker:
                 self.submit(imap.logout, outcome.client, min(self.config.imap.timeout, 10.0))
             return
         session.busy = False
+        session.returns_to_idle = False
         if result.ok and outcome.checked_all:
             session.checked_at = now
         session.client = outcome.client
@@ -413,7 +415,7 @@ class Worker:
         for session in self.sessions.values():
             if session.client is not None:
                 connections[session.account.host] = connections.get(session.account.host, 0) + 1
-                idle += session.idling
+                idle += held_in_idle(session)
         state = "drained" if self.draining and self.fully_drained() else "draining" if self.draining else "running"
         self.child.heartbeat(state, now, stats=frames.WorkerStats(
             messages_ingested=self.messages, bytes_ingested=self.bytes, idle_connections=idle,
