@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import imaplib
+import re
 import time
 from typing import Any
 
@@ -26,10 +27,11 @@ import imapclient
 from imapclient.response_parser import parse_response
 
 from .errors import FailureKind, ImapError, ServerClosed, raises_imap_error
+from .mailbox import FolderState
 from .transport import IDLE_MAX_LITERAL, IDLE_READ_BUDGET, BoundedIMAP4, bounded
 
-__all__ = ["has_new_mail", "idle_done_send", "idle_read", "idle_start", "idle_stop", "idling",
-           "literal_waiting", "parse_untagged"]
+__all__ = ["examine_read", "examine_send", "has_new_mail", "idle_done_send", "idle_read", "idle_start",
+           "idle_start_read", "idle_start_send", "idle_stop", "idling", "literal_waiting", "parse_untagged"]
 
 
 @raises_imap_error
@@ -193,3 +195,106 @@ def idle_stop(client: imapclient.IMAPClient, timeout: float) -> list[tuple[Any, 
     finally:
         imap.io_timeout = saved_timeout
         imap.max_literal = saved_literal
+
+
+# --- renewing IDLE from the selector loop ------------------------------------------------------------
+# A renewal of a session idling on its only folder is three exchanges: DONE (idle_done_send), the
+# folder EXAMINEd again, IDLE entered again. Each send below is a few bytes on a quiet socket; each
+# read takes what has arrived and returns None until the reply is complete, so the loop drives
+# them from readiness like idle_read, no thread held (the loop bounds each step by imap.timeout).
+
+_UIDVALIDITY = re.compile(rb"\* OK \[UIDVALIDITY (\d+)\]", re.IGNORECASE)
+_UIDNEXT = re.compile(rb"\* OK \[UIDNEXT (\d+)\]", re.IGNORECASE)
+_HIGHESTMODSEQ = re.compile(rb"\* OK \[HIGHESTMODSEQ (\d+)\]", re.IGNORECASE)
+_EXISTS = re.compile(rb"\* (\d+) EXISTS", re.IGNORECASE)
+
+
+class _Pending:
+    """The command the loop sent and whose reply it is collecting."""
+
+    __slots__ = ("fields", "name", "responses", "tag")
+
+    def __init__(self, name: bytes, tag: bytes) -> None:
+        self.name = name
+        self.tag = tag
+        self.fields: dict[str, int] = {}
+        self.responses: list[tuple[Any, ...]] = []
+
+
+@raises_imap_error
+def examine_send(client: imapclient.IMAPClient, folder: str) -> None:
+    """Send ``EXAMINE folder`` without waiting; :func:`examine_read` collects the reply."""
+    imap = bounded(client)
+    imap.settle_ahead()
+    tag = imap._command("EXAMINE", client._normalise_folder(folder))
+    client.loop_pending = _Pending(b"EXAMINE", tag)
+
+
+@raises_imap_error
+def examine_read(client: imapclient.IMAPClient) -> FolderState | None:
+    """What has arrived of the reply to :func:`examine_send`, without blocking: the folder's
+    state once the reply is complete, None until then. Raises ``ImapError`` when the server
+    refuses (``MAILBOX``), closes, says BYE, or sends a literal (no EXAMINE reply has one)."""
+    pending: _Pending = client.loop_pending
+    for line in _complete_lines(client):
+        if line.startswith(pending.tag + b" "):
+            client.loop_pending = None
+            bounded(client).tagged_commands.pop(pending.tag, None)
+            if line[len(pending.tag) + 1:].split(b" ", 1)[0].upper() != b"OK":
+                raise ImapError(FailureKind.MAILBOX, f"EXAMINE refused: {line.decode('utf-8', 'replace')[:200]}")
+            if "uidvalidity" not in pending.fields:
+                raise ImapError(FailureKind.PROTOCOL, "EXAMINE reply has no UIDVALIDITY")
+            f = pending.fields
+            return FolderState(uidvalidity=f["uidvalidity"], uidnext=f.get("uidnext"), exists=f.get("exists", 0),
+                               highestmodseq=f.get("highestmodseq"))
+        for name, pattern in (("uidvalidity", _UIDVALIDITY), ("uidnext", _UIDNEXT), ("exists", _EXISTS),
+                              ("highestmodseq", _HIGHESTMODSEQ)):
+            match = pattern.match(line)
+            if match:
+                pending.fields[name] = int(match.group(1))
+                break
+    return None
+
+
+@raises_imap_error
+def idle_start_send(client: imapclient.IMAPClient) -> None:
+    """Send ``IDLE`` without waiting; :func:`idle_start_read` waits for the continuation."""
+    imap = bounded(client)
+    imap.settle_ahead()
+    client.loop_pending = _Pending(b"IDLE", imap._command("IDLE"))
+
+
+@raises_imap_error
+def idle_start_read(client: imapclient.IMAPClient) -> list[tuple[Any, ...]] | None:
+    """What has arrived of the reply to :func:`idle_start_send`, without blocking: once the ``+``
+    continuation came, the session idles (as after :func:`idle_start`) and the untagged responses
+    that came before it are returned (new mail, for :func:`has_new_mail`); None until then."""
+    pending: _Pending = client.loop_pending
+    for line in _complete_lines(client):
+        if line.startswith(b"+"):
+            client.loop_pending = None
+            client.idle_tag = client._idle_tag = pending.tag
+            client.idle_done_sent = False
+            return pending.responses
+        if line.startswith(pending.tag + b" "):
+            client.loop_pending = None
+            bounded(client).tagged_commands.pop(pending.tag, None)
+            raise imaplib.IMAP4.error(f"IDLE refused: {line.decode('utf-8', 'replace')}")
+        pending.responses.append(parse_untagged(bounded(client), line))
+    return None
+
+
+def _complete_lines(client: imapclient.IMAPClient) -> list[bytes]:
+    """The complete lines the socket holds now (read without blocking, as idle_read does)."""
+    imap = bounded(client)
+    closed = imap.recv_available(IDLE_READ_BUDGET)
+    lines = []
+    while (line := imap.take_buffered_line()) is not None:
+        if imap.Literal.match(line):
+            raise imaplib.IMAP4.abort(f"unexpected literal in a reply the loop reads: {line[:100]!r}")
+        if line.startswith(b"* BYE"):
+            raise imaplib.IMAP4.abort(f"server said BYE: {line[6:].decode('utf-8', 'replace')}")
+        lines.append(line)
+    if closed and not lines:
+        raise ServerClosed("server closed the connection")
+    return lines

@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import heapq
 import itertools
 import math
@@ -28,8 +29,17 @@ from ..config import AccountConfig
 RENEW_JITTER = 0.2
 
 
+class Renewal(enum.Enum):
+    """Where a renewal the loop runs itself stands (see Worker.begin_renewal)."""
+
+    NONE = 0
+    EXAMINE = 1  # DONE answered; EXAMINE sent, its reply awaited
+    IDLE = 2  # folder unchanged; IDLE sent, its continuation awaited
+
+
 class Session:
-    """One account's connection. ``busy``: a pool thread owns it; otherwise the loop does.
+    """One account's connection. ``busy``: a pool thread owns it (or, with ``renewal`` set, the
+    loop's own renewal does); otherwise the loop does.
 
     While idling: ``renew_at`` is the jittered renewal time, ``keepalive_after`` the jittered
     silence that triggers a probe, ``probe_deadline`` set while our DONE awaits its reply;
@@ -38,7 +48,7 @@ class Session:
 
     __slots__ = ("account", "busy", "checked_at", "client", "fd", "generation", "heard_at", "idle_capable",
                  "idle_folder", "idling", "keepalive_after", "pending_order", "probe_deadline", "renew_at",
-                 "returns_to_idle", "watches_all")
+                 "renewal", "returns_to_idle", "watches_all")
 
     def __init__(self, account: AccountConfig) -> None:
         self.account = account
@@ -46,6 +56,7 @@ class Session:
         self.busy = False
         self.idling = False
         self.returns_to_idle = False  # busy with a job that left IDLE for a moment (a renewal, a push)
+        self.renewal = Renewal.NONE  # busy with a renewal the loop runs itself (no pool job)
         self.idle_capable = False
         self.heard_at = 0.0
         self.renew_at = 0.0

@@ -353,7 +353,9 @@ class BoundedIMAP4(imaplib.IMAP4):
                 received += len(chunk)
                 if self._rbuf.find(b"\n", self._scanned) < 0 and len(self._rbuf) > IDLE_MAX_LINE:
                     raise LimitExceeded(f"server sent an IDLE line longer than {IDLE_MAX_LINE} bytes")
-            # Budget spent: still empty the TLS object, whose bytes the selector cannot see.
+                if len(chunk) < 65536:
+                    break  # the socket held no more (a further recv would only raise): the selector says when more comes
+            # Still empty the TLS object, whose bytes the selector cannot see.
             pending = getattr(self.sock, "pending", None)
             while pending is not None and pending() > 0:
                 self._rbuf += self.sock.recv(pending())

@@ -51,7 +51,7 @@ from ..store.store import Store, open_store
 from . import imap, ingest
 from .folder_sync import FolderChecks, JobOutcome
 from .job import Jobs
-from .sessions import IdleTimers, Session, held_in_idle
+from .sessions import IdleTimers, Renewal, Session, held_in_idle
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,15 @@ class Worker:
                 break
             if not self.child.parent_alive():
                 break
+            woken = False
             for key, _ in self.selector.select(timeout=self.select_timeout(now)):
                 if key.data is not None:
                     self.on_readable(key.data, now)
+                elif key.fd == self.wake_r:
+                    woken = True
             self.read_frames()
-            self.collect_outcomes()
+            if woken:  # a job ended (nothing to collect otherwise: a quiet turn costs no syscall)
+                self.collect_outcomes()
             self.service_timers(time.monotonic())
             if self.draining and not self.drained_sent and self.fully_drained():
                 self.drained_sent = True
@@ -130,11 +134,10 @@ class Worker:
         return 0
 
     def read_frames(self) -> None:
-        while True:
-            try:
-                data = self.pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        # ZMQ_EVENTS rather than recv until zmq.Again: no exception raised on every loop turn
+        # (it also re-arms the edge-triggered ZMQ_FD the selector watches).
+        while self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            data = self.pull.recv(zmq.NOBLOCK)
             frame = self.child.decode(data)
             if isinstance(frame, frames.Poll):
                 self.on_poll(frame)
@@ -190,6 +193,9 @@ class Worker:
         self.start_job(session, frames.Trigger.ORDER, order.order_id, order.may_connect, release=order.release)
 
     def on_readable(self, session: Session, now: float) -> None:
+        if session.renewal is not Renewal.NONE:
+            self.advance_renewal(session, now)
+            return
         if session.busy or not session.idling:
             return
         try:
@@ -206,9 +212,86 @@ class Worker:
             pushed = tuple(session.account.folders)
         notified = now if pushed else None
         if not imap.idling(session.client):  # the server answered our DONE: renew, all folders
-            self.start_job(session, frames.Trigger.RENEWAL, notified=notified)
+            if not pushed and self.renews_in_loop(session):
+                self.begin_renewal(session, now)
+            else:
+                self.start_job(session, frames.Trigger.RENEWAL, notified=notified)
         elif pushed:
             self.start_job(session, frames.Trigger.PUSH, notified=notified, pushed=pushed)
+
+    # --- renewals the loop runs itself ------------------------------------------------------------
+    # A renewal of a session idling on the only folder of a password account is DONE, EXAMINE of
+    # that folder and IDLE again, a few bytes each way: the loop runs it from socket readiness
+    # (imap.examine_send/_read, idle_start_send/_read) instead of a pool job, whose thread handoffs
+    # cost more CPU than the IMAP itself. Each step is bounded by imap.timeout through the probe
+    # deadlines. Anything else (the folder changed, mail announced, an error) goes to a job, as
+    # before: the job checks the folder and ingests (changed), or reports and closes (failed).
+
+    def renews_in_loop(self, session: Session) -> bool:
+        account = session.account
+        return (session.idle_folder is not None and len(account.folders) == 1 and account.auth != "oauth2"
+                and not self.draining and not self.child.stop_requested
+                and not self.job_backlog and session.pending_order is None)
+
+    def begin_renewal(self, session: Session, now: float) -> None:
+        try:
+            imap.examine_send(session.client, session.idle_folder)
+        except imap.ImapError as exc:
+            self.start_job(session, frames.Trigger.CONNECTION, failure=exc)
+            return
+        session.idling = False
+        session.busy = session.returns_to_idle = True
+        session.renewal = Renewal.EXAMINE
+        self.renewal_deadline(session, now)
+
+    def renewal_deadline(self, session: Session, now: float) -> None:
+        session.probe_deadline = now + self.config.imap.timeout
+        self.probes.append((session.probe_deadline, session.generation, session))
+
+    def advance_renewal(self, session: Session, now: float) -> None:
+        client, folder = session.client, session.idle_folder
+        try:
+            if session.renewal is Renewal.EXAMINE:
+                state = imap.examine_read(client)
+                if state is None:
+                    return
+                if folder is None or not self.folders.unchanged(session.account.id, folder, state):
+                    self.end_renewal(session)
+                    self.start_job(session, frames.Trigger.RENEWAL, notified=now)  # news: a job ingests it
+                    session.returns_to_idle = True  # that job re-enters IDLE
+                    return
+                imap.idle_start_send(client)
+                session.renewal = Renewal.IDLE
+                self.renewal_deadline(session, now)
+            early = imap.idle_start_read(client)
+            if early is None:
+                return
+            early += imap.idle_read(client)
+        except imap.ImapError as exc:
+            self.end_renewal(session)
+            self.start_job(session, frames.Trigger.CONNECTION, failure=exc)
+            return
+        self.end_renewal(session)
+        session.idling = True
+        session.checked_at = now  # the only folder was checked: this renewal was a poll
+        self.timers.start(session, now)
+        self.timers.compact(len(self.sessions))
+        pushed = self.folders.pushed(session.account, folder, early)
+        if imap.literal_waiting(client):
+            pushed = tuple(session.account.folders)
+        if self.draining or self.sessions.get(session.account.id) is not session:
+            self.retire(session)  # draining, or the account left this worker meanwhile
+        elif session.pending_order is not None:
+            order, session.pending_order = session.pending_order, None
+            self.on_poll(order)
+        elif pushed:
+            self.start_job(session, frames.Trigger.PUSH, notified=now, pushed=pushed)
+
+    @staticmethod
+    def end_renewal(session: Session) -> None:
+        session.renewal = Renewal.NONE
+        session.busy = session.returns_to_idle = False
+        session.probe_deadline = None
 
     def select_timeout(self, now: float) -> float:
         """Sleep until the next renewal, probe or probe deadline is due, at most LOOP_TICK."""
@@ -225,7 +308,9 @@ class Worker:
         timeout = self.config.imap.timeout
         while self.probes and self.probes[0][0] <= now:
             _, generation, session = self.probes.popleft()
-            if session.generation == generation and session.probe_deadline is not None and not session.busy:
+            if session.probe_deadline is not None and session.probe_deadline <= now and (
+                    session.generation == generation and (not session.busy or session.renewal is not Renewal.NONE)):
+                self.end_renewal(session)
                 self.start_job(session, frames.Trigger.CONNECTION, failure=imap.ImapError(
                     imap.FailureKind.TIMEOUT, f"no reply to DONE within {timeout:g}s: connection presumed dead"))
         if self.job_backlog:
@@ -411,15 +496,17 @@ class Worker:
 
     def heartbeat(self, now: float) -> None:
         connections: dict[str, float] = {}
-        idle = 0
+        idle = busy = 0
         for session in self.sessions.values():
+            busy += session.busy
             if session.client is not None:
-                connections[session.account.host] = connections.get(session.account.host, 0) + 1
+                host = session.account.host
+                connections[host] = connections.get(host, 0) + 1
                 idle += held_in_idle(session)
         state = "drained" if self.draining and self.fully_drained() else "draining" if self.draining else "running"
         self.child.heartbeat(state, now, stats=frames.WorkerStats(
             messages_ingested=self.messages, bytes_ingested=self.bytes, idle_connections=idle,
-            accounts=len(self.sessions), busy=sum(s.busy for s in self.sessions.values()),
+            accounts=len(self.sessions), busy=busy,
             last_ingest=self.child.ingest_clock(self.messages), stuck_folders=len(ingest.HEALTH.stuck),
             uids_vanished=ingest.HEALTH.uids_vanished, oversize_skipped=ingest.HEALTH.oversize_skipped,
         ), histograms={"fetch_duration_seconds": self.fetch_hist.to_wire(),

@@ -320,6 +320,7 @@ class Publisher:
         rate_shared = -SUMMARY_EVERY
         acknowledged: list[int] = []  # sent, not yet deleted: left out of every claim until deleted
         prefetched: list[OutboxEntry] | None = None
+        sent_last = 0
         while not should_stop():
             sent = 0
             try:
@@ -335,8 +336,12 @@ class Publisher:
                         prefetched = self.due_entries(now, exclude=[e.id for e in due])
                 finally:
                     acknowledged += self._settle(sending, now)
-                sent = len(acknowledged)
-                if not sent or time.monotonic() - summarized >= SUMMARY_EVERY:
+                sent_before, sent = sent_last, len(acknowledged)
+                sent_last = sent
+                # Idle with an outbox known empty: counted every SUMMARY_EVERY, not at every poll
+                # (a quiet daemon's publisher would otherwise query twice per poll_interval).
+                if (time.monotonic() - summarized >= SUMMARY_EVERY
+                        or (not sent and (sent_before or self.stats.outbox_depth))):
                     summarized = time.monotonic()
                     self.stats.outbox_depth, self.stats.oldest_age = self.store.outbox_summary()
                 if time.monotonic() - rate_shared >= SUMMARY_EVERY:
