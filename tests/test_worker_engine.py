@@ -482,6 +482,46 @@ def test_mail_announced_with_the_idle_continuation_is_fetched_at_once(tmp_path):
         server.stop()
 
 
+def mail_never_announced_in_idle(session: Session) -> None:
+    """A server whose IDLE never reports new mail (no EXISTS): a second message is there from the
+    first renewal on, and only that renewal's EXAMINE can show it (UIDNEXT 3)."""
+    session.greet()
+    exists, idles = 1, 0
+    while True:
+        tag, name, rest = session.read_command()
+        if name == b"IDLE":
+            idles += 1
+            exists = 2 if idles >= 2 else 1
+        elif name in (b"SELECT", b"EXAMINE"):
+            session.send(b"* FLAGS (\\Seen)\r\n* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+                         b"* OK [UIDNEXT %d] next\r\n%s OK [READ-ONLY] done\r\n" % (exists, exists + 1, tag))
+            continue
+        elif name == b"UID SEARCH":
+            uids = b" ".join(b"%d" % uid for uid in range(1, exists + 1))
+            session.send(b"* SEARCH " + uids + b"\r\n" + tag + b" OK done\r\n")
+            continue
+        elif name == b"UID FETCH":
+            wanted = {int(uid) for uid in rest.split(b" ", 1)[0].replace(b":", b",").split(b",") if uid.isdigit()}
+            replies = b"".join(fetch_response(uid, message(f"silent{uid}")) for uid in sorted(wanted) if uid <= exists)
+            session.send(replies + tag + b" OK done\r\n")
+            continue
+        session.answer(tag, name, rest)
+
+
+@pytest.mark.timeout(60)
+def test_mail_a_server_never_announces_is_found_by_the_renewal(hostile, tmp_path):
+    """The renewal checks the folder it idles on (EXAMINE): mail the server's IDLE kept quiet
+    about is stored by the first renewal, on the same connection."""
+    server = hostile(mail_never_announced_in_idle)
+    with Daemon(tmp_path, accounts=account_toml("silent", server.host, server.port, id="silent"), password="pw",
+                sections=imap_section(idle_renew="2s")) as daemon:
+        stored_at(daemon, "silent1", 20)
+        stored_at(daemon, "silent2", 10)  # idle_renew is 2 s: the first renewal, at most
+        idling(daemon, 1)
+        assert server.connections == 1
+        no_restarts(daemon)
+
+
 def slow_examine_after_idle(session: Session) -> None:
     """A server slow to answer EXAMINE once the connection has idled: every renewal (DONE,
     EXAMINE, IDLE) keeps the connection out of IDLE for 1.5 s, a good part of each cycle."""
