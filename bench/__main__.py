@@ -22,7 +22,8 @@ from typing import Any
 from bench import backlog, contended, cpu, folders, idle, plots, polling
 from bench.common import BENCH_DIR, COMMAND_METRIC, SCALES, Report, Scale, raise_fd_limit
 from bench.publish import run_publish
-from devtools.devservers import Dovecot, MotoServer, Postgres
+from bench.sqs_sink import SqsSink
+from devtools.devservers import Dovecot, Postgres
 
 # Mailbox files of the test servers that hold 10,000 small mailboxes go to tmpfs when it has room:
 # on this machine's ext4, creating 10,000 fresh Maildirs (LOGIN's mkdirs, EXAMINE's index files) is
@@ -111,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return get("dovecot_noidle", lambda: Dovecot(mail_root / "dovecot-noidle", users=[], password=idle.PASSWORD,
                                                      idle=False, extra_conf=COMMAND_METRIC))
 
-    def moto() -> MotoServer:
-        return get("moto", lambda: MotoServer(root / "moto"))
+    def sink() -> SqsSink:
+        return get("sink", lambda: SqsSink(record=True))
 
     steps: dict[str, Callable[[], dict[str, Any]]] = {
-        "hold": lambda: idle.run_hold_and_latency(scale, root, dovecot(), postgres(), moto(), drawn),
+        "hold": lambda: idle.run_hold_and_latency(scale, root, dovecot(), postgres(), sink(), drawn),
         "latency-folders": lambda: folders.run_latency_folders(scale, root, dovecot(), postgres()),
         "quiet": lambda: idle.run_quiet(scale, root, dovecot(), postgres()),
         "status": lambda: idle.run_status(scale, root, dovecot(), postgres()),

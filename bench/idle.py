@@ -2,12 +2,13 @@
 
 hold + latency share one daemon: N accounts idle on the local Dovecot (empty mailboxes), then a load
 generator APPENDs realistic mail at a fixed rate to random accounts while (a) the store is read for
-each message's ``ingested_at``, (b) a receiver thread takes the envelopes off SQS (moto) and
-timestamps them, and (c) a bare imapclient IDLE watcher in its own process timestamps the EXISTS
+each message's ``ingested_at``, (b) bench/sqs_sink.py, the SQS endpoint the publisher sends to,
+timestamps each envelope's arrival (moto_server, which takes 55-130 envelopes a second here, ran
+near its limit at 50 appends a second and took up to half a core from the daemon), and (c) a bare imapclient IDLE watcher in its own process timestamps the EXISTS
 Dovecot sends for a sample of the same mailboxes: the server's own notification floor.
 
 Every time here is ``time.time()`` on this one host; it is compared across processes (the daemon's
-``ingested_at``, the load generator, the watcher, the SQS receiver), which is sound on one machine.
+``ingested_at``, the load generator, the watcher, the queue sink), which is sound on one machine.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from bench.common import (
     rnd,
     summary,
 )
-from devtools.devservers import Dovecot, MotoServer, Postgres
+from bench.sqs_sink import SqsSink
+from devtools.devservers import Dovecot, Postgres
 from mailingestd import control
 from mailingestd.config import AccountConfig
 from mailingestd.store.store import open_store
@@ -133,44 +135,28 @@ def _watch(port: int, users: list[str], ready: Any, stop: Any, results: Any) -> 
     results.put(seen)
 
 
-# --- the SQS receiver ---------------------------------------------------------------------------
+# --- the queue's arrivals ---------------------------------------------------------------------------
 
-class SqsReceiver:
-    """Threads that long-poll the queue, timestamp each envelope on arrival and delete it."""
+class SinkArrivals:
+    """When each envelope reached the queue, as bench/sqs_sink.py (run with ``record``) saw it:
+    ``arrivals`` maps (account_id, uid) to the first arrival's Unix time, read afresh on each use."""
 
-    def __init__(self, moto: MotoServer, queue_url: str, threads: int = 2) -> None:
-        self.moto, self.queue_url = moto, queue_url
-        self.arrivals: dict[tuple[str, int], float] = {}
+    def __init__(self, sink: SqsSink, queue_url: str) -> None:
+        self.sink, self.queue_url = sink, queue_url
         self.duplicates = 0
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
-    def start(self) -> SqsReceiver:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def _run(self) -> None:
-        sqs = self.moto.client("sqs")
-        while not self.stop.is_set():
-            reply = sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
-            now = time.time()
-            messages = reply.get("Messages", [])
-            for message in messages:
-                body = json.loads(message["Body"])
-                key = (body["account_id"], int(body["uid"]))
-                if key in self.arrivals:
-                    self.duplicates += 1
-                else:
-                    self.arrivals[key] = now
-            if messages:
-                sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=[
-                    {"Id": str(index), "ReceiptHandle": m["ReceiptHandle"]} for index, m in enumerate(messages)])
-
-    def close(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)
+    @property
+    def arrivals(self) -> dict[tuple[str, int], float]:
+        seen: dict[tuple[str, int], float] = {}
+        duplicates = 0
+        for account_id, uid, at in self.sink.stats(self.queue_url).get("arrivals", []):
+            key = (str(account_id), int(uid))
+            if key in seen:
+                duplicates += 1
+            else:
+                seen[key] = float(at)
+        self.duplicates = duplicates
+        return seen
 
 
 # --- the load generator -------------------------------------------------------------------------
@@ -238,14 +224,14 @@ def append_load(port: int, users: list[str], messages: list[bytes], rate: float,
 
 # --- scenarios ------------------------------------------------------------------------------------
 
-def run_hold_and_latency(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, moto: MotoServer,
+def run_hold_and_latency(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, sink: SqsSink,
                          plots: dict[str, Any]) -> dict[str, dict[str, Any]]:
     accounts = scale.hold_accounts
     users = [f"hold{index}" for index in range(1, accounts + 1)]
     store_url = postgres.create_database(f"hold_{int(time.time())}")
-    queue_url = moto.create_queue(f"hold-{int(time.time())}")
+    queue_url = sink.create_queue(f"hold-{int(time.time())}")
     messages = generate_messages(int(scale.latency_rate * scale.latency_seconds), seed=7)
-    daemon = BenchDaemon(root / "hold", store_url=store_url, env=moto.env,
+    daemon = BenchDaemon(root / "hold", store_url=store_url, env=sink.env,
                          accounts=accounts_toml(users, dovecot.port), sections=f"""
 [imap]
 threads = {scale.hold_threads}
@@ -253,12 +239,12 @@ threads = {scale.hold_threads}
 [queue]
 kind = "sqs"
 url = "{queue_url}"
-endpoint_url = "{moto.endpoint_url}"
-region = "{moto.region}"
+endpoint_url = "{sink.endpoint_url}"
+region = "{sink.region}"
 {limits_for(accounts)}
 """)
     logins_before = dovecot.login_count()
-    servers = {"dovecot": dovecot, "postgres": postgres, "queue": moto}
+    servers = {"dovecot": dovecot, "postgres": postgres, "queue": sink}
     try:
         connecting = cpu.meter(daemon, **servers)
         daemon.start()
@@ -294,12 +280,12 @@ region = "{moto.region}"
               f"{connect_cpu['cores']['machine']:.1f} cores while connecting, {quiet['machine_cores_busy_meanwhile']:.1f} "
               f"while quiet) "
               f"-> {'met' if hold['meets_target'] else 'MISSED'} (45 s / 400 MiB / 3%)", flush=True)
-        latency = measure_latency(scale, daemon, dovecot, postgres, moto, queue_url, users, messages, plots,
+        latency = measure_latency(scale, daemon, dovecot, postgres, sink, queue_url, users, messages, plots,
                                   rate=scale.latency_rate)
         latency["daemon_errors_logged"] = daemon.errors_logged()
         # The same at a tenth of the rate, every message to a watched mailbox: the daemon's own
         # latency when the two cores are not saturated by the load generator and Dovecot.
-        light = measure_latency(scale, daemon, dovecot, postgres, moto, queue_url, users,
+        light = measure_latency(scale, daemon, dovecot, postgres, sink, queue_url, users,
                                 messages[:int(scale.latency_rate * scale.latency_seconds / 10)], plots,
                                 rate=scale.latency_rate / 10, name="latency_light", only_watched=True)
         hold["drain_and_exit"] = daemon.stop()
@@ -308,7 +294,7 @@ region = "{moto.region}"
     return {"hold": hold, "latency": latency, "latency_light": light}
 
 
-def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, postgres: Postgres, moto: MotoServer,
+def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, postgres: Postgres, sink: SqsSink,
                     queue_url: str,
                     users: list[str], messages: list[bytes], plots: dict[str, Any], *, rate: float,
                     name: str = "latency", only_watched: bool = False) -> dict[str, Any]:
@@ -320,8 +306,8 @@ def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, postgre
     watcher.start()
     if not ready.wait(120):
         raise RuntimeError("the bare IDLE watcher did not log in within 120 s")
-    receiver = SqsReceiver(moto, queue_url).start()
-    load = cpu.meter(daemon, dovecot=dovecot, postgres=postgres, queue=moto)
+    receiver = SinkArrivals(sink, queue_url)
+    load = cpu.meter(daemon, dovecot=dovecot, postgres=postgres, queue=sink)
     records = append_load(dovecot.port, sample if only_watched else users, messages, rate, seed=11)
     append_seconds = max(r["acked"] for r in records) - min(r["due"] for r in records)
     cpu_under_load = load.stop()
@@ -338,14 +324,13 @@ def measure_latency(scale: Scale, daemon: BenchDaemon, dovecot: Dovecot, postgre
                 break
             time.sleep(0.5)
     time.sleep(1)
-    receiver.close()
     stop.set()
     floor_events = results.get(timeout=30)
     watcher.join(10)
     floor_seen = {(user, uid): t for user, uid, t in floor_events}
     store_lat = [committed[(r["user"], r["uid"])] - r["acked"] for r in records if (r["user"], r["uid"]) in committed]
-    sqs_lat = [receiver.arrivals[(r["user"], r["uid"])] - r["acked"] for r in records
-               if (r["user"], r["uid"]) in receiver.arrivals]
+    arrivals = receiver.arrivals
+    sqs_lat = [arrivals[(r["user"], r["uid"])] - r["acked"] for r in records if (r["user"], r["uid"]) in arrivals]
     sampled = [r for r in records if (r["user"], r["uid"]) in floor_seen]
     floor_lat = [floor_seen[(r["user"], r["uid"])] - r["acked"] for r in sampled]
     store_on_sample = [committed[(r["user"], r["uid"])] - r["acked"] for r in sampled

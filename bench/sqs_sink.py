@@ -16,7 +16,8 @@ application/x-amz-json-1.0``; botocore's ``data/sqs/2012-11-05/service-2.json`` 
   number of entries received as ``ApproximateNumberOfMessages``), ``PurgeQueue`` (resets counts).
 - ``GET /stats``: every queue's counts as JSON; with ``--record`` also how often each envelope key
   (the body's ``"key"``) arrived and in which order, for tests that check each outbox row was sent
-  exactly once and in order within its message group; with ``--delay S`` every request waits S
+  exactly once and in order within its message group, and when each entry arrived (``arrivals``:
+  account_id, uid, Unix time: the latency scenario's append-to-queue times); with ``--delay S`` every request waits S
   seconds (a distant SQS) and ``"sink:"`` reports the most requests that were in flight at once.
 
 Run: ``python -m bench.sqs_sink --port 9324 [--record]``; :class:`SqsSink` starts and stops it.
@@ -54,6 +55,7 @@ class Queue:
         self.last_at: float | None = None
         self.keys: collections.Counter[str] = collections.Counter()
         self.order: list[str] = []  # keys in arrival order (--record)
+        self.arrivals: list[tuple[Any, Any, float]] = []  # (account_id, uid, unix time) per entry (--record)
 
     def stats(self, record: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"requests": self.requests, "entries": self.entries, "body_bytes": self.body_bytes,
@@ -61,6 +63,7 @@ class Queue:
         if record:
             out["keys"] = dict(self.keys)
             out["order"] = self.order
+            out["arrivals"] = self.arrivals
         return out
 
 
@@ -148,7 +151,9 @@ class Sink:
         if self.record:
             for body in bodies:
                 try:
-                    key = str(json.loads(body).get("key"))
+                    envelope = json.loads(body)
+                    key = str(envelope.get("key"))
+                    queue.arrivals.append((envelope.get("account_id"), envelope.get("uid"), now))
                 except (ValueError, AttributeError):
                     key = "?"
                 queue.keys[key] += 1
