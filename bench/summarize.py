@@ -91,6 +91,10 @@ def section(source: Source, scenarios: dict[str, Any], heading: str = "###") -> 
     lines = [f"{heading} `{path}`, key `{mode}`: {', '.join(scenarios)}", "",
              (f"Commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}; the run that last wrote this key started "
              f"{run.get('started_at', '?')}. {machine_line(run)}"), ""]
+    files = run.get("imap_server_files")
+    if files:
+        lines += ["Dovecot's Maildirs: " + "; ".join(f"{which}: {where}" for which, where in files.items())
+                  + " (bench/README.md says why).", ""]
     lines += table(("scenario", "figure", "measured", "target"), rows(scenarios, run["machine"]))
     cpu = cpu_rows(scenarios)
     if cpu:

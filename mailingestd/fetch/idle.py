@@ -30,7 +30,7 @@ from .errors import FailureKind, ImapError, ServerClosed, raises_imap_error
 from .mailbox import FolderState
 from .transport import IDLE_MAX_LITERAL, IDLE_READ_BUDGET, BoundedIMAP4, bounded
 
-__all__ = ["examine_read", "examine_send", "has_new_mail", "idle_done_send", "idle_read", "idle_start",
+__all__ = ["examine_read", "has_new_mail", "idle_done_send", "idle_read", "idle_start",
            "idle_start_read", "idle_start_send", "idle_stop", "idling", "literal_waiting", "parse_untagged"]
 
 
@@ -144,17 +144,28 @@ def idling(client: imapclient.IMAPClient) -> bool:
 
 
 @raises_imap_error
-def idle_done_send(client: imapclient.IMAPClient) -> None:
+def idle_done_send(client: imapclient.IMAPClient, examine: str | None = None) -> None:
     """Send ``DONE`` without waiting for the server's reply (a few bytes on a quiet socket).
 
     For a selector loop renewing IDLE or probing a silent connection: keep the socket registered,
     and when :func:`idle_read` returns with :func:`idling` False the server has answered (it is
     alive); no answer within the loop's own deadline means a dead connection. :func:`idle_stop`
     may still be called afterwards: it only waits for the reply.
+
+    ``examine``: ``EXAMINE`` that folder in the same segment (pipelined, RFC 3501 5.5: IDLE ends
+    with DONE, so the server is waiting for no continuation); its reply follows IDLE's completion,
+    which :func:`idle_read` leaves buffered for :func:`examine_read`.
     """
     if client.idle_tag is None or client.idle_done_sent:
         return
-    bounded(client).send(b"DONE\r\n")
+    imap = bounded(client)
+    if examine is None:
+        imap.send(b"DONE\r\n")
+    else:
+        tag = imap._new_tag()
+        folder = client._normalise_folder(examine)  # modified UTF-7, quoted: bytes
+        imap.send(b"DONE\r\n" + tag + b" EXAMINE " + (folder if isinstance(folder, bytes) else folder.encode()) + b"\r\n")
+        client.loop_pending = _Pending(b"EXAMINE", tag)
     client.idle_done_sent = True
 
 
@@ -198,10 +209,11 @@ def idle_stop(client: imapclient.IMAPClient, timeout: float) -> list[tuple[Any, 
 
 
 # --- renewing IDLE from the selector loop ------------------------------------------------------------
-# A renewal of a session idling on its only folder is three exchanges: DONE (idle_done_send), the
-# folder EXAMINEd again, IDLE entered again. Each send below is a few bytes on a quiet socket; each
-# read takes what has arrived and returns None until the reply is complete, so the loop drives
-# them from readiness like idle_read, no thread held (the loop bounds each step by imap.timeout).
+# A renewal of a session idling on its only folder is two round trips: DONE with the folder's
+# EXAMINE behind it (idle_done_send(examine=...)), then IDLE again. Each send is a few bytes on a
+# quiet socket; each read takes what has arrived and returns None until the reply is complete, so
+# the loop drives them from readiness like idle_read, no thread held (the loop bounds each step by
+# imap.timeout).
 
 _UIDVALIDITY = re.compile(rb"\* OK \[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _UIDNEXT = re.compile(rb"\* OK \[UIDNEXT (\d+)\]", re.IGNORECASE)
@@ -222,17 +234,8 @@ class _Pending:
 
 
 @raises_imap_error
-def examine_send(client: imapclient.IMAPClient, folder: str) -> None:
-    """Send ``EXAMINE folder`` without waiting; :func:`examine_read` collects the reply."""
-    imap = bounded(client)
-    imap.settle_ahead()
-    tag = imap._command("EXAMINE", client._normalise_folder(folder))
-    client.loop_pending = _Pending(b"EXAMINE", tag)
-
-
-@raises_imap_error
 def examine_read(client: imapclient.IMAPClient) -> FolderState | None:
-    """What has arrived of the reply to :func:`examine_send`, without blocking: the folder's
+    """What has arrived of the reply to the EXAMINE :func:`idle_done_send` sent, without blocking: the folder's
     state once the reply is complete, None until then. Raises ``ImapError`` when the server
     refuses (``MAILBOX``), closes, says BYE, or sends a literal (no EXAMINE reply has one)."""
     pending: _Pending = client.loop_pending

@@ -42,7 +42,6 @@ from .errors import (
 )
 from .idle import (
     examine_read,
-    examine_send,
     has_new_mail,
     idle_done_send,
     idle_read,
@@ -103,7 +102,6 @@ __all__ = [
     "connect",
     "examine",
     "examine_read",
-    "examine_send",
     "fetch_messages",
     "has_new_mail",
     "idle_done_send",

@@ -30,11 +30,12 @@ RENEW_JITTER = 0.2
 
 
 class Renewal(enum.Enum):
-    """Where a renewal the loop runs itself stands (see Worker.begin_renewal)."""
+    """Where a renewal the loop runs itself stands (see Worker.advance_renewal)."""
 
     NONE = 0
-    EXAMINE = 1  # DONE answered; EXAMINE sent, its reply awaited
-    IDLE = 2  # folder unchanged; IDLE sent, its continuation awaited
+    DONE = 1  # DONE and the folder's EXAMINE sent together; IDLE's completion awaited
+    EXAMINE = 2  # IDLE completed; the EXAMINE reply awaited
+    IDLE = 3  # folder unchanged; IDLE sent, its continuation awaited
 
 
 class Session:

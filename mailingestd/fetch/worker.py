@@ -105,6 +105,7 @@ class Worker:
     def run(self) -> int:
         send(self.to_scheduler, frames.WorkerReady(slot=self.slot, pid=self.child.pid, incarnation=child_mod.INCARNATION))
         deadline = None
+        parent_checked = 0.0
         while True:
             now = time.monotonic()
             if self.child.stop_requested and deadline is None:
@@ -112,15 +113,22 @@ class Worker:
                 self.start_drain()
             if deadline is not None and (self.fully_drained() or now > deadline):
                 break
-            if not self.child.parent_alive():
-                break
+            if now - parent_checked >= LOOP_TICK:  # a syscall: not on every turn of a busy loop
+                parent_checked = now
+                if not self.child.parent_alive():
+                    break
             woken = False
-            for key, _ in self.selector.select(timeout=self.select_timeout(now)):
+            ready = self.selector.select(timeout=self.select_timeout(now))
+            frames_waiting = not ready  # a quiet turn looks anyway (at least every LOOP_TICK)
+            for key, _ in ready:
                 if key.data is not None:
                     self.on_readable(key.data, now)
                 elif key.fd == self.wake_r:
                     woken = True
-            self.read_frames()
+                else:
+                    frames_waiting = True  # the PULL socket's ZMQ_FD
+            if frames_waiting:
+                self.read_frames()
             if woken:  # a job ended (nothing to collect otherwise: a quiet turn costs no syscall)
                 self.collect_outcomes()
             self.service_timers(time.monotonic())
@@ -212,37 +220,24 @@ class Worker:
             pushed = tuple(session.account.folders)
         notified = now if pushed else None
         if not imap.idling(session.client):  # the server answered our DONE: renew, all folders
-            if not pushed and self.renews_in_loop(session):
-                self.begin_renewal(session, now)
-            else:
-                self.start_job(session, frames.Trigger.RENEWAL, notified=notified)
+            self.start_job(session, frames.Trigger.RENEWAL, notified=notified)
         elif pushed:
             self.start_job(session, frames.Trigger.PUSH, notified=notified, pushed=pushed)
 
     # --- renewals the loop runs itself ------------------------------------------------------------
-    # A renewal of a session idling on the only folder of a password account is DONE, EXAMINE of
-    # that folder and IDLE again, a few bytes each way: the loop runs it from socket readiness
-    # (imap.examine_send/_read, idle_start_send/_read) instead of a pool job, whose thread handoffs
-    # cost more CPU than the IMAP itself. Each step is bounded by imap.timeout through the probe
-    # deadlines. Anything else (the folder changed, mail announced, an error) goes to a job, as
-    # before: the job checks the folder and ingests (changed), or reports and closes (failed).
+    # A renewal (or keepalive probe) of a session idling on the only folder of a password account
+    # is DONE with that folder's EXAMINE behind it, then IDLE again: two round trips of a few bytes,
+    # which the loop runs from socket readiness (imap.idle_done_send(examine=...), idle_read,
+    # examine_read, idle_start_send/_read) instead of a pool job, whose thread handoffs cost more
+    # CPU than the IMAP itself. Each step is bounded by imap.timeout through the probe deadlines.
+    # A changed folder or an error goes to a job, as before: the job checks the folder and ingests
+    # (changed), or reports and closes (failed).
 
     def renews_in_loop(self, session: Session) -> bool:
         account = session.account
         return (session.idle_folder is not None and len(account.folders) == 1 and account.auth != "oauth2"
                 and not self.draining and not self.child.stop_requested
                 and not self.job_backlog and session.pending_order is None)
-
-    def begin_renewal(self, session: Session, now: float) -> None:
-        try:
-            imap.examine_send(session.client, session.idle_folder)
-        except imap.ImapError as exc:
-            self.start_job(session, frames.Trigger.CONNECTION, failure=exc)
-            return
-        session.idling = False
-        session.busy = session.returns_to_idle = True
-        session.renewal = Renewal.EXAMINE
-        self.renewal_deadline(session, now)
 
     def renewal_deadline(self, session: Session, now: float) -> None:
         session.probe_deadline = now + self.config.imap.timeout
@@ -251,6 +246,16 @@ class Worker:
     def advance_renewal(self, session: Session, now: float) -> None:
         client, folder = session.client, session.idle_folder
         try:
+            if session.renewal is Renewal.DONE:
+                if imap.idle_read(client):  # news during IDLE shows in the EXAMINE reply that follows
+                    session.heard_at = now
+                if imap.literal_waiting(client):
+                    raise imap.ImapError(imap.FailureKind.PROTOCOL, "a response with a literal ended an IDLE "
+                                         "being renewed (the EXAMINE sent behind it cannot be read past it)")
+                if imap.idling(client):
+                    return
+                session.renewal = Renewal.EXAMINE
+                self.renewal_deadline(session, now)
             if session.renewal is Renewal.EXAMINE:
                 state = imap.examine_read(client)
                 if state is None:
@@ -316,11 +321,16 @@ class Worker:
         if self.job_backlog:
             return
         for session in self.timers.due(now, PROBES_PER_TURN):
+            in_loop = self.renews_in_loop(session)
             try:
-                imap.idle_done_send(session.client)
+                imap.idle_done_send(session.client, examine=session.idle_folder if in_loop else None)
             except imap.ImapError as exc:
                 self.start_job(session, frames.Trigger.CONNECTION, failure=exc)
                 continue
+            if in_loop:  # the renewal runs here (advance_renewal), not on a job
+                session.idling = False
+                session.busy = session.returns_to_idle = True
+                session.renewal = Renewal.DONE
             session.probe_deadline = now + timeout
             self.probes.append((session.probe_deadline, session.generation, session))
 
