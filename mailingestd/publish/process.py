@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+import logging
+import select
 import time
+from typing import Any
 
 from .. import frames
 from ..child import Child
 from ..config import Config
 from ..store.leases import node_id
-from .publisher import Publisher, PublishStats, make_sqs_client
+from ..store.postgres import listen_outbox
 from ..store.store import open_store
+from .publisher import Publisher, PublishStats, make_sqs_client
+
+log = logging.getLogger(__name__)
+
+
+class CommitWakeup:
+    """With PostgreSQL, an idle publisher waits for the NOTIFY of a commit that queued
+    announcements (store.postgres.listen_outbox), at most ``longest`` seconds (a heartbeat),
+    instead of polling the outbox every ``queue.poll_interval``. Without its connection (the store
+    down, or a restart broke it) it polls, and connects again at most every RECONNECT seconds."""
+
+    RECONNECT = 30.0
+
+    def __init__(self, url: str, longest: float) -> None:
+        self.url = url
+        self.longest = longest
+        self.conn: Any = None
+        self.retry_at = 0.0
+
+    def wait(self, shortest: float) -> None:
+        if self.conn is None and time.monotonic() >= self.retry_at:
+            try:
+                self.conn = listen_outbox(self.url)
+            except Exception as exc:
+                self.retry_at = time.monotonic() + self.RECONNECT
+                log.warning("event=outbox_listen_failed error=%s action=poll",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if self.conn is None:
+            time.sleep(shortest)
+            return
+        try:
+            if select.select([self.conn.fileno()], [], [], self.longest)[0]:
+                for _ in self.conn.notifies(timeout=0):
+                    pass
+        except Exception:
+            self.close()
+            self.retry_at = time.monotonic() + self.RECONNECT
+            time.sleep(shortest)
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
 
 def main(config: Config, slot: int, parent_pid: int) -> int:
@@ -28,7 +77,13 @@ def main(config: Config, slot: int, parent_pid: int) -> int:
                 published=stats.sent, publish_errors=stats.failed, outbox_depth=stats.outbox_depth,
                 parked=stats.parked, outbox_oldest_age=stats.oldest_age, publish_rate=stats.rate))
 
+    wakeup = None
+    if config.store_url.startswith(("postgresql:", "postgres:")):
+        wakeup = CommitWakeup(config.store_url, config.daemon.heartbeat_interval)
+        publisher.idle_wait = wakeup.wait
     publisher.run(lambda: child.stop_requested or not child.parent_alive(), on_tick)
+    if wakeup is not None:
+        wakeup.close()
     store.close()
     child.close()
     return 0

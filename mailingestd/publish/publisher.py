@@ -107,6 +107,9 @@ class Publisher:
         # Requests go out on the pool even with one lane, so the store work of a step overlaps them.
         self.pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="sqs-send")
         self.rng = rng or random.Random()
+        # How the loop waits when nothing was due: a sleep, or (PostgreSQL) a wait for the commit's
+        # NOTIFY that process.py installs.
+        self.idle_wait: Callable[[float], None] = time.sleep
         self.clock = clock
         self.max_bytes: int | None = None  # the queue's MaximumMessageSize, once read
         self.max_bytes_checked = -MAX_SIZE_RECHECK
@@ -354,7 +357,7 @@ class Publisher:
             if on_tick is not None:
                 on_tick(self.stats)
             if not sent:
-                time.sleep(self.queue.poll_interval)
+                self.idle_wait(self.queue.poll_interval)
         try:
             self._delete(acknowledged)
             self.store.outbox_release(self.node)

@@ -44,6 +44,19 @@ _BATCH_SQL = """
 _MESSAGE_SQL = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({', '.join(['%b'] * len(MessageRow._fields))})"
 
 
+OUTBOX_CHANNEL = "mailingestd_outbox"  # NOTIFYed by a commit that queued announcements
+
+
+def listen_outbox(url: str) -> Any:
+    """A connection of its own that LISTENs for the commits that queued announcements (the
+    publisher's wake-up): poll its ``fileno()``, read ``notifies(timeout=0)``."""
+    import psycopg
+
+    conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+    return conn
+
+
 def listen_account_changes(url: str) -> Any:
     """A connection of its own that LISTENs for the accounts trigger's NOTIFY (migration 2): poll its
     ``fileno()``, read ``notifies(timeout=0)``. Raises when PostgreSQL cannot be reached."""
@@ -100,7 +113,8 @@ class PostgresStore(Store):
         """A batch in two round trips (rule 5). First one statement: lock the checkpoint row and
         compare its UIDVALIDITY; only when it matches, insert the keys (``message_keys``:
         partitions.py says why the uniqueness lives there), the outbox rows of the keys that were
-        new, and move the checkpoint. Then the message rows of the new keys, pipelined."""
+        new, and move the checkpoint. Then the message rows of the new keys, one statement each, and
+        a NOTIFY that wakes the publisher when announcements were queued."""
         if not batch.rows:
             return super()._write_batch(cur, batch)
         mailbox = batch.mailbox
@@ -116,6 +130,8 @@ class PostgresStore(Store):
             for row in batch.rows:
                 if row.uid in new_uids:
                     self.execute(cur, _MESSAGE_SQL, row)
+            if any(o is not None and row.uid in new_uids for row, o in zip(batch.rows, batch.outbox)):
+                cur.execute(f"NOTIFY {OUTBOX_CHANNEL}")  # delivered at commit: the publisher wakes
         return new_uids
 
     @contextlib.contextmanager
