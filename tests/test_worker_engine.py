@@ -430,6 +430,27 @@ def test_a_literal_during_idle_costs_one_connection_never_the_worker(idle_doveco
         no_restarts(daemon)
 
 
+def answer_for_messages(session: Session, tag: bytes, name: bytes, rest: bytes, exists: int, prefix: str) -> None:
+    """Answer one command as a folder holding UIDs 1..``exists`` (message ``<{prefix}{uid}@t>``)."""
+    if name in (b"SELECT", b"EXAMINE"):
+        session.send(b"* FLAGS (\\Seen)\r\n* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+                     b"* OK [UIDNEXT %d] next\r\n%s OK [READ-ONLY] done\r\n" % (exists, exists + 1, tag))
+    elif name == b"STATUS":
+        folder = rest.split(b" (", 1)[0]
+        session.send(b"* STATUS %s (UIDVALIDITY 7 UIDNEXT %d MESSAGES %d)\r\n%s OK done\r\n"
+                     % (folder, exists + 1, exists, tag))
+    elif name == b"UID SEARCH":
+        first = int(rest.split(b"UID ", 1)[-1].split(b":", 1)[0]) if b":" in rest else 1
+        uids = b" ".join(b"%d" % uid for uid in range(max(first, 1), exists + 1))
+        session.send(b"* SEARCH " + uids + b"\r\n" + tag + b" OK done\r\n")
+    elif name == b"UID FETCH":
+        wanted = {int(uid) for uid in rest.split(b" ", 1)[0].split(b",") if uid.isdigit()}
+        replies = b"".join(fetch_response(uid, message(f"{prefix}{uid}")) for uid in sorted(wanted) if uid <= exists)
+        session.send(replies + tag + b" OK done\r\n")
+    else:
+        session.answer(tag, name, rest)
+
+
 def mail_announced_with_the_continuation(session: Session) -> None:
     """Dovecot's race, on demand: a message delivered between the client's last EXAMINE and its
     IDLE is announced at once, in the same segment as the ``+`` continuation. A client that reads
@@ -447,24 +468,8 @@ def mail_announced_with_the_continuation(session: Session) -> None:
                 session.send(b"+ idling\r\n")
             session.read_line()  # DONE
             session.send(tag + b" OK Idle completed\r\n")
-        elif name in (b"SELECT", b"EXAMINE"):
-            session.send(b"* FLAGS (\\Seen)\r\n* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
-                         b"* OK [UIDNEXT %d] next\r\n%s OK [READ-ONLY] done\r\n" % (exists, exists + 1, tag))
-        elif name == b"STATUS":
-            folder = rest.split(b" (", 1)[0]
-            session.send(b"* STATUS %s (UIDVALIDITY 7 UIDNEXT %d MESSAGES %d)\r\n%s OK done\r\n"
-                         % (folder, exists + 1, exists, tag))
-        elif name == b"UID SEARCH":
-            first = int(rest.split(b"UID ", 1)[-1].split(b":", 1)[0]) if b":" in rest else 1
-            uids = b" ".join(b"%d" % uid for uid in range(max(first, 1), exists + 1))
-            session.send(b"* SEARCH " + uids + b"\r\n" + tag + b" OK done\r\n")
-        elif name == b"UID FETCH":
-            wanted = {int(uid) for uid in rest.split(b" ", 1)[0].split(b",") if uid.isdigit()}
-            replies = b"".join(fetch_response(uid, message(f"race{uid}")) for uid in sorted(wanted)
-                               if uid <= exists)
-            session.send(replies + tag + b" OK done\r\n")
         else:
-            session.answer(tag, name, rest)
+            answer_for_messages(session, tag, name, rest, exists, "race")
 
 
 @pytest.mark.timeout(60)
@@ -492,20 +497,7 @@ def mail_never_announced_in_idle(session: Session) -> None:
         if name == b"IDLE":
             idles += 1
             exists = 2 if idles >= 2 else 1
-        elif name in (b"SELECT", b"EXAMINE"):
-            session.send(b"* FLAGS (\\Seen)\r\n* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
-                         b"* OK [UIDNEXT %d] next\r\n%s OK [READ-ONLY] done\r\n" % (exists, exists + 1, tag))
-            continue
-        elif name == b"UID SEARCH":
-            uids = b" ".join(b"%d" % uid for uid in range(1, exists + 1))
-            session.send(b"* SEARCH " + uids + b"\r\n" + tag + b" OK done\r\n")
-            continue
-        elif name == b"UID FETCH":
-            wanted = {int(uid) for uid in rest.split(b" ", 1)[0].replace(b":", b",").split(b",") if uid.isdigit()}
-            replies = b"".join(fetch_response(uid, message(f"silent{uid}")) for uid in sorted(wanted) if uid <= exists)
-            session.send(replies + tag + b" OK done\r\n")
-            continue
-        session.answer(tag, name, rest)
+        answer_for_messages(session, tag, name, rest, exists, "silent")
 
 
 @pytest.mark.timeout(60)
