@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from harness import Daemon, account_toml, wait_until
 
 from bench.sqs_sink import SqsSink
 from mailingestd.config import QueueConfig
@@ -220,3 +221,30 @@ def _stored(uid: int, subject: str) -> StoredMessage:
     raw = f"Subject: {subject}\r\nMessage-ID: <h{uid}.{subject[:8]}@t>\r\n\r\nbody\r\n".encode()
     return StoredMessage(uid=uid, raw=raw, size=len(raw), internaldate=None, message_id=f"<h{uid}@t>", from_=None,
                          to=None, cc=None, subject=subject, date=None, in_reply_to=None, references=None)
+
+
+def test_an_idle_publisher_on_postgresql_is_woken_by_the_commit(dovecot, postgres, moto, sqs_queue, tmp_path):
+    """With PostgreSQL the commit that queues an announcement NOTIFYs the publisher: a message
+    reaches the queue within seconds although queue.poll_interval is 30 s (an idle publisher
+    polling at that interval would take up to 30 s; it looks at most once a heartbeat)."""
+    user = dovecot.new_user()
+    store_url = postgres.create_database(f"wake_{uuid.uuid4().hex[:12]}")
+    queue = (f'[queue]\nkind = "sqs"\nurl = "{sqs_queue}"\nendpoint_url = "{moto.endpoint_url}"\n'
+             f'region = "{moto.region}"\npoll_interval = "30s"\n')
+    sqs = moto.client("sqs")
+    with Daemon(tmp_path, accounts=account_toml(user, dovecot.host, dovecot.port), store_url=store_url,
+                password=dovecot.password, sections=queue, env=moto.env, heartbeat_timeout="60s") as daemon:
+        wait_until(lambda: daemon.status()["traffic"]["idle_connections"] == 1, 30, 0.2, "the account idling")
+        time.sleep(2)  # the publisher has found the outbox empty and waits
+        appended_at = time.monotonic()
+        uid = dovecot.append(user, b"Subject: wake\r\nMessage-ID: <wake@t>\r\n\r\nbody\r\n")
+
+        def envelope() -> list[dict[str, Any]]:
+            reply = sqs.receive_message(QueueUrl=sqs_queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+            return [json.loads(m["Body"]) for m in reply.get("Messages", [])]
+
+        bodies = wait_until(envelope, 30, 0.1, "the envelope on the queue")
+        waited = time.monotonic() - appended_at
+        assert [(b["account_id"], b["uid"]) for b in bodies] == [(user, uid)]
+        assert waited < 6.0, waited
+        assert all(child["restarts"] == 0 for child in daemon.status()["children"])
