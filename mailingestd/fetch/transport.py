@@ -37,8 +37,11 @@ import time
 from typing import Any
 
 import imapclient
+import imapclient.response_parser
+import imapclient.util
 
 from .errors import LimitExceeded, ServerClosed
+from .fetch_response import parse_plain
 
 __all__ = ["DEFAULT_MAX_LINE", "DEFAULT_MAX_LITERAL", "IDLE_MAX_LINE", "IDLE_MAX_LITERAL", "IDLE_READ_BUDGET",
            "MIN_LITERAL_RATE", "BoundedIMAP4", "Client", "bounded", "shared_capabilities"]
@@ -390,6 +393,21 @@ class Client(imapclient.IMAPClient):
         self.normalise_times = False  # keep INTERNALDATE's time zone
         self.idle_tag: bytes | None = None
         self.idle_done_sent = False
+
+    def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, dict[bytes, Any]]:
+        """imapclient's ``fetch``, with the plain replies ingest asks for read by
+        :func:`~.fetch_response.parse_plain` (a tenth of the cost); any other reply by imapclient."""
+        if not (self.use_uid and not self.normalise_times) or modifiers or not messages:
+            return super().fetch(messages, data, modifiers)
+        tag = self._imap._command("UID", "FETCH", imapclient.imapclient.join_message_ids(messages),
+                                  imapclient.imapclient.seq_to_parenstr_upper(data))
+        typ, lines = self._imap._command_complete("FETCH", tag)
+        self._checkok("fetch", typ, lines)
+        typ, lines = self._imap._untagged_response(typ, lines, "FETCH")
+        response = parse_plain(lines)
+        if response is None:
+            response = imapclient.response_parser.parse_fetch_response(lines, self.normalise_times, self.use_uid)
+        return {uid: response[uid] for uid in imapclient.util.to_ints(messages) if uid in response}
 
     def _create_IMAP4(self) -> BoundedIMAP4:
         return BoundedIMAP4(self.host, self.port, ssl_context=self._implicit_tls, **self._limits)
