@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .. import frames
 from ..child import Child
@@ -17,6 +17,8 @@ from .publisher import Publisher, PublishStats, make_sqs_client
 
 log = logging.getLogger(__name__)
 
+SLEEP_SLICE = 0.5  # seconds: how long an idle publisher sleeps between its heartbeats and stop checks
+
 
 class CommitWakeup:
     """With PostgreSQL, an idle publisher waits for the NOTIFY of a commit that queued
@@ -26,9 +28,10 @@ class CommitWakeup:
 
     RECONNECT = 30.0
 
-    def __init__(self, url: str, longest: float) -> None:
+    def __init__(self, url: str, longest: float, sleep: Callable[[float], None] = time.sleep) -> None:
         self.url = url
         self.longest = longest
+        self.sleep = sleep  # the wait without a connection (main: one that heartbeats)
         self.conn: Any = None
         self.retry_at = 0.0
 
@@ -41,7 +44,7 @@ class CommitWakeup:
                 log.warning("event=outbox_listen_failed error=%s action=poll",
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if self.conn is None:
-            time.sleep(shortest)
+            self.sleep(shortest)
             return
         try:
             if select.select([self.conn.fileno()], [], [], self.longest)[0]:
@@ -50,7 +53,7 @@ class CommitWakeup:
         except Exception:
             self.close()
             self.retry_at = time.monotonic() + self.RECONNECT
-            time.sleep(shortest)
+            self.sleep(shortest)
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -77,11 +80,24 @@ def main(config: Config, slot: int, parent_pid: int) -> int:
                 published=stats.sent, publish_errors=stats.failed, outbox_depth=stats.outbox_depth,
                 parked=stats.parked, outbox_oldest_age=stats.oldest_age, publish_rate=stats.rate))
 
+    def should_stop() -> bool:
+        return child.stop_requested or not child.parent_alive()
+
+    def sleep(seconds: float) -> None:
+        """Sleep ``seconds`` (queue.poll_interval: any length) in short slices, heartbeating between
+        them: a poll interval longer than daemon.heartbeat_timeout must not get the publisher
+        killed as stuck, nor keep a stop waiting for it."""
+        until = time.monotonic() + seconds
+        while not should_stop() and (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, SLEEP_SLICE))
+            on_tick(publisher.stats)
+
+    publisher.idle_wait = sleep
     wakeup = None
     if config.store_url.startswith(("postgresql:", "postgres:")):
-        wakeup = CommitWakeup(config.store_url, config.daemon.heartbeat_interval)
+        wakeup = CommitWakeup(config.store_url, config.daemon.heartbeat_interval, sleep)
         publisher.idle_wait = wakeup.wait
-    publisher.run(lambda: child.stop_requested or not child.parent_alive(), on_tick)
+    publisher.run(should_stop, on_tick)
     if wakeup is not None:
         wakeup.close()
     store.close()
