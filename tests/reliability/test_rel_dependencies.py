@@ -92,15 +92,15 @@ def test_sqs_endpoint_down_then_back(dovecot, moto, sqs_fifo_queue, users, tmp_p
     consumer = QueueConsumer(moto, sqs_fifo_queue)
     with Daemon(tmp_path, accounts=accounts_for(dovecot, users), password=dovecot.password,
                 sections=queue_section(sqs_fifo_queue, proxy.url)) as daemon:
-        appender = ledger.background(rate=30)
+        appender = ledger.background(rate=pick(12, 30))
         time.sleep(2)
         proxy.down()  # connections refused
-        time.sleep(pick(8, 40))
+        time.sleep(pick(6, 40))
         depth = daemon.query("SELECT COUNT(*) FROM outbox")[0][0]
         assert depth > 0, "the outbox grew while SQS was down"
         assert daemon.status()["outbox"]["publish_errors_total"] > 0
         proxy.blackhole()  # connections accepted, never answered
-        time.sleep(pick(8, 40))
+        time.sleep(pick(6, 40))
         assert daemon.query("SELECT COUNT(*) FROM outbox")[0][0] > depth, "the outbox keeps growing"
         proxy.down()
         proxy.up()
