@@ -233,7 +233,7 @@ region = "{sink.region}"
                   "envelopes_received_by_sink": sink.stats(queue_url).get("entries", 0),
                   "publisher_restarts": next((c["restarts"] for c in status.get("children", [])
                                               if c["role"] == "publisher"), None),
-                  "daemon_errors_logged": daemon.errors_logged(),
+                  **daemon.errors_report(),
                   "drain_and_exit": daemon.stop()}
     finally:
         daemon.kill()

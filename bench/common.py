@@ -367,12 +367,21 @@ interval = "{metrics_interval}"
         except OSError:
             return ""
 
-    def errors_logged(self) -> int:
+    def error_lines(self) -> list[str]:
+        """The daemon's error lines so far (its log goes with the bench's directory)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
-            return 0
-        return sum(1 for line in text.splitlines() if " ERROR " in line or "level=error" in line)
+            return []
+        return [line for line in text.splitlines() if " ERROR " in line or "level=error" in line]
+
+    def errors_logged(self) -> int:
+        return len(self.error_lines())
+
+    def errors_report(self, keep: int = 5) -> dict[str, Any]:
+        """For report.json: how many error lines the daemon logged, and the first ``keep`` of them."""
+        lines = self.error_lines()
+        return {"daemon_errors_logged": len(lines), "daemon_error_lines": [line[:300] for line in lines[:keep]]}
 
     def stop(self, timeout: float = 60) -> dict[str, Any]:
         """SIGTERM (drain, then exit); return the exit code and how long it took."""

@@ -102,7 +102,7 @@ connects_per_minute = {rate}
             "append_to_store": per_tier, "peak_sessions": peak_sessions,
             "cpu_by_process": {"window": by_process}, "queue": None,
             "logins_total": dovecot.login_count() - logins_at_start,
-            "daemon_errors_logged": daemon.errors_logged(),
+            **daemon.errors_report(),
         }
         late_tiers = [tier for tier, count in (server.get("late") or {}).items() if count]
         # Met: the tiers the limits can carry keep their deadline, the cap holds, and the late ones

@@ -282,7 +282,7 @@ region = "{sink.region}"
               f"-> {'met' if hold['meets_target'] else 'MISSED'} (45 s / 400 MiB / 3%)", flush=True)
         latency = measure_latency(scale, daemon, dovecot, postgres, sink, queue_url, users, messages, plots,
                                   rate=scale.latency_rate)
-        latency["daemon_errors_logged"] = daemon.errors_logged()
+        latency.update(daemon.errors_report())
         # The same at a tenth of the rate, every message to a watched mailbox: the daemon's own
         # latency when the two cores are not saturated by the load generator and Dovecot.
         light = measure_latency(scale, daemon, dovecot, postgres, sink, queue_url, users,

@@ -115,7 +115,7 @@ def run_polling(scale: Scale, root: Path, dovecot: Dovecot, postgres: Postgres, 
             "cpu_by_process": {"window": by_process}, "queue": None,
             "target_polls_per_minute": round(20_000 * accounts / 10_000),
             "target_daemon_cores": round(0.8 * accounts / 10_000, 3),
-            "daemon_errors_logged": daemon.errors_logged(),
+            **daemon.errors_report(),
         }
         # A poll counts when both sides saw it: the daemon's counter and Dovecot's NOOP/STATUS count.
         result["polls_per_minute_achieved"] = min(result["daemon_polls_per_minute"],

@@ -123,7 +123,7 @@ region = "{sink.region}"
                 "cpu_by_process": {"drain": by_process},
                 "outbox_left": left, "drained": finished is not None,
                 "status_publish_rate": status.get("outbox", {}).get("publish_rate"),
-                "daemon_errors_logged": daemon.errors_logged(), "drain_and_exit": daemon.stop()}
+                **daemon.errors_report(), "drain_and_exit": daemon.stop()}
     finally:
         daemon.kill()
 
