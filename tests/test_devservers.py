@@ -45,6 +45,10 @@ def test_dovecot_counts_logins_and_sessions(dovecot: Dovecot, mailbox: str) -> N
     assert dovecot.login_count(mailbox) == 0
     clients = [dovecot.client(mailbox) for _ in range(3)]
     try:
+        # Dovecot's log process writes the login line after the client has its OK: wait for it.
+        deadline = time.monotonic() + 5
+        while dovecot.login_count(mailbox) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert dovecot.login_count(mailbox) == 3
         assert dovecot.connected_sessions(mailbox) == 3
     finally:
