@@ -254,7 +254,7 @@ def test_a_contended_server_keeps_every_tiers_deadline(tmp_path: Path) -> None:
                        "the planner to choose who rotates")
             time.sleep(max(0.0, started + 15 - time.time()))  # the first polls, then steady state
             window = time.time()
-            appended, append_logins = append_and_time(server, users, ("high", "medium", "low"), 50, 0.4)
+            appended, append_logins = append_and_time(server, users, ("high", "medium", "low"), 36, 0.3)
             window = (window, time.time())
             latency = store_latency(daemon, appended, 2 * INTERVALS["low"])
             status = daemon.status()
@@ -301,7 +301,7 @@ def test_limits_that_cannot_carry_the_tiers_make_the_low_tier_late_and_say_so(tm
             line = wait_until(lambda: next((line for line in daemon.ctl("status").stdout.splitlines()
                                             if "will be late" in line), None), 30, 0.5, "the deficit line")
             time.sleep(10)
-            appended, _ = append_and_time(server, users, ("high", "medium"), 30, 0.5)
+            appended, _ = append_and_time(server, users, ("high", "medium"), 24, 0.4)
             latency = store_latency(daemon, appended, 2 * INTERVALS["medium"])
             status = daemon.status()
             metrics = (daemon.metrics_dir / "mailingestd.prom").read_text()

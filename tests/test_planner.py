@@ -192,7 +192,7 @@ action = st.one_of(
 )
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=70, deadline=None)
 @given(actions=st.lists(action, max_size=120), seed=st.integers(0, 2**32))
 def test_no_account_is_lost_or_ordered_twice_and_caps_hold(actions: list, seed: int) -> None:
     limits = LimitsConfig(max_connections_per_server=3, connects_per_minute=12, max_connections_per_account=1)
