@@ -152,16 +152,14 @@ def to_stored(fetched: imap.Fetched, body_omitted: bool = False) -> StoredMessag
 def open_mailbox(store: Store, account_id: str, folder: str,
                  state: imap.FolderState) -> tuple[MailboxState, bool, bool]:
     """The folder's checkpoint under the server's current UIDVALIDITY, whether UIDVALIDITY changed,
-    and whether the folder is new to the store (its first sync)."""
-    mailbox = store.get_mailbox(account_id, folder)
-    if mailbox is None:
-        return store.start_mailbox(account_id, folder, state.uidvalidity), False, True
-    if mailbox.uidvalidity != state.uidvalidity:
+    and whether the folder is new to the store (its first sync): one transaction
+    (``Store.open_mailbox``); after a change the UIDs below UIDNEXT are announced as a resync."""
+    opened = store.open_mailbox(account_id, folder, state.uidvalidity, state.uidnext)
+    changed = opened.previous_uidvalidity is not None
+    if changed:
         log.warning("event=uidvalidity_changed account=%s folder=%s old=%s new=%s action=resync",
-                    account_id, folder, mailbox.uidvalidity, state.uidvalidity)
-        resync_below = state.uidnext or 0
-        return store.start_mailbox(account_id, folder, state.uidvalidity, resync_below=resync_below), True, False
-    return mailbox, False, False
+                    account_id, folder, opened.previous_uidvalidity, state.uidvalidity)
+    return opened.state, changed, opened.created
 
 
 class InOrderCommits:
