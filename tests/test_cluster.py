@@ -424,3 +424,35 @@ def test_fair_share_rounds_up_so_every_account_has_a_holder() -> None:
             for target, c in zip(targets, capacities):
                 assert target - total * c / sum(capacities) < 1
     assert fair_share(100, 0.0, 2.0) == 0
+
+
+def test_a_renewal_never_waits_for_a_committing_batch_and_a_claimer_still_skips_it(pg_url: str) -> None:
+    """A batch's fence locks its account's lease row until the batch commits. The node's own
+    renewal must not queue behind it (a backlog keeps batches open back to back: the renewal hit
+    its statement timeout, and a node whose renewals keep failing drops every lease); another
+    node's claim must still skip the row until the batch is over."""
+    from mailingestd.config import AccountConfig
+    from mailingestd.store.leases import Fence, LeaseManager
+    from mailingestd.store.store import open_store
+
+    store = open_store(pg_url)
+    store.upsert_account(AccountConfig(id="busy", host="127.0.0.1", port=1, tls="none", username="u",
+                                       password_env="UNUSED"))
+    ours = LeaseManager(store, "node-a", lease_time=3.0, capacity=1.0, release_per_round=1)
+    ours.round(time.monotonic(), "running")
+    ours.round(time.monotonic(), "running")  # the first round only looks; the second claims
+    assert ours.held == {"busy"}
+    with store.transaction() as batch:  # a batch in flight: fence checked, not yet committed
+        Fence("node-a", 3.0).check(store, batch, "busy")
+        started = time.monotonic()
+        ours.round(started, "running")  # renew_every 1 s: its statement timeout
+        assert ours.failures == 0 and ours.held == {"busy"}
+        assert time.monotonic() - started < 0.9
+        theirs = LeaseManager(open_store(pg_url), "node-b", lease_time=3.0, capacity=1.0, release_per_round=1)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE leases SET expires_at = now() - interval '1 second'")  # as if expired
+        theirs.round(time.monotonic(), "running")
+        theirs.round(time.monotonic(), "running")
+        assert theirs.held == set()  # the row is skipped while the batch that passed the fence is open
+    theirs.round(time.monotonic(), "running")
+    assert theirs.held == {"busy"}  # once it committed, the expired lease moves

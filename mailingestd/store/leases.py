@@ -25,9 +25,12 @@ Fencing: that local deadline is not enough for a process that was paused (SIGSTO
 a partition) in the middle of a fetch. :class:`Fence` runs inside every store transaction that
 moves a checkpoint (``Store.commit_batch``, ``Store.start_mailbox``, ``Store.open_mailbox`` when
 it starts a folder) and checks, on the database clock, that this node still owns the account's
-lease and that it has not expired. It reads the lease row ``FOR SHARE``: a claimer's ``FOR UPDATE
-SKIP LOCKED`` skips a row while a commit that passed the check is still open, so a lease can never
-change hands under a committing batch. The new holder starts from the committed checkpoint; rows
+lease and that it has not expired. It reads the lease row ``FOR KEY SHARE``: a claimer's ``FOR
+UPDATE SKIP LOCKED`` skips a row while a commit that passed the check is still open, so a lease can
+never change hands under a committing batch. The weakest lock that does so: the node's own
+renewals and releases (``UPDATE``s of no key column) do not wait for its open batches, which under
+a backlog follow each other without a gap (with ``FOR SHARE`` a renewal queued behind them until
+its statement timeout, and a node whose renewals fail drops every lease). The new holder starts from the committed checkpoint; rows
 the old holder committed are no-ops for it.
 
 Why a ``leases`` table rather than columns on ``accounts``: renewing thousands of leases every
@@ -103,7 +106,7 @@ class Fence:
         transaction-locally by ``set_config`` in the same SELECT)."""
         row = store.execute(cur, "SELECT owner, expires_at > now(), "
                                  "set_config('idle_in_transaction_session_timeout', ?, true) "
-                                 "FROM leases WHERE account_id = ? FOR SHARE",
+                                 "FROM leases WHERE account_id = ? FOR KEY SHARE",
                             (str(self.idle_timeout_ms), account_id)).fetchone()
         if row is None or row[0] != self.node or not row[1]:
             owner = row[0] if row else None

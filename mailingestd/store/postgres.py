@@ -40,7 +40,7 @@ _BATCH_SQL = """
 # never gathered into one array that the server would have to materialise. Not pipelined: a node
 # paused in the middle of a pipeline leaves its transaction waiting for input without ever having
 # been idle, so idle_in_transaction_session_timeout (the fence's, leases.py) never ends it and
-# its lease row stays locked FOR SHARE: no other node could take the account over.
+# its lease row stays locked FOR KEY SHARE: no other node could take the account over.
 _MESSAGE_SQL = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({', '.join(['%b'] * len(MessageRow._fields))})"
 
 
