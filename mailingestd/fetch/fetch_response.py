@@ -15,6 +15,8 @@ import datetime
 import re
 from typing import Any
 
+from .message import MONTHS, mail_datetime
+
 # One item: a name we read and its value (a number, a quoted string without escapes, NIL).
 _ITEM = rb'(UID|RFC822\.SIZE|INTERNALDATE) (\d+|"[^"\\\r\n]*"|NIL)'
 _ITEMS = re.compile(rb" ?" + _ITEM)
@@ -24,8 +26,6 @@ _PLAIN = re.compile(rb"(\d+) \((" + _ITEM + rb"(?: " + _ITEM + rb")*)\)")
 _WITH_LITERAL = re.compile(rb"(\d+) \(((?:" + _ITEM + rb" )*)(BODY\[(?:HEADER)?\]) \{(\d+)\}")
 _DATE = re.compile(rb'" ?(\d{1,2})-(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-(\d{4}) '
                    rb'(\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"')
-_MONTHS = {name: number for number, name in enumerate(
-    (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"), start=1)}
 
 
 class _Unread(Exception):
@@ -43,16 +43,11 @@ def _internaldate(value: bytes) -> datetime.datetime | None:
     offset = int(tz_hours) * 3600 + int(tz_minutes) * 60
     if offset >= 86400:
         raise _Unread  # imapclient keeps such an offset (its own tzinfo class); let it
-    number = int(year)
-    if number < 100:  # email.utils' two-digit year rule, applied to the number as imapclient does
-        number += 1900 if number > 68 else 2000
-    # -0000 too is an offset of 0 here: imapclient reads through email.utils.parsedate_tz
-    tzinfo = datetime.timezone(datetime.timedelta(seconds=-offset if sign == b"-" else offset))
-    try:
-        return datetime.datetime(number, _MONTHS[month], int(day), int(hour), int(minute), int(second),
-                                 tzinfo=tzinfo)
+    try:  # -0000 too is an offset of 0 here: imapclient reads through email.utils.parsedate_tz
+        return mail_datetime(int(year), MONTHS[month.decode()], int(day), int(hour), int(minute), int(second),
+                             -offset if sign == b"-" else offset)
     except ValueError:
-        return None  # 31-Feb, 24:00:00, an offset of a day or more: imapclient gives None too
+        return None  # 31-Feb, 24:00:00: imapclient gives None too
 
 
 def _items(text: bytes, into: dict[bytes, Any]) -> int | None:

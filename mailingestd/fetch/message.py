@@ -54,7 +54,7 @@ _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
 # RFC 5322's date as nearly every mailer writes it ("Tue, 05 Mar 2024 10:15:00 +0000").
 _DATE = re.compile(r"(?:[A-Za-z]{3}, )?(\d{1,2}) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
                    r"(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)")
-_MONTHS = {name: number for number, name in enumerate(
+MONTHS = {name: number for number, name in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
 
 
@@ -70,23 +70,33 @@ def _ascii_fields(block: bytes) -> dict[str, str] | None:
     fields: dict[str, str] = {}
     name: str | None = None  # the field whose lines are being read; None: lines are dropped
     lines: list[str] = []
-    for line in _LINES.findall(text):
-        if not _HEADER_LINE.match(line):
-            break
-        if line[0] in " \t":
+    for line in [*_LINES.findall(text), ""]:  # "": no header line, the end of the last field
+        header = _HEADER_LINE.match(line) is not None
+        if header and line[0] in " \t":
             if name is not None:
                 lines.append(line)
             continue
         if name is not None and name in _WANTED and name not in fields:
             fields[name] = (lines[0].lstrip(" \t") + "".join(lines[1:])).rstrip("\r\n")
+        if not header:
+            break
         name = None
         colon = line.find(":")
         if line.startswith("From ") or colon == 0:
             continue  # an envelope line or a line without a field name: the stdlib skips both
         name, lines = line[:colon].lower(), [line[colon + 1:]]
-    if name is not None and name in _WANTED and name not in fields:
-        fields[name] = (lines[0].lstrip(" \t") + "".join(lines[1:])).rstrip("\r\n")
     return fields
+
+
+def mail_datetime(year: int, month: int, day: int, hour: int, minute: int, second: int,
+                  offset: int | None) -> datetime.datetime:
+    """A date as email.utils reads these numbers: its two-digit year rule (applied to the number,
+    "0099" too), ``offset`` seconds east of UTC (None: a naive time). Raises ValueError as
+    datetime does on a day or time that does not exist."""
+    if year < 100:
+        year += 1900 if year > 68 else 2000
+    tzinfo = None if offset is None else datetime.timezone(datetime.timedelta(seconds=offset))
+    return datetime.datetime(year, month, day, hour, minute, second, tzinfo=tzinfo)
 
 
 def _iso_date(value: str) -> str:
@@ -97,15 +107,9 @@ def _iso_date(value: str) -> str:
         return email.utils.parsedate_to_datetime(value).isoformat()
     day, month, year, hour, minute, second, sign, tz_hours, tz_minutes = match.groups()
     offset = int(tz_hours) * 3600 + int(tz_minutes) * 60
-    if offset == 0 and sign == "-":
-        tzinfo = None  # -0000: UTC, the sender's zone unknown (RFC 5322 3.3): a naive time
-    else:
-        tzinfo = datetime.timezone(datetime.timedelta(seconds=-offset if sign == "-" else offset))
-    number = int(year)
-    if number < 100:  # "0099": the stdlib's two-digit year rule applies to the number
-        number += 1900 if number > 68 else 2000
-    return datetime.datetime(number, _MONTHS[month], int(day), int(hour), int(minute), int(second),
-                             tzinfo=tzinfo).isoformat()
+    # -0000: UTC, the sender's zone unknown (RFC 5322 3.3): email.utils gives a naive time
+    return mail_datetime(int(year), MONTHS[month], int(day), int(hour), int(minute), int(second),
+                         None if offset == 0 and sign == "-" else -offset if sign == "-" else offset).isoformat()
 
 
 def parse_headers(raw: bytes) -> Headers:
